@@ -1,0 +1,224 @@
+"""Command line: parse, load config, hand over to the runner, render. No migration logic here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator import __version__, runner, strategies
+from orchestrator.config import Config, ConfigError, config_path, load
+from orchestrator.journal import Journal, NullJournal
+from orchestrator.phases.preflight import check_host
+from orchestrator.plan import Context, make_plan
+from orchestrator.report import PhaseResult, Report
+from orchestrator.runtimes import for_workload
+from orchestrator.transport.ssh import Host
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2
+        print(f"migrate: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="migrate", description="Live-migrate Linux workloads between hosts on CRIU.")
+    p.add_argument("--version", action="version", version=f"migrate {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every remote command")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="migrate one workload from SRC to DST")
+    r.add_argument("workload", help="a workload name from the config, or pid:N, or pidfile:PATH")
+    r.add_argument("source")
+    r.add_argument("destination")
+    r.add_argument("--config", help="config file (default $MIGRATE_CONFIG or ./migrate.yaml)")
+    r.add_argument("--strategy", default="auto", choices=strategies.CHOICES)
+    r.add_argument(
+        "--dry-run", action="store_true", help="print the remote commands; change nothing"
+    )
+    r.add_argument("--json", action="store_true", help="print one JSON report")
+    r.add_argument("--keep-images", action="store_true", help="keep image dirs (they hold memory)")
+
+    c = sub.add_parser("check", help="the host half of pre-flight, as a table")
+    c.add_argument("hosts", nargs="+")
+    c.add_argument("--config")
+    c.add_argument("--json", action="store_true")
+
+    lab = sub.add_parser("lab", help="a local lab of hosts in network namespaces (root)")
+    lsub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
+    up = lsub.add_parser("up", help="create the lab and write DIR/migrate.yaml")
+    up.add_argument("--dir", type=Path)
+    up.add_argument("--hosts", type=int, default=2)
+    down = lsub.add_parser("down", help="remove everything the lab made")
+    down.add_argument("--dir", type=Path)
+    st = lsub.add_parser("status", help="the lab's hosts")
+    st.add_argument("--dir", type=Path)
+    ex = lsub.add_parser("exec", help="run a command inside a lab host: lab exec HOST -- CMD...")
+    ex.add_argument("--dir", type=Path)
+    ex.add_argument("host")
+    ex.add_argument("argv", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="migrate: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "check":
+            return cmd_check(args)
+        return cmd_lab(args)
+    except ConfigError as e:
+        print(f"migrate: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load(config_path(args.config))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _config(args)
+    plan = make_plan(
+        config,
+        args.workload,
+        args.source,
+        args.destination,
+        strategy=strategies.resolve(args.strategy),
+        keep_images=args.keep_images,
+        dry_run=args.dry_run,
+    )
+    planned: list[str] = []
+    src = Host(plan.source, plan.policy, dry_run=plan.dry_run, planned=planned)
+    dst = Host(plan.destination, plan.policy, dry_run=plan.dry_run, planned=planned)
+    ctx = Context(plan=plan, src=src, dst=dst, runtime=for_workload(plan.workload))
+    journal = NullJournal() if plan.dry_run else Journal(config.state_dir, plan.id)
+    listen = None if args.json else _print_phase
+    if not args.json:
+        print(
+            f"migrate {plan.workload.name}: {src} -> {dst}, strategy {plan.strategy}, id {plan.id}"
+        )
+    _interrupt_on_sigterm()
+    try:
+        report = runner.run(ctx, strategies.phases(plan.strategy), journal, listen)
+    finally:
+        src.close()
+        dst.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_report(report)
+    return report.exit_code
+
+
+def _interrupt_on_sigterm() -> None:
+    def _raise(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+def _print_phase(name: str, result: PhaseResult | None) -> None:
+    if result is None:
+        print(f"  {name:<16} ...", flush=True)
+        return
+    line = f"  {name:<16} {result.status} ({result.seconds:.2f}s)"
+    if result.error:
+        line += f": {result.error}"
+    print(line, flush=True)
+
+
+def _print_report(r: Report) -> None:
+    if r.planned_commands:
+        print("dry run: these commands would run (nothing was changed):")
+        for line in r.planned_commands:
+            print(f"  {line}")
+    for line in r.criu_errors:
+        print(f"  criu: {line}")
+    for note in r.notes:
+        print(f"  note: {note}")
+    downtime = f"{r.downtime_ms} ms" if r.downtime_ms is not None else "-"
+    print(
+        f"{r.status}: {r.workload} {r.source} -> {r.destination}; downtime {downtime}, "
+        f"total {r.total_ms} ms, {r.bytes_transferred} bytes"
+        + (f", pid {r.restored_pid} on {r.destination}" if r.restored_pid else "")
+    )
+    if r.error:
+        print(f"error: {r.error}", file=sys.stderr)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    hosts = [Host(config.host(name), config.policy) for name in args.hosts]
+    checks = []
+    for host in hosts:
+        checks.append(check_host(host))
+        host.close()
+    if args.json:
+        print(json.dumps([c.__dict__ | {"ok": c.ok, "problems": c.problems()} for c in checks]))
+    else:
+        print(f"{'host':<12} {'criu':<8} {'check':<6} {'rsync':<6} {'free MiB':>9}  problems")
+        for c in checks:
+            ver = ".".join(map(str, c.criu_version)) if c.criu_version else "-"
+            print(
+                f"{c.host:<12} {ver:<8} {'ok' if c.criu_ok else 'FAIL':<6} "
+                f"{'ok' if c.rsync else 'no':<6} {c.free_kb // 1024:>9}  "
+                + ("; ".join(c.problems()) or "-")
+            )
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from orchestrator import lab
+
+    lab_dir = args.dir or lab.DEFAULT_DIR
+    try:
+        if args.lab_command == "up":
+            made = lab.up(lab_dir, hosts=args.hosts)
+            for h in made.hosts:
+                print(f"{h.name:<8} {h.address:<14} netns {h.netns}")
+            print(f"config: {made.config_path}")
+            print(
+                f"try: MIGRATE_CONFIG={made.config_path} migrate check "
+                + " ".join(h.name for h in made.hosts)
+            )
+            return 0
+        if args.lab_command == "down":
+            lab.down(lab_dir)
+            print("lab down")
+            return 0
+        if args.lab_command == "status":
+            for s in lab.status(lab_dir):
+                print(
+                    f"{s.name:<8} {s.address:<14} sshd pid {s.sshd_pid:<8} "
+                    f"{'up' if s.alive else 'DOWN'}"
+                )
+            return 0
+        cmd = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not cmd:
+            raise ConfigError("lab exec: give a command after --")
+        argv = lab.exec_argv(lab.load(lab_dir), args.host, cmd)
+        os.execvp(argv[0], argv)
+    except lab.LabError as e:
+        print(f"migrate: lab: {e}", file=sys.stderr)
+        return 1
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

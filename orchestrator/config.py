@@ -1,0 +1,260 @@
+"""Load and validate migrate.yaml into dataclasses; every error is one line naming key and file."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+LOCATORS = ("pid", "pidfile", "systemd_unit", "match")
+RUNTIMES = ("process",)
+
+
+class ConfigError(Exception):
+    """Bad configuration or command-line input (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str
+    address: str
+    key: str
+    known_hosts: str
+    port: int = 22
+    user: str = "root"
+    workdir: str = "/var/lib/migrate"
+    criu: str = "criu"
+    rsync_key: str | None = None
+    rsync_known_hosts: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    name: str
+    runtime: str = "process"
+    pid: int | None = None
+    pidfile: str | None = None
+    systemd_unit: str | None = None
+    match: str | None = None
+    criu_options: tuple[str, ...] = ()
+    health: str | None = None
+
+    @property
+    def locator(self) -> tuple[str, str]:
+        """The one way to find the root pid, as (kind, value)."""
+        for kind in LOCATORS:
+            value = getattr(self, kind)
+            if value is not None:
+                return kind, str(value)
+        raise ConfigError(f"workload {self.name}: no way to find its pid")
+
+
+@dataclass(frozen=True)
+class Policy:
+    connect_timeout: float = 10.0
+    command_timeout: float = 300.0
+    retries: int = 3
+    retry_deadline: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    hosts: dict[str, HostConfig]
+    workloads: dict[str, WorkloadConfig] = field(default_factory=dict)
+    policy: Policy = field(default_factory=Policy)
+    state_dir: Path = Path("~/.local/state/migrate").expanduser()
+
+    def host(self, name: str) -> HostConfig:
+        if name not in self.hosts:
+            known = ", ".join(sorted(self.hosts)) or "none"
+            raise ConfigError(f"unknown host {name!r} (hosts in {self.path}: {known})")
+        return self.hosts[name]
+
+    def workload(self, spec: str) -> WorkloadConfig:
+        """A workload by name, or ad hoc as `pid:N` / `pidfile:PATH`."""
+        kind, sep, value = spec.partition(":")
+        if sep and kind == "pid":
+            if not value.isdigit() or int(value) < 2:
+                raise ConfigError(f"workload {spec!r}: pid must be a number > 1")
+            return WorkloadConfig(name=f"pid-{value}", pid=int(value))
+        if sep and kind == "pidfile":
+            _check_path(value, f"workload {spec!r}")
+            return WorkloadConfig(name=f"pidfile-{Path(value).name}", pidfile=value)
+        if spec not in self.workloads:
+            known = ", ".join(sorted(self.workloads)) or "none"
+            raise ConfigError(
+                f"unknown workload {spec!r} (workloads in {self.path}: {known}; "
+                "or give pid:N or pidfile:PATH)"
+            )
+        return self.workloads[spec]
+
+
+def config_path(explicit: str | None) -> Path:
+    """--config, else $MIGRATE_CONFIG, else ./migrate.yaml."""
+    return Path(explicit or os.environ.get("MIGRATE_CONFIG") or "migrate.yaml")
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return parse(data, path)
+
+
+def parse(data: Any, path: Path) -> Config:
+    v = _Validator(path)
+    top = v.mapping(data, "")
+    v.only(top, "", ("hosts", "workloads", "policy", "state_dir"))
+    hosts_raw = v.mapping(top.get("hosts"), "hosts", required=True)
+    if not hosts_raw:
+        raise ConfigError(f"{path}: hosts: at least one host is required")
+    hosts = {name: _host(v, name, raw) for name, raw in hosts_raw.items()}
+    workloads_raw = v.mapping(top.get("workloads", {}) or {}, "workloads")
+    workloads = {name: _workload(v, name, raw) for name, raw in workloads_raw.items()}
+    policy = _dataclass(v, Policy, top.get("policy", {}) or {}, "policy")
+    state_dir = Path(v.typed(top.get("state_dir", "~/.local/state/migrate"), "state_dir", str))
+    return Config(path, hosts, workloads, policy, state_dir.expanduser())
+
+
+def _host(v: _Validator, name: Any, raw: Any) -> HostConfig:
+    v.name(name, "hosts")
+    host = _dataclass(v, HostConfig, raw, f"hosts.{name}", name=name)
+    for key in ("key", "known_hosts"):
+        p = Path(getattr(host, key)).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"{v.path}: hosts.{name}.{key}: file not found: {p}")
+    for key in ("workdir", "criu", "rsync_key", "rsync_known_hosts"):
+        value = getattr(host, key)
+        if value is not None:
+            _check_path(value, f"{v.path}: hosts.{name}.{key}")
+    if not 0 < host.port < 65536:
+        raise ConfigError(f"{v.path}: hosts.{name}.port: must be 1-65535")
+    if not Path(host.workdir).is_absolute():
+        raise ConfigError(f"{v.path}: hosts.{name}.workdir: must be an absolute path")
+    return host
+
+
+def _workload(v: _Validator, name: Any, raw: Any) -> WorkloadConfig:
+    v.name(name, "workloads")
+    raw = dict(v.mapping(raw, f"workloads.{name}"))
+    opts = raw.get("criu_options", [])
+    if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
+        raise ConfigError(f"{v.path}: workloads.{name}.criu_options: must be a list of strings")
+    for o in opts:
+        if not o.startswith("--") or "\n" in o:
+            raise ConfigError(f"{v.path}: workloads.{name}.criu_options: bad option {o!r}")
+    raw["criu_options"] = tuple(opts)
+    wl = _dataclass(v, WorkloadConfig, raw, f"workloads.{name}", name=name)
+    given = [k for k in LOCATORS if getattr(wl, k) is not None]
+    if len(given) != 1:
+        raise ConfigError(
+            f"{v.path}: workloads.{name}: give exactly one of {', '.join(LOCATORS)}"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
+    if wl.runtime not in RUNTIMES:
+        raise ConfigError(
+            f"{v.path}: workloads.{name}.runtime: unknown runtime {wl.runtime!r} "
+            f"(known: {', '.join(RUNTIMES)})"
+        )
+    if wl.pid is not None and wl.pid < 2:
+        raise ConfigError(f"{v.path}: workloads.{name}.pid: must be > 1")
+    if wl.match is not None:
+        try:
+            re.compile(wl.match)
+        except re.error as e:
+            raise ConfigError(f"{v.path}: workloads.{name}.match: bad regex: {e}") from None
+    return wl
+
+
+def _check_path(value: str, where: str) -> None:
+    if not value or "\n" in value or "\0" in value or len(value) > 4096:
+        raise ConfigError(f"{where}: not a usable path: {value[:60]!r}")
+
+
+class _Validator:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def mapping(self, value: Any, key: str, required: bool = False) -> dict[str, Any]:
+        where = key or "top level"
+        if value is None and required:
+            raise ConfigError(f"{self.path}: {where}: missing (required)")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.path}: {where}: must be a mapping")
+        return value
+
+    def only(self, raw: dict[str, Any], key: str, allowed: tuple[str, ...]) -> None:
+        for k in raw:
+            if k not in allowed:
+                prefix = f"{key}." if key else ""
+                raise ConfigError(
+                    f"{self.path}: {prefix}{k}: unknown key (expected one of {', '.join(allowed)})"
+                )
+
+    def name(self, name: Any, section: str) -> None:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ConfigError(
+                f"{self.path}: {section}: bad name {str(name)[:60]!r} "
+                "(letters, digits, '.', '_', '-'; at most 63)"
+            )
+
+    def typed(self, value: Any, key: str, kind: type | tuple[type, ...]) -> Any:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, bool) and kind is not bool:
+            raise ConfigError(f"{self.path}: {key}: must be {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise ConfigError(
+                f"{self.path}: {key}: must be {_kind_name(kind)}, got {type(value).__name__}"
+            )
+        return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {"str": "a string", "int": "an integer", "float": "a number", "tuple": "a list"}
+    return " or ".join(names.get(k.__name__, k.__name__) for k in kinds)
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "str | None": str,
+    "int | None": int,
+    "tuple[str, ...]": tuple,
+}
+
+
+def _dataclass(v: _Validator, cls: Any, raw: Any, key: str, **fixed: Any) -> Any:
+    raw = v.mapping(raw, key)
+    names = [f.name for f in fields(cls) if f.name not in fixed]
+    v.only(raw, key, tuple(names))
+    values = dict(fixed)
+    for f in fields(cls):
+        if f.name in fixed:
+            continue
+        required = f.default is MISSING and f.default_factory is MISSING
+        if f.name not in raw:
+            if required:
+                raise ConfigError(f"{v.path}: {key}.{f.name}: missing (required)")
+            continue
+        value = raw[f.name]
+        if value is None and "None" in str(f.type):
+            values[f.name] = None
+            continue
+        values[f.name] = v.typed(value, f"{key}.{f.name}", _TYPES[str(f.type)])
+    return cls(**values)

@@ -1,0 +1,25 @@
+"""The lines of a CRIU log worth showing an operator."""
+
+from __future__ import annotations
+
+import re
+
+# Printed on every run where root lacks CAP_SYS_RESOURCE; not an error.
+NOISE = (
+    re.compile(r"rlimit: Can't setup RLIMIT_NOFILE"),
+    re.compile(r"Error: ipv4: Address already assigned"),
+)
+_ERROR = re.compile(r"\b(Error|BUG)\b|^Error|Can't |Unable to", re.IGNORECASE)
+_PREFIX = re.compile(r"^\(\s*[\d.]+\)\s*")
+
+
+def error_lines(log: str, limit: int = 6) -> list[str]:
+    """CRIU's own error lines from a log (last `limit`), without timestamps and known noise."""
+    found = []
+    for raw in log.splitlines():
+        line = _PREFIX.sub("", raw.strip())
+        if not line or any(n.search(line) for n in NOISE):
+            continue
+        if _ERROR.search(line) and not line.lower().startswith("warn"):
+            found.append(line)
+    return found[-limit:]

@@ -1,0 +1,22 @@
+"""Local test lab: N "hosts" on one machine, each a real sshd as pid 1 of its own pid, mount
+and UTS namespaces inside its own network namespace, joined by a bridge in the root namespace.
+
+``up()`` builds it and writes ``lab_dir/migrate.yaml``; ``down()`` removes it; ``load()`` /
+``status()`` read the state file ``lab_dir/lab.json``; ``exec_argv()`` runs a command on a host.
+"""
+
+from .core import down, exec_argv, load, status, up
+from .state import DEFAULT_DIR, HostStatus, Lab, LabError, LabHost
+
+__all__ = [
+    "DEFAULT_DIR",
+    "HostStatus",
+    "Lab",
+    "LabError",
+    "LabHost",
+    "down",
+    "exec_argv",
+    "load",
+    "status",
+    "up",
+]

@@ -1,0 +1,18 @@
+"""Confirm: only now is the stopped source killed and the images wiped on both hosts."""
+
+from __future__ import annotations
+
+from orchestrator.phases.base import Phase, remove_dir
+from orchestrator.plan import Context
+
+
+class Confirm(Phase):
+    name = "confirm"
+    commits = True
+
+    def act(self, ctx: Context) -> None:
+        assert ctx.target is not None
+        ctx.runtime.remove(ctx.src, ctx.target.root_pid)
+        if not ctx.plan.keep_images:
+            remove_dir(ctx.src, ctx.plan.src_images)
+            remove_dir(ctx.dst, ctx.plan.dst_images)

@@ -1,0 +1,30 @@
+"""Transfer: the source pushes its images to the destination with rsync (retried: it resumes)."""
+
+from __future__ import annotations
+
+from orchestrator.phases.base import Phase, make_private_dir, remove_dir
+from orchestrator.plan import Context
+from orchestrator.transport import rsync
+from orchestrator.transport.ssh import retrying
+
+
+class Transfer(Phase):
+    name = "transfer"
+
+    def act(self, ctx: Context) -> None:
+        plan = ctx.plan
+        make_private_dir(ctx.dst, plan.dst_images)
+        argv = rsync.push_argv(
+            plan.source, plan.destination, plan.policy, plan.src_images, plan.dst_images
+        )
+        what = f"rsync {ctx.src.name} -> {ctx.dst.name}"
+        for attempt in retrying(plan.policy, what, (rsync.RsyncError,)):
+            with attempt:
+                r = ctx.src.run(argv)
+                if not r.ok:
+                    raise rsync.RsyncError(f"{what} failed (exit {r.exit_code}): {r.error_line()}")
+                ctx.bytes_transferred += rsync.bytes_sent(r.stdout)
+
+    def undo(self, ctx: Context) -> None:
+        if not ctx.plan.keep_images:
+            remove_dir(ctx.dst, ctx.plan.dst_images)

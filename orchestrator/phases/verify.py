@@ -1,0 +1,23 @@
+"""Verify: the restored workload runs on the destination, and its health command passes."""
+
+from __future__ import annotations
+
+from orchestrator.errors import MigrationError
+from orchestrator.phases.base import Phase
+from orchestrator.plan import Context
+
+
+class Verify(Phase):
+    name = "verify"
+
+    def act(self, ctx: Context) -> None:
+        if ctx.plan.dry_run:
+            return
+        pid = ctx.restored_pid
+        if not pid or not ctx.runtime.running(ctx.dst, pid):
+            raise MigrationError(f"restored workload (pid {pid}) is not running on {ctx.dst}")
+        health = ctx.plan.workload.health
+        if health:
+            r = ctx.dst.run(["sh", "-c", health], mutates=False)
+            if not r.ok:
+                raise MigrationError(f"health check failed on {ctx.dst}: {r.error_line()}")

@@ -1,0 +1,82 @@
+"""A migration plan: what moves where, how, under which policy; and the state of a run."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from orchestrator.config import Config, ConfigError, HostConfig, Policy, WorkloadConfig
+from orchestrator.runtimes.base import Runtime, Target
+from orchestrator.transport.ssh import Host
+
+
+@dataclass(frozen=True)
+class Plan:
+    id: str
+    workload: WorkloadConfig
+    source: HostConfig
+    destination: HostConfig
+    strategy: str
+    policy: Policy
+    keep_images: bool = False
+    dry_run: bool = False
+
+    @property
+    def src_images(self) -> str:
+        return f"{self.source.workdir.rstrip('/')}/images/{self.id}"
+
+    @property
+    def dst_images(self) -> str:
+        return f"{self.destination.workdir.rstrip('/')}/images/{self.id}"
+
+
+def new_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def make_plan(
+    config: Config,
+    workload: str,
+    source: str,
+    destination: str,
+    strategy: str = "auto",
+    keep_images: bool = False,
+    dry_run: bool = False,
+) -> Plan:
+    """Resolve names against the config (ConfigError on anything unknown)."""
+    src, dst = config.host(source), config.host(destination)
+    if src.name == dst.name:
+        raise ConfigError(f"source and destination are the same host ({src.name})")
+    return Plan(
+        id=new_id(),
+        workload=config.workload(workload),
+        source=src,
+        destination=dst,
+        strategy=strategy,
+        policy=config.policy,
+        keep_images=keep_images,
+        dry_run=dry_run,
+    )
+
+
+@dataclass
+class Context:
+    """What the phases share while one migration runs."""
+
+    plan: Plan
+    src: Host
+    dst: Host
+    runtime: Runtime
+    target: Target | None = None
+    restored_pid: int = 0
+    bytes_transferred: int = 0
+    frozen_at: float | None = None
+    running_at: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def downtime_ms(self) -> int | None:
+        if self.frozen_at is None or self.running_at is None:
+            return None
+        return round((self.running_at - self.frozen_at) * 1000)

@@ -1,0 +1,45 @@
+"""The report of one migration, as the runner fills it; rendered by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    status: str  # ok | failed | undone | undo_failed | skipped
+    seconds: float
+    error: str | None = None
+
+
+@dataclass
+class Report:
+    id: str
+    workload: str
+    source: str
+    destination: str
+    strategy: str
+    status: str = "failed"  # succeeded | rolled_back | failed
+    phases: list[PhaseResult] = field(default_factory=list)
+    downtime_ms: int | None = None
+    total_ms: int = 0
+    bytes_transferred: int = 0
+    restored_pid: int | None = None
+    error: str | None = None
+    criu_errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    planned_commands: list[str] = field(default_factory=list)
+
+    EXIT_CODES = {"succeeded": 0, "rolled_back": 3, "failed": 1}
+
+    @property
+    def exit_code(self) -> int:
+        return self.EXIT_CODES.get(self.status, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not self.planned_commands:
+            d.pop("planned_commands")
+        return d

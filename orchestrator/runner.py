@@ -1,0 +1,154 @@
+"""The migration runner: walks the phases, times them, journals them, and rolls back on failure."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from orchestrator.errors import MigrationError
+from orchestrator.journal import Journal
+from orchestrator.phases.base import Phase
+from orchestrator.plan import Context
+from orchestrator.report import PhaseResult, Report
+from orchestrator.transport.rsync import RsyncError
+from orchestrator.transport.ssh import HostError
+
+log = logging.getLogger("migrate")
+
+#: What a phase may raise that the runner turns into a rollback. Nothing else catches broadly.
+FAILURES = (MigrationError, HostError, RsyncError, KeyboardInterrupt)
+
+Listener = Callable[[str, PhaseResult | None], None]
+
+
+def run(
+    ctx: Context, phases: list[Phase], journal: Journal, listen: Listener | None = None
+) -> Report:
+    """Run phases in order; on failure before a committing phase, undo newest first."""
+    plan = ctx.plan
+    report = Report(
+        id=plan.id,
+        workload=plan.workload.name,
+        source=plan.source.name,
+        destination=plan.destination.name,
+        strategy=plan.strategy,
+    )
+    emit = listen or (lambda _name, _result: None)
+    started = time.monotonic()
+    journal.write(
+        "start",
+        id=plan.id,
+        workload=plan.workload.name,
+        source=plan.source.name,
+        destination=plan.destination.name,
+        strategy=plan.strategy,
+        src_images=plan.src_images,
+        dst_images=plan.dst_images,
+    )
+    done: list[Phase] = []
+    failure: BaseException | None = None
+    for phase in phases:
+        journal.write("phase", name=phase.name, state="begin", **_facts(ctx))
+        emit(phase.name, None)
+        t0 = time.monotonic()
+        try:
+            phase.act(ctx)
+        except FAILURES as e:
+            if phase.commits:  # past the point of no return: report, never roll back
+                result = PhaseResult(phase.name, "failed", _secs(t0), _message(e))
+                report.notes.append(
+                    f"{phase.name}: {_message(e)} (the workload runs on "
+                    f"{plan.destination.name}; clean up {plan.source.name})"
+                )
+            else:
+                failure = e
+                result = PhaseResult(phase.name, "failed", _secs(t0), _message(e))
+            report.phases.append(result)
+            journal.write("phase", name=phase.name, state="failed", error=_message(e))
+            emit(phase.name, result)
+            if failure is not None:
+                done.append(phase)  # a failed phase may have acted in part: undo it too
+                break
+            continue
+        result = PhaseResult(phase.name, "ok", _secs(t0))
+        report.phases.append(result)
+        journal.write("phase", name=phase.name, state="done", **_facts(ctx))
+        emit(phase.name, result)
+        done.append(phase)
+
+    if failure is None:
+        report.status = "succeeded"
+    else:
+        report.error = _message(failure)
+        report.criu_errors = getattr(failure, "details", [])
+        report.status = _rollback(ctx, done, journal, report, emit)
+    report.downtime_ms = ctx.downtime_ms
+    report.total_ms = round((time.monotonic() - started) * 1000)
+    report.bytes_transferred = ctx.bytes_transferred
+    report.restored_pid = ctx.restored_pid or None
+    report.notes.extend(ctx.notes)
+    if plan.dry_run:
+        report.planned_commands = list(ctx.src.planned)
+    journal.write("end", status=report.status, error=report.error)
+    return report
+
+
+def _rollback(
+    ctx: Context, done: list[Phase], journal: Journal, report: Report, emit: Listener
+) -> str:
+    """Undo phases newest first; `rolled_back` only if the source copy is seen running again."""
+    if [p.name for p in done] == ["preflight"]:
+        report.notes.append("refused in preflight: nothing was changed on either host")
+        return "failed"
+    undoable = [p for p in reversed(done) if type(p).undo is not Phase.undo]
+    journal.write("rollback", phases=[p.name for p in undoable])
+    clean = True
+    for phase in undoable:
+        t0 = time.monotonic()
+        try:
+            phase.undo(ctx)
+            result = PhaseResult(f"undo {phase.name}", "undone", _secs(t0))
+        except (MigrationError, HostError) as e:
+            clean = False
+            result = PhaseResult(f"undo {phase.name}", "undo_failed", _secs(t0), _message(e))
+            log.error("undo of %s failed: %s", phase.name, e)
+        report.phases.append(result)
+        journal.write("undo", name=phase.name, state=result.status, error=result.error)
+        emit(result.name, result)
+    ctx.restored_pid = 0
+    if ctx.target is None:
+        return "failed"
+    try:
+        source_runs = ctx.plan.dry_run or ctx.runtime.running(ctx.src, ctx.target.root_pid)
+    except HostError as e:
+        report.notes.append(f"cannot tell whether the source runs: {e}")
+        return "failed"
+    if clean and source_runs:
+        report.notes.append(f"rolled back: the workload runs on {ctx.plan.source.name} again")
+        return "rolled_back"
+    report.notes.append(
+        f"ROLLBACK INCOMPLETE: check {ctx.plan.source.name} and "
+        f"{ctx.plan.destination.name} by hand (journal {journal_path(journal)})"
+    )
+    return "failed"
+
+
+def journal_path(journal: Journal) -> str:
+    return str(getattr(journal, "path", "-"))
+
+
+def _facts(ctx: Context) -> dict[str, object]:
+    """What recovery needs to know at each step."""
+    t = ctx.target
+    return {"root_pid": t.root_pid if t else None, "restored_pid": ctx.restored_pid or None}
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (SIGINT/SIGTERM)"
+    return str(e) or type(e).__name__
+
+
+def _secs(t0: float) -> float:
+    return round(time.monotonic() - t0, 3)

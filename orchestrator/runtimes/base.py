@@ -1,0 +1,64 @@
+"""The one small interface every runtime (process, lxc, runc, podman) implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from orchestrator.config import WorkloadConfig
+from orchestrator.transport.ssh import Host
+
+
+@dataclass
+class Target:
+    """A located workload on the source host."""
+
+    root_pid: int
+    pids: list[int]
+    rss_kb: int
+    command: str
+    pidns_init: bool = False
+    own_mntns: bool = False
+    own_netns: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class Runtime(ABC):
+    """How to find, checkpoint, restore, resume and remove one kind of workload."""
+
+    name: str
+
+    def __init__(self, workload: WorkloadConfig) -> None:
+        self.workload = workload
+
+    @abstractmethod
+    def locate(self, host: Host) -> Target:
+        """Find the workload on host (read-only); MigrationError if it is not there."""
+
+    @abstractmethod
+    def preflight(self, src: Host, dst: Host, target: Target) -> list[str]:
+        """Reasons this workload cannot move from src to dst (empty = fine); read-only."""
+
+    @abstractmethod
+    def checkpoint(self, host: Host, target: Target, images_dir: str) -> None:
+        """Dump the workload into images_dir, leaving it stopped (not killed) on host."""
+
+    @abstractmethod
+    def restore(self, host: Host, target: Target, images_dir: str) -> int:
+        """Restore from images_dir on host; returns the restored root pid as host sees it."""
+
+    @abstractmethod
+    def find_restored(self, host: Host, images_dir: str) -> int:
+        """The root pid of a copy a (possibly interrupted) restore left on host; 0 if none."""
+
+    @abstractmethod
+    def resume(self, host: Host, target: Target) -> None:
+        """Undo a checkpoint: let the stopped source copy run on."""
+
+    @abstractmethod
+    def remove(self, host: Host, root_pid: int) -> None:
+        """Kill a copy of the workload (the stopped source at confirm, a restored one on undo)."""
+
+    @abstractmethod
+    def running(self, host: Host, root_pid: int) -> bool:
+        """Does this copy run (alive, not stopped)?"""

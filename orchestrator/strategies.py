@@ -1,0 +1,36 @@
+"""Strategies choose which phases run, in which order; they never talk SSH themselves."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from orchestrator.config import ConfigError
+from orchestrator.phases.base import Phase
+from orchestrator.phases.confirm import Confirm
+from orchestrator.phases.dump import Dump
+from orchestrator.phases.preflight import Preflight
+from orchestrator.phases.restore import Restore
+from orchestrator.phases.transfer import Transfer
+from orchestrator.phases.verify import Verify
+
+
+def stopcopy() -> list[Phase]:
+    """Freeze, dump everything, copy, restore: the freeze grows with memory size."""
+    return [Preflight(), Dump(), Transfer(), Restore(), Verify(), Confirm()]
+
+
+STRATEGIES: dict[str, Callable[[], list[Phase]]] = {"stopcopy": stopcopy}
+CHOICES = ("auto", *STRATEGIES)
+
+
+def resolve(name: str) -> str:
+    """The concrete strategy for a requested one (`auto` picks the best this build has)."""
+    if name == "auto":
+        return "stopcopy"
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r} (known: {', '.join(CHOICES)})")
+    return name
+
+
+def phases(name: str) -> list[Phase]:
+    return STRATEGIES[resolve(name)]()

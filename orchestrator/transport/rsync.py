@@ -1,0 +1,64 @@
+"""Host-to-host rsync: the source pushes a directory to the destination over its own ssh."""
+
+from __future__ import annotations
+
+import re
+
+from orchestrator.config import HostConfig, Policy
+from orchestrator.transport.ssh import quote
+
+
+class RsyncError(Exception):
+    """rsync failed (after retries where retrying was safe)."""
+
+
+def ssh_command(src: HostConfig, dst: HostConfig, policy: Policy) -> list[str]:
+    """The ssh command the source uses to reach the destination (strict host keys, no prompts)."""
+    key = src.rsync_key or src.key
+    known = src.rsync_known_hosts or src.known_hosts
+    return [
+        "ssh",
+        "-i", key,
+        "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={known}",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", "BatchMode=yes",
+        "-o", f"ConnectTimeout={int(policy.connect_timeout)}",
+        "-o", "ServerAliveInterval=5",
+        "-o", "ServerAliveCountMax=3",
+        "-p", str(dst.port),
+        "-l", dst.user,
+    ]  # fmt: skip
+
+
+def push_argv(
+    src: HostConfig, dst: HostConfig, policy: Policy, src_dir: str, dst_dir: str
+) -> list[str]:
+    """rsync argv to run ON the source: push src_dir/ into dst_dir/ on the destination."""
+    return [
+        "rsync",
+        "-a",
+        "--partial",
+        "--stats",
+        "--numeric-ids",
+        "--protect-args",
+        f"--timeout={int(policy.command_timeout)}",
+        "-e",
+        quote(ssh_command(src, dst, policy)),
+        src_dir.rstrip("/") + "/",
+        f"{dst.address}:{dst_dir.rstrip('/')}/",
+    ]
+
+
+def probe_argv(src: HostConfig, dst: HostConfig, policy: Policy) -> list[str]:
+    """Can the source reach the destination the way rsync will? (read-only)"""
+    return [*ssh_command(src, dst, policy), dst.address, "true"]
+
+
+_SENT = re.compile(r"Total bytes sent:\s*([\d,.]+)")
+
+
+def bytes_sent(stats: str) -> int:
+    """Bytes rsync sent, from its --stats output (0 if absent)."""
+    m = _SENT.search(stats)
+    return int(re.sub(r"[,.]", "", m.group(1))) if m else 0

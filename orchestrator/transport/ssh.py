@@ -1,0 +1,200 @@
+"""One host = one persistent SSH connection (Fabric/paramiko), strict host keys, quoted argv."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+from fabric import Config as FabricConfig
+from fabric import Connection
+from invoke.exceptions import CommandTimedOut
+from tenacity import (
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+from tenacity import Retrying as _Retrying
+
+from orchestrator.config import HostConfig, Policy
+
+log = logging.getLogger("migrate.ssh")
+
+
+class HostError(Exception):
+    """A host could not be reached or a command could not be run on it."""
+
+
+class HostKeyError(HostError):
+    """The host's key is unknown or has changed: refused under strict checking."""
+
+
+class _Transient(HostError):
+    """A connection failure that may pass (refused, timed out, unreachable)."""
+
+
+@dataclass
+class Result:
+    """What one remote command did."""
+
+    host: str
+    argv: list[str]
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+    dry: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    @property
+    def command(self) -> str:
+        return quote(self.argv)
+
+    def error_line(self) -> str:
+        """The most telling line of the output, for one-line reports."""
+        lines = [ln.strip() for ln in (self.stderr or self.stdout).splitlines() if ln.strip()]
+        return lines[-1] if lines else f"exit code {self.exit_code}"
+
+
+def quote(argv: Sequence[str]) -> str:
+    """The one place an argument list becomes a shell line."""
+    return shlex.join(str(a) for a in argv)
+
+
+def retrying(policy: Policy, what: str, on: tuple[type[BaseException], ...]) -> _Retrying:
+    """tenacity policy for steps that are safe to repeat: attempts and a deadline, each logged."""
+
+    def _log(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("%s failed (attempt %d): %s; retrying", what, state.attempt_number, exc)
+
+    return _Retrying(
+        stop=stop_after_attempt(max(1, policy.retries)) | stop_after_delay(policy.retry_deadline),
+        wait=wait_exponential(multiplier=0.5, max=10),
+        retry=retry_if_exception_type(on),
+        before_sleep=_log,
+        reraise=True,
+    )
+
+
+@dataclass
+class Host:
+    """A remote host reached over one reused SSH connection.
+
+    In dry-run mode, commands marked as changing something are recorded in `planned`
+    instead of run; read-only commands still run so the plan shows real pids and paths.
+    """
+
+    config: HostConfig
+    policy: Policy
+    dry_run: bool = False
+    planned: list[str] = field(default_factory=list)
+    _conn: Connection | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.config.address})"
+
+    def connect(self) -> None:
+        """Open the connection (retried while the failure may pass); strict host keys."""
+        if self._conn is not None:
+            return
+        for attempt in retrying(self.policy, f"connect to {self}", (_Transient,)):
+            with attempt:
+                self._conn = self._open()
+
+    def _open(self) -> Connection:
+        cfg = self.config
+        fab = FabricConfig(overrides={"load_ssh_configs": False, "run": {"in_stream": False}})
+        conn = Connection(
+            cfg.address,
+            user=cfg.user,
+            port=cfg.port,
+            config=fab,
+            connect_timeout=int(self.policy.connect_timeout),
+            connect_kwargs={
+                "key_filename": [str(Path(cfg.key).expanduser())],
+                "look_for_keys": False,
+                "allow_agent": False,
+                "banner_timeout": self.policy.connect_timeout,
+                "auth_timeout": self.policy.connect_timeout,
+            },
+        )
+        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        conn.client.load_host_keys(str(Path(cfg.known_hosts).expanduser()))
+        try:
+            conn.open()
+        except paramiko.BadHostKeyException:
+            conn.close()
+            raise HostKeyError(
+                f"{self}: host key CHANGED (differs from {cfg.known_hosts}); refusing to connect"
+            ) from None
+        except paramiko.SSHException as e:
+            conn.close()
+            if "not found in known_hosts" in str(e):
+                raise HostKeyError(
+                    f"{self}: host key not in {cfg.known_hosts}; refusing to connect "
+                    "(strict host-key checking)"
+                ) from None
+            if isinstance(e, paramiko.AuthenticationException):
+                raise HostError(f"{self}: authentication failed with key {cfg.key}") from None
+            raise _Transient(f"{self}: ssh failed: {e}") from None
+        except (TimeoutError, OSError, EOFError) as e:
+            conn.close()
+            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            raise _Transient(f"{self}: cannot connect: {reason}") from None
+        return conn
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float | None = None,
+        mutates: bool = True,
+        check: bool = False,
+    ) -> Result:
+        """Run argv (quoted here, nowhere else); never raises for a non-zero exit unless check."""
+        argv = [str(a) for a in argv]
+        line = quote(argv)
+        if self.dry_run and mutates:
+            self.planned.append(f"{self.name}$ {line}")
+            return Result(self.name, argv, 0, dry=True)
+        result = self._execute(argv, line, timeout or self.policy.command_timeout)
+        if check and not result.ok:
+            raise HostError(f"{self}: `{_short(line)}` failed: {result.error_line()}")
+        return result
+
+    def _execute(self, argv: list[str], line: str, timeout: float) -> Result:
+        """Run one quoted line over the persistent connection."""
+        self.connect()
+        assert self._conn is not None
+        log.debug("%s$ %s", self.name, line)
+        try:
+            r = self._conn.run(line, hide=True, warn=True, timeout=timeout)
+        except CommandTimedOut:
+            raise HostError(f"{self}: timed out after {timeout:.0f}s: {_short(line)}") from None
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            self.close()
+            raise HostError(f"{self}: connection lost running {_short(line)}: {e}") from None
+        return Result(self.name, argv, r.exited, r.stdout, r.stderr)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+
+def _short(line: str, width: int = 120) -> str:
+    return line if len(line) <= width else line[: width - 3] + "..."

@@ -1,0 +1,33 @@
+"""A recording fake Host for unit tests of pure logic (never the proof that CRIU works).
+
+It subclasses the real Host and replaces only the wire: quoting and the dry-run gate are real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from orchestrator.transport.ssh import Host, Result
+
+Responder = Callable[[list[str]], Result | None]
+
+
+@dataclass
+class FakeHost(Host):
+    log: list[tuple[str, str]] = field(default_factory=list)  # share one list: global order
+    responders: list[Responder] = field(default_factory=list)
+
+    def connect(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def _execute(self, argv: list[str], line: str, timeout: float) -> Result:
+        self.log.append((self.name, " ".join(argv)))
+        for responder in self.responders:
+            r = responder(argv)
+            if r is not None:
+                return r
+        return Result(self.name, argv, 0)

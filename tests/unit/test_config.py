@@ -1,0 +1,104 @@
+"""Config validation: every error is one line naming the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import ConfigError, load
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, str]:
+    key = tmp_path / "id"
+    known = tmp_path / "known_hosts"
+    key.write_text("k")
+    known.write_text("")
+    return {"key": str(key), "known_hosts": str(known)}
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    p = tmp_path / "migrate.yaml"
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+def good(keys: dict[str, str]) -> dict:
+    return {
+        "hosts": {
+            "host-a": {"address": "198.18.0.1", **keys},
+            "host-b": {"address": "198.18.0.2", "port": 2222, **keys},
+        },
+        "workloads": {"counter": {"pidfile": "/run/c.pid", "criu_options": ["--shell-job"]}},
+        "policy": {"retries": 5, "command_timeout": 30},
+    }
+
+
+def test_good_config_loads(tmp_path: Path, keys: dict[str, str]) -> None:
+    cfg = load(write(tmp_path, good(keys)))
+    assert cfg.host("host-b").port == 2222
+    assert cfg.host("host-a").criu == "criu"
+    assert cfg.workload("counter").locator == ("pidfile", "/run/c.pid")
+    assert cfg.workload("counter").criu_options == ("--shell-job",)
+    assert cfg.policy.retries == 5 and cfg.policy.command_timeout == 30.0
+    assert cfg.workload("pid:1234").pid == 1234
+    assert cfg.workload("pidfile:/run/x.pid").pidfile == "/run/x.pid"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expect"),
+    [
+        (lambda d: d["hosts"]["host-a"].update(adress="x"), "hosts.host-a.adress: unknown key"),
+        (lambda d: d["hosts"]["host-a"].pop("address"), "hosts.host-a.address: missing"),
+        (lambda d: d["hosts"]["host-a"].update(port="22"), "hosts.host-a.port: must be an integer"),
+        (lambda d: d["hosts"]["host-a"].update(port=True), "hosts.host-a.port: must be an integer"),
+        (lambda d: d["hosts"]["host-a"].update(port=70000), "hosts.host-a.port: must be 1-65535"),
+        (lambda d: d["hosts"]["host-a"].update(key="/nonexistent/k"), "hosts.host-a.key: file not"),
+        (lambda d: d["hosts"]["host-a"].update(workdir="rel"), "workdir: must be an absolute"),
+        (lambda d: d.update(hosts={}), "hosts: at least one host"),
+        (lambda d: d.pop("hosts"), "hosts: missing"),
+        (lambda d: d.update(bogus=1), "bogus: unknown key"),
+        (lambda d: d["policy"].update(retries="many"), "policy.retries: must be an integer"),
+        (lambda d: d["workloads"]["counter"].update(pid=5), "give exactly one of"),
+        (lambda d: d["workloads"]["counter"].pop("pidfile"), "give exactly one of"),
+        (lambda d: d["workloads"]["counter"].update(runtime="vm"), "unknown runtime 'vm'"),
+        (lambda d: d["workloads"]["counter"].update(criu_options="-x"), "must be a list of"),
+        (lambda d: d["workloads"]["counter"].update(criu_options=["-x; rm"]), "bad option"),
+        (lambda d: d["workloads"].update({"a; rm -rf /": {"pid": 3}}), "workloads: bad name"),
+        (lambda d: d["hosts"].update({"$(reboot)": {}}), "hosts: bad name"),
+        (lambda d: d["workloads"]["counter"].update(match="(", pidfile=None), "match: bad regex"),
+    ],
+)
+def test_each_error_names_key_and_file(tmp_path, keys, mutate, expect) -> None:
+    data = good(keys)
+    mutate(data)
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    msg = str(e.value)
+    assert expect in msg
+    assert str(path) in msg
+    assert "\n" not in msg
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML at line 3"):
+        load(write(tmp_path, "hosts:\n  a: [\n"))
+    with pytest.raises(ConfigError, match="top level: must be a mapping"):
+        load(write(tmp_path, "- 1\n"))
+
+
+def test_unknown_names(tmp_path: Path, keys: dict[str, str]) -> None:
+    cfg = load(write(tmp_path, good(keys)))
+    with pytest.raises(ConfigError, match="unknown host 'host-z'"):
+        cfg.host("host-z")
+    with pytest.raises(ConfigError, match="unknown workload 'nope'"):
+        cfg.workload("nope")
+    with pytest.raises(ConfigError, match="pid must be a number"):
+        cfg.workload("pid:$(reboot)")
+    with pytest.raises(ConfigError, match="not a usable path"):
+        cfg.workload("pidfile:/a\nb")
