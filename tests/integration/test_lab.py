@@ -1,0 +1,273 @@
+"""The local lab for real: network namespaces, one sshd per host, the written migrate.yaml."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator import lab as labmod
+from orchestrator.lab import Lab, LabError
+from orchestrator.lab.proc import start_time
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+]
+
+
+def _new_dir() -> Path:
+    # Not below /tmp: sshd StrictModes rejects keys under a world-writable directory.
+    return Path(tempfile.mkdtemp(prefix="migrate-lab-test-", dir="/run"))
+
+
+@pytest.fixture(scope="module")
+def lab_dir() -> Iterator[Path]:
+    d = _new_dir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lab(request: pytest.FixtureRequest, lab_dir: Path) -> Lab:
+    # Registered before up(): a half-failed up() is cleaned up too.
+    request.addfinalizer(lambda: labmod.down(lab_dir))
+    return labmod.up(lab_dir, hosts=2)
+
+
+@pytest.fixture(scope="module")
+def cfg(lab: Lab) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(lab.config_path.read_text())
+    return data
+
+
+def ssh_argv(key: str, known_hosts: str, user: str, address: str, port: int, cmd: str) -> list[str]:
+    return [
+        "ssh", "-i", key, "-o", f"UserKnownHostsFile={known_hosts}",
+        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+        "-p", str(port), f"{user}@{address}", cmd,
+    ]  # fmt: skip
+
+
+def ssh(cfg: dict[str, Any], host: str, cmd: str) -> str:
+    """Run cmd on host from the root namespace with plain OpenSSH and the config's files."""
+    h = cfg["hosts"][host]
+    argv = ssh_argv(h["key"], h["known_hosts"], h["user"], h["address"], h["port"], cmd)
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, f"ssh {host} {cmd!r}: {res.stderr}"
+    return res.stdout.strip()
+
+
+def ip_json(*args: str) -> Any:
+    out = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(out or "[]")
+
+
+def test_config_written_like_the_example(lab: Lab, cfg: dict[str, Any]) -> None:
+    assert set(cfg) == {"state_dir", "hosts", "workloads", "policy"}
+    assert cfg["state_dir"] == str(lab.dir / "state") and (lab.dir / "state").is_dir()
+    assert cfg["workloads"] == {}
+    assert set(cfg["policy"]) == {"connect_timeout", "command_timeout", "retries", "retry_deadline"}
+    assert list(cfg["hosts"]) == ["host-a", "host-b"]
+    key = str(lab.dir / "client" / "id_ed25519")
+    kh = str(lab.dir / "client" / "known_hosts")
+    for i, (name, h) in enumerate(cfg["hosts"].items()):
+        assert h == {
+            "address": f"198.18.0.{i + 1}", "port": 22, "user": "root", "key": key,
+            "known_hosts": kh, "workdir": str(lab.dir / "hosts" / name / "work"), "criu": "criu",
+            "rsync_key": key, "rsync_known_hosts": kh,
+        }  # fmt: skip
+        assert Path(h["workdir"]).is_dir()
+    assert os.stat(key).st_mode & 0o777 == 0o600
+    # known_hosts holds each host's real generated key, nothing else.
+    expected = []
+    for h in lab.hosts:
+        typ, b64 = h.host_key_pub.read_text().split()[:2]
+        expected.append(f"{h.address} {typ} {b64}")
+    assert Path(kh).read_text().splitlines() == expected
+
+
+def test_ssh_to_every_host_with_strict_host_keys(cfg: dict[str, Any]) -> None:
+    names = {host: ssh(cfg, host, "uname -n") for host in cfg["hosts"]}
+    assert names == {"host-a": "host-a", "host-b": "host-b"}
+
+
+def test_wrong_host_key_is_refused(lab: Lab, cfg: dict[str, Any], tmp_path: Path) -> None:
+    # Swap the two hosts' keys: strict checking must refuse the connection.
+    lines = lab.known_hosts.read_text().splitlines()
+    a, b = (line.split(" ", 1) for line in lines)
+    bad = tmp_path / "known_hosts"
+    bad.write_text(f"{a[0]} {b[1]}\n{b[0]} {a[1]}\n")
+    h = cfg["hosts"]["host-a"]
+    argv = ssh_argv(h["key"], str(bad), "root", h["address"], 22, "true")
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode != 0 and "HOST IDENTIFICATION HAS CHANGED" in res.stderr
+
+
+def test_hosts_have_their_own_namespaces(lab: Lab, cfg: dict[str, Any]) -> None:
+    kinds = ("net", "pid", "mnt", "uts")
+    mine = {k: os.readlink(f"/proc/self/ns/{k}") for k in kinds}
+    seen: dict[str, set[str]] = {k: {mine[k]} for k in kinds}
+    for h in lab.hosts:
+        out = ssh(cfg, h.name, "readlink " + " ".join(f"/proc/self/ns/{k}" for k in kinds))
+        theirs = dict(zip(kinds, out.split(), strict=True))
+        for k in kinds:
+            assert theirs[k] not in seen[k], f"{h.name} shares its {k} namespace"
+            seen[k].add(theirs[k])
+        assert theirs["net"] == f"net:[{h.ns_inode('net')}]"
+        assert os.stat(f"/run/netns/{h.netns}").st_ino == h.ns_inode("net")
+        # sshd is the host's pid 1.
+        assert "sshd" in ssh(cfg, h.name, "cat /proc/1/comm")
+
+
+def test_pid_ranges_are_separate(cfg: dict[str, Any]) -> None:
+    a = int(ssh(cfg, "host-a", "echo $$"))
+    b = int(ssh(cfg, "host-b", "echo $$"))
+    assert 10000 < a < 20000
+    assert b > 20000
+
+
+def test_session_path_has_usr_local_sbin(cfg: dict[str, Any]) -> None:
+    # sshd's own PATH for root (before any shell rc file adds to it).
+    env = ssh(cfg, "host-a", "tr '\\0' '\\n' < /proc/$$/environ")
+    path = next(line for line in env.splitlines() if line.startswith("PATH="))
+    assert "/usr/local/sbin" in path[5:].split(":")
+
+
+def test_host_a_reaches_host_b_like_rsync(lab: Lab, cfg: dict[str, Any]) -> None:
+    a, b = cfg["hosts"]["host-a"], cfg["hosts"]["host-b"]
+    inner = " ".join(ssh_argv(a["rsync_key"], a["rsync_known_hosts"], "root", b["address"], 22,
+                              "uname -n"))  # fmt: skip
+    assert ssh(cfg, "host-a", inner) == "host-b"
+    # A real rsync push from a's workdir to b's over ssh, run on host-a.
+    src = Path(a["workdir"]) / "push"
+    src.mkdir()
+    (src / "data").write_text("hello\n")
+    rsh = f"ssh -i {a['rsync_key']} -o UserKnownHostsFile={a['rsync_known_hosts']} " \
+          "-o StrictHostKeyChecking=yes -o BatchMode=yes"  # fmt: skip
+    ssh(cfg, "host-a", f"rsync -a -e '{rsh}' {src}/ root@{b['address']}:{b['workdir']}/push/")
+    assert (Path(b["workdir"]) / "push" / "data").read_text() == "hello\n"
+
+
+def test_exec_argv_runs_inside_the_host(lab: Lab) -> None:
+    argv = labmod.exec_argv(lab, "host-b", ["sh", "-c", "uname -n; echo $$; ip -br -4 addr"])
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "host-b"
+    assert int(out[1]) > 20000
+    assert "198.18.0.2/24" in out[2] or "198.18.0.2/24" in "\n".join(out)
+    with pytest.raises(LabError):
+        labmod.exec_argv(lab, "host-z", ["true"])
+
+
+def test_bridge_macs_are_pinned(lab: Lab) -> None:
+    (root_br,) = ip_json("link", "show", "migbr0")
+    assert root_br["address"] == "02:6d:67:00:00:fe"
+    for h in lab.hosts:
+        links = {link["ifname"]: link for link in ip_json("-n", h.netns, "link", "show")}
+        mac = f"02:6d:67:00:00:{h.index + 1:02x}"
+        assert links["br0"]["address"] == links["eth0"]["address"] == mac
+        assert links["eth0"]["master"] == "br0"
+
+
+def test_unreachable_route_held_while_up(lab: Lab) -> None:
+    routes = ip_json("route", "show", "exact", "198.18.0.0/15")
+    assert [r.get("type") for r in routes] == ["unreachable"]
+    # Outside the lab's /24 nothing in 198.18.0.0/15 is routable from the root namespace.
+    res = subprocess.run(["ip", "route", "get", "198.19.1.1"], capture_output=True, text=True)
+    assert res.returncode != 0 or "unreachable" in res.stdout
+    (route,) = ip_json("route", "get", "198.18.0.2")
+    assert route["dev"] == "migbr0"
+
+
+def test_status_load_and_idempotent_up(lab: Lab, lab_dir: Path) -> None:
+    st = labmod.status(lab_dir)
+    assert [(s.name, s.address, s.netns, s.alive) for s in st] == [
+        ("host-a", "198.18.0.1", "mig-host-a", True),
+        ("host-b", "198.18.0.2", "mig-host-b", True),
+    ]
+    assert labmod.load(lab_dir) == lab
+    assert labmod.up(lab_dir, hosts=2) == lab
+    with pytest.raises(LabError, match="already up"):
+        labmod.up(lab_dir, hosts=3)
+
+
+def _assert_gone(lab: Lab) -> None:
+    netns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+    assert not [n for n in netns if n.startswith("mig-host-")]
+    links = {link["ifname"] for link in ip_json("link", "show")}
+    assert not {n for n in links if n == "migbr0" or n.startswith("migv-")}
+    assert ip_json("route", "show", "exact", "198.18.0.0/15") == []
+    for h in lab.hosts:
+        assert start_time(h.sshd_pid) != h.sshd_start  # that sshd (pid 1 of the host) is gone
+    assert not (lab.dir / "lab.json").exists()
+
+
+def test_down_removes_everything_and_twice_is_fine(lab: Lab, lab_dir: Path) -> None:
+    labmod.down(lab_dir)
+    _assert_gone(lab)
+    assert not (lab_dir / "hosts").exists() and not lab.config_path.exists()
+    labmod.down(lab_dir)
+    with pytest.raises(LabError, match="no lab is up"):
+        labmod.load(lab_dir)
+    with pytest.raises(LabError, match="no lab is up"):
+        labmod.status(lab_dir)
+
+
+def test_down_when_pieces_are_already_gone() -> None:
+    d = _new_dir()
+    try:
+        lab = labmod.up(d, hosts=1)
+        (h,) = lab.hosts
+        os.kill(h.sshd_pid, 9)  # a host "crash"
+        subprocess.run(["ip", "netns", "del", h.netns], check=True)
+        assert [s.alive for s in labmod.status(d)] == [False]
+        with pytest.raises(LabError, match="host-a is down"):
+            labmod.up(d, hosts=1)
+        labmod.down(d)
+        _assert_gone(lab)
+    finally:
+        labmod.down(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_failed_up_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object, **__: object) -> None:
+        raise LabError("injected failure")
+
+    # Fails after networking and sshds are up: everything made so far must go.
+    monkeypatch.setattr("orchestrator.lab.sshd.wait_listening", broken)
+    d = _new_dir()
+    try:
+        with pytest.raises(LabError, match="injected failure"):
+            labmod.up(d, hosts=2)
+        assert list(d.iterdir()) == []
+        links = {link["ifname"] for link in ip_json("link", "show")}
+        assert "migbr0" not in links and "migv-a" not in links
+        assert ip_json("route", "show", "exact", "198.18.0.0/15") == []
+        assert not os.path.exists("/run/netns/mig-host-a")
+        out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert str(d) not in out
+    finally:
+        labmod.down(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(LabError, match="StrictModes"):
+        labmod.up(Path("/tmp/migrate-lab-nope"), hosts=2)
+    assert not Path("/tmp/migrate-lab-nope").exists()
+    with pytest.raises(LabError, match="hosts must be"):
+        labmod.up(Path("/run/migrate-lab-nope"), hosts=0)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(LabError, match="needs root"):
+        labmod.up(Path("/run/migrate-lab-nope"))
+    with pytest.raises(LabError, match="needs root"):
+        labmod.down(Path("/run/migrate-lab-nope"))
