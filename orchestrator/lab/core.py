@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,19 +47,27 @@ def _require_root() -> None:
         raise LabError("the lab needs root (network namespaces, sshd): run it as root")
 
 
-def _check_dir_safe(lab_dir: Path) -> None:
-    """sshd StrictModes refuses keys below a group/world-writable dir (e.g. /tmp): say so now."""
-    p = lab_dir.parent
+def _strict_modes_ok(lab_dir: Path) -> bool:
+    """Whether sshd can keep StrictModes on for keys under lab_dir.
+
+    StrictModes rejects authorized_keys below any group/world-writable directory (e.g. /tmp).
+    A root-owned sticky one is still safe for us (nobody can rename our root-owned 0700 lab
+    dir out of it): the lab then runs sshd with StrictModes off. Anything else is refused.
+    """
+    ok = True
+    p = lab_dir
     while True:
         if p.exists():
             st = p.stat()
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid != 0:
+            loose = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            if st.st_uid != 0 or (loose and (p == lab_dir or not st.st_mode & stat.S_ISVTX)):
                 raise LabError(
-                    f"lab dir {lab_dir} is below {p}, which is group/world-writable or not "
-                    "root's: sshd StrictModes would reject its keys; use e.g. /run/migrate-lab"
+                    f"lab dir {lab_dir}: {p} is not root's or is writable by others: "
+                    "use a root-only directory such as /run/migrate-lab"
                 )
+            ok = ok and not loose
         if p == p.parent:
-            return
+            return ok
         p = p.parent
 
 
@@ -126,20 +135,21 @@ def up(lab_dir: Path = DEFAULT_DIR, hosts: int = 2) -> Lab:
     if not 1 <= hosts <= MAX_HOSTS:
         raise LabError(f"hosts must be 1..{MAX_HOSTS}, not {hosts}")
     lab_dir = Path(os.path.abspath(lab_dir))
-    _check_dir_safe(lab_dir)
+    strict_modes = _strict_modes_ok(lab_dir)
     t0 = time.monotonic()
     with _locked(lab_dir, create=True):
         old = read(lab_dir)
         if old is not None:
             return _existing(old, hosts)
-        extra = sorted(p.name for p in lab_dir.iterdir() if p.name not in (_LOCK, ".made-by-lab"))
-        if extra:
-            raise LabError(
-                f"{lab_dir} holds files but no lab ({', '.join(extra[:3])}...): "
-                "use an empty or new directory"
-            )
-        _preflight(hosts)
+        try:
+            _preflight(lab_dir, hosts)
+        except LabError:
+            _remove_dir_if_ours(lab_dir)
+            raise
         lab = _new_lab(lab_dir, hosts)
+        lab.strict_modes = strict_modes
+        if not strict_modes:
+            log.info("lab dir %s is below a world-writable dir: sshd StrictModes off", lab_dir)
         try:
             _build(lab)
         except BaseException as e:
@@ -172,7 +182,14 @@ def _existing(old: Lab, hosts: int) -> Lab:
     return old
 
 
-def _preflight(hosts: int) -> None:
+def _preflight(lab_dir: Path, hosts: int) -> None:
+    """Refuse before making anything: foreign files, missing tools, names or addresses in use."""
+    extra = sorted(p.name for p in lab_dir.iterdir() if p.name not in (_LOCK, ".made-by-lab"))
+    if extra:
+        raise LabError(
+            f"{lab_dir} holds files but no lab ({', '.join(extra[:3])}): "
+            "use an empty or new directory"
+        )
     for tool in ("ip", "ssh", "ssh-keygen", "unshare", "nsenter", sshd.SSHD):
         if shutil.which(tool) is None:
             raise LabError(f"{tool} not found: install iproute2, openssh and util-linux")
@@ -221,7 +238,7 @@ def _build(lab: Lab) -> None:
             _mkdir(lab, path)
     save(lab)
     client_pub = sshd.keygen(lab.client_key, "migrate-lab-client")
-    known = [sshd.write_config(h, client_pub) for h in lab.hosts]
+    known = [sshd.write_config(h, client_pub, lab.strict_modes) for h in lab.hosts]
     lab.known_hosts.write_text("".join(line + "\n" for line in known))
     os.chmod(lab.known_hosts, 0o644)
 
@@ -246,16 +263,34 @@ def _build(lab: Lab) -> None:
         sshd.find_pid1(h, launcher)
         lab.made.append(["proc", h.sshd_pid, h.sshd_start, f"sshd {h.name}"])
         save(lab)
-    for h in lab.hosts:
-        netns.check_route_to(h.address)
-        sshd.wait_listening(h)
-        cmd = sshd.ssh_argv(lab.client_key, lab.known_hosts, h.address, ["true"])
-        res = proc.run(cmd, check=False)
-        if res.returncode != 0:
-            raise LabError(f"ssh to {h.name} failed: {res.stderr.strip()} ({sshd.tail(h)})")
+    _check_ssh(lab)
     _write_config(lab)
     lab.complete = True
     save(lab)
+
+
+def _check_ssh(lab: Lab) -> None:
+    """End to end, all hosts at once: key login with strict host keys, as the config says."""
+    checks: list[tuple[LabHost, subprocess.Popen[bytes]]] = []
+    try:
+        for h in lab.hosts:
+            netns.check_route_to(h.address)  # never connect to a lab address off the bridge
+            sshd.wait_listening(h)
+            cmd = sshd.ssh_argv(lab.client_key, lab.known_hosts, h.address, ["true"])
+            out = subprocess.DEVNULL
+            checks.append((h, subprocess.Popen(cmd, stdin=out, stdout=out, stderr=subprocess.PIPE)))
+        for h, p in checks:
+            _, err = p.communicate(timeout=30)
+            if p.returncode != 0:
+                msg = err.decode(errors="replace").strip()
+                raise LabError(f"ssh to {h.name} failed: {msg} ({sshd.tail(h)})")
+    except subprocess.TimeoutExpired as e:
+        raise LabError(f"ssh check timed out: {' '.join(map(str, e.cmd))}") from e
+    finally:
+        for _, p in checks:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
 
 
 def _write_config(lab: Lab) -> None:

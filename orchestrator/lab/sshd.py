@@ -34,7 +34,7 @@ PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
-StrictModes yes
+StrictModes {strict_modes}
 PermitUserEnvironment no
 X11Forwarding no
 PrintMotd no
@@ -52,7 +52,7 @@ def keygen(path: Path, comment: str) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
-def write_config(host: LabHost, client_pub: str) -> str:
+def write_config(host: LabHost, client_pub: str, strict_modes: bool = True) -> str:
     """Host key, authorized_keys and sshd_config under host.home/sshd (0700).
     Returns the host's known_hosts line (``ADDRESS ssh-ed25519 AAAA...``)."""
     d = host.sshd_config.parent
@@ -67,6 +67,7 @@ def write_config(host: LabHost, client_pub: str) -> str:
             address=host.address,
             host_key=host_key,
             authorized_keys=authorized,
+            strict_modes="yes" if strict_modes else "no",
         )
     )
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir

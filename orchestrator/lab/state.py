@@ -18,7 +18,7 @@ BRIDGE = "migbr0"  # the "switch" in the root namespace
 BRIDGE_ADDR = "198.18.0.254"
 PREFIX_LEN = 24
 BRIDGE_MAC = "02:6d:67:00:00:fe"
-PID_STRIDE = 10000  # host i hands out pids from (i + 1) * PID_STRIDE + 1
+PID_STRIDE = 150000  # host i hands out pids from (i + 1) * PID_STRIDE + 1
 
 
 class LabError(Exception):
@@ -97,6 +97,7 @@ class Lab:
     known_hosts: Path  # lab_dir/client/known_hosts (real host keys)
     state_dir: Path  # lab_dir/state: the controller's journal dir
     complete: bool = False  # False while up() is still working (or died half way)
+    strict_modes: bool = True  # sshd StrictModes (off only for a lab dir below e.g. /tmp)
     # What up() made, in order of creation; down() undoes it from this list only.
     # Entries: ["dir", path] | ["route", net] | ["link", name] | ["netns", name]
     #          | ["proc", pid, start_ticks, what]
@@ -160,6 +161,7 @@ def read(lab_dir: Path) -> Lab | None:
             known_hosts=Path(data["known_hosts"]),
             state_dir=Path(data["state_dir"]),
             complete=bool(data["complete"]),
+            strict_modes=bool(data.get("strict_modes", True)),
             made=list(data["made"]),
         )
     except (KeyError, TypeError) as e:

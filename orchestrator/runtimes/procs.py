@@ -19,7 +19,9 @@ class Proc:
 
 def table(host: Host) -> dict[int, Proc]:
     """Every process on the host, by pid."""
-    r = host.run(["ps", "-e", "-o", "pid=,ppid=,stat=,rss=,args="], mutates=False, check=True)
+    r = host.run(
+        ["ps", "-ww", "-e", "-o", "pid=,ppid=,stat=,rss=,args="], mutates=False, check=True
+    )
     procs = {}
     for line in r.stdout.splitlines():
         parts = line.split(None, 4)

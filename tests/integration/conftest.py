@@ -24,7 +24,7 @@ def lab() -> Iterator[labmod.Lab]:
         pytest.skip("the lab needs root")
     if not shutil.which("criu"):
         pytest.fail("criu is not on PATH: run scripts/setup-host first")
-    base = Path(tempfile.mkdtemp(prefix="migrate-lab-"))
+    base = Path(tempfile.mkdtemp(prefix="migrate-lab-", dir="/run"))  # keeps sshd StrictModes on
     made = None
     try:
         made = labmod.up(base / "lab", hosts=2)

@@ -17,6 +17,7 @@ import yaml
 from orchestrator import lab as labmod
 from orchestrator.lab import Lab, LabError
 from orchestrator.lab.proc import start_time
+from orchestrator.lab.state import PID_STRIDE
 
 pytestmark = [
     pytest.mark.lab,
@@ -25,7 +26,7 @@ pytestmark = [
 
 
 def _new_dir() -> Path:
-    # Not below /tmp: sshd StrictModes rejects keys under a world-writable directory.
+    # Below /run, so sshd keeps StrictModes on (a lab below /tmp is tested on its own).
     return Path(tempfile.mkdtemp(prefix="migrate-lab-test-", dir="/run"))
 
 
@@ -36,8 +37,16 @@ def lab_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def _no_other_lab() -> None:
+    # Lab names and addresses are machine-wide: e.g. conftest's session lab, if a test that
+    # uses it ran first, is still up. Say so rather than fail on the clash.
+    if os.path.exists("/sys/class/net/migbr0"):
+        pytest.skip("another lab is up on this machine (migbr0 exists): run this module alone")
+
+
 @pytest.fixture(scope="module")
 def lab(request: pytest.FixtureRequest, lab_dir: Path) -> Lab:
+    _no_other_lab()
     # Registered before up(): a half-failed up() is cleaned up too.
     request.addfinalizer(lambda: labmod.down(lab_dir))
     return labmod.up(lab_dir, hosts=2)
@@ -131,8 +140,8 @@ def test_hosts_have_their_own_namespaces(lab: Lab, cfg: dict[str, Any]) -> None:
 def test_pid_ranges_are_separate(cfg: dict[str, Any]) -> None:
     a = int(ssh(cfg, "host-a", "echo $$"))
     b = int(ssh(cfg, "host-b", "echo $$"))
-    assert 10000 < a < 20000
-    assert b > 20000
+    assert PID_STRIDE < a < 2 * PID_STRIDE
+    assert b > 2 * PID_STRIDE
 
 
 def test_session_path_has_usr_local_sbin(cfg: dict[str, Any]) -> None:
@@ -161,7 +170,7 @@ def test_exec_argv_runs_inside_the_host(lab: Lab) -> None:
     argv = labmod.exec_argv(lab, "host-b", ["sh", "-c", "uname -n; echo $$; ip -br -4 addr"])
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "host-b"
-    assert int(out[1]) > 20000
+    assert int(out[1]) > 2 * PID_STRIDE
     assert "198.18.0.2/24" in out[2] or "198.18.0.2/24" in "\n".join(out)
     with pytest.raises(LabError):
         labmod.exec_argv(lab, "host-z", ["true"])
@@ -194,9 +203,19 @@ def test_status_load_and_idempotent_up(lab: Lab, lab_dir: Path) -> None:
         ("host-b", "198.18.0.2", "mig-host-b", True),
     ]
     assert labmod.load(lab_dir) == lab
+    assert lab.strict_modes and "StrictModes yes" in lab.hosts[0].sshd_config.read_text()
     assert labmod.up(lab_dir, hosts=2) == lab
     with pytest.raises(LabError, match="already up"):
         labmod.up(lab_dir, hosts=3)
+    # A second lab elsewhere would clash on names and addresses: refused, nothing left behind.
+    other = _new_dir()
+    try:
+        with pytest.raises(LabError, match="migbr0"):
+            labmod.up(other, hosts=2)
+        assert list(other.iterdir()) == []
+    finally:
+        shutil.rmtree(other)
+    assert all(s.alive for s in labmod.status(lab_dir))
 
 
 def _assert_gone(lab: Lab) -> None:
@@ -210,9 +229,27 @@ def _assert_gone(lab: Lab) -> None:
     assert not (lab.dir / "lab.json").exists()
 
 
-def test_down_removes_everything_and_twice_is_fine(lab: Lab, lab_dir: Path) -> None:
+def _procs_in_pid_ns(inode: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.stat(f"/proc/{entry}/ns/pid").st_ino == inode:
+                pids.append(int(entry))
+        except OSError:
+            pass
+    return pids
+
+
+def test_down_removes_everything_and_twice_is_fine(
+    lab: Lab, lab_dir: Path, cfg: dict[str, Any]
+) -> None:
+    # A daemon left running on host-a must die with the host.
+    ssh(cfg, "host-a", "setsid sleep 1000 </dev/null >/dev/null 2>&1 &")
+    pid_ns = lab.host("host-a").ns_inode("pid")
+    assert len(_procs_in_pid_ns(pid_ns)) >= 2  # sshd + sleep
     labmod.down(lab_dir)
     _assert_gone(lab)
+    assert _procs_in_pid_ns(pid_ns) == []
     assert not (lab_dir / "hosts").exists() and not lab.config_path.exists()
     labmod.down(lab_dir)
     with pytest.raises(LabError, match="no lab is up"):
@@ -221,11 +258,16 @@ def test_down_removes_everything_and_twice_is_fine(lab: Lab, lab_dir: Path) -> N
         labmod.status(lab_dir)
 
 
-def test_down_when_pieces_are_already_gone() -> None:
-    d = _new_dir()
+def test_lab_below_tmp_and_down_when_pieces_are_already_gone() -> None:
+    _no_other_lab()
+    # Below /tmp (world-writable, sticky) sshd needs StrictModes off: the lab does that itself.
+    d = Path(tempfile.mkdtemp(prefix="migrate-lab-test-")) / "lab"
     try:
         lab = labmod.up(d, hosts=1)
         (h,) = lab.hosts
+        assert not lab.strict_modes and "StrictModes no" in h.sshd_config.read_text()
+        cfg = yaml.safe_load(lab.config_path.read_text())
+        assert ssh(cfg, "host-a", "uname -n") == "host-a"
         os.kill(h.sshd_pid, 9)  # a host "crash"
         subprocess.run(["ip", "netns", "del", h.netns], check=True)
         assert [s.alive for s in labmod.status(d)] == [False]
@@ -233,12 +275,15 @@ def test_down_when_pieces_are_already_gone() -> None:
             labmod.up(d, hosts=1)
         labmod.down(d)
         _assert_gone(lab)
+        assert not d.exists()  # up() made it, down() removed it
     finally:
         labmod.down(d)
-        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(d.parent, ignore_errors=True)
 
 
 def test_failed_up_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_other_lab()
+
     def broken(*_: object, **__: object) -> None:
         raise LabError("injected failure")
 
@@ -261,9 +306,15 @@ def test_failed_up_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(LabError, match="StrictModes"):
-        labmod.up(Path("/tmp/migrate-lab-nope"), hosts=2)
-    assert not Path("/tmp/migrate-lab-nope").exists()
+    # Keys below a dir others can write to (and not sticky like /tmp): refused, nothing made.
+    loose = _new_dir()
+    try:
+        os.chmod(loose, 0o777)
+        with pytest.raises(LabError, match="writable by others"):
+            labmod.up(loose / "lab", hosts=2)
+        assert list(loose.iterdir()) == []
+    finally:
+        shutil.rmtree(loose)
     with pytest.raises(LabError, match="hosts must be"):
         labmod.up(Path("/run/migrate-lab-nope"), hosts=0)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)

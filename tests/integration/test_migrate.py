@@ -33,7 +33,7 @@ class Workload:
     root_pid: int  # on the source host
 
     def count(self) -> int:
-        text = self.count_file.read_text().strip()
+        text = self.count_file.read_text().strip() if self.count_file.exists() else ""
         return int(text) if text.isdigit() else 0
 
 
@@ -75,7 +75,7 @@ def start(lab: labmod.Lab, host: str, name: str, container: bool) -> Workload:
 
 def running_pids(lab: labmod.Lab, host: str, count_file: Path) -> list[int]:
     """Pids on host (as it sees them) running the counter on count_file, not stopped."""
-    out = on(lab, host, "ps -e -o pid=,stat=,args=")
+    out = on(lab, host, "ps -ww -e -o pid=,stat=,args=")
     return [
         int(line.split()[0])
         for line in out.splitlines()
@@ -85,7 +85,7 @@ def running_pids(lab: labmod.Lab, host: str, count_file: Path) -> list[int]:
 
 def counter_pids(lab: labmod.Lab, host: str, count_file: Path) -> list[int]:
     """Every pid on host running the counter on count_file, stopped or not."""
-    out = on(lab, host, "ps -e -o pid=,args=")
+    out = on(lab, host, "ps -ww -e -o pid=,args=")
     return [int(ln.split()[0]) for ln in out.splitlines() if str(count_file) in ln]
 
 

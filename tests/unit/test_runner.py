@@ -28,7 +28,7 @@ def script(name: str, fail: str | None) -> list:
             return Result(name, argv, 1, "", "Error (criu/x.c:1): it broke")
         if argv[:2] == ["criu", "--version"]:
             return Result(name, argv, 0, "Version: 4.2.1\n")
-        if argv[:2] == ["ps", "-e"]:
+        if argv[:3] == ["ps", "-ww", "-e"]:
             return Result(name, argv, 0, PS if name == "a" or restored else "1 0 Ss 100 sshd\n")
         if argv[:3] == ["ps", "-o", "stat="]:
             return Result(name, argv, 0, "S\n")
