@@ -15,7 +15,7 @@ from typing import Any
 from orchestrator import __version__, runner, strategies
 from orchestrator.config import Config, ConfigError, config_path, load
 from orchestrator.journal import Journal, NullJournal
-from orchestrator.phases.preflight import check_host
+from orchestrator.phases.preflight import check_hosts
 from orchestrator.plan import Context, make_plan
 from orchestrator.report import PhaseResult, Report
 from orchestrator.runtimes import for_workload
@@ -145,9 +145,12 @@ def _print_phase(name: str, result: PhaseResult | None) -> None:
 
 def _print_report(r: Report) -> None:
     if r.planned_commands:
-        print("dry run: these commands would run (nothing was changed):")
+        print("dry run: these commands would run, in this order:")
         for line in r.planned_commands:
             print(f"  {line}")
+        if r.status == "succeeded":
+            print("dry run: pre-flight passed; nothing was changed on either host")
+            return
     for line in r.criu_errors:
         print(f"  criu: {line}")
     for note in r.notes:
@@ -165,9 +168,8 @@ def _print_report(r: Report) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
     hosts = [Host(config.host(name), config.policy) for name in args.hosts]
-    checks = []
+    checks = check_hosts(hosts)
     for host in hosts:
-        checks.append(check_host(host))
         host.close()
     if args.json:
         print(json.dumps([c.__dict__ | {"ok": c.ok, "problems": c.problems()} for c in checks]))
@@ -213,6 +215,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
         if not cmd:
             raise ConfigError("lab exec: give a command after --")
         argv = lab.exec_argv(lab.load(lab_dir), args.host, cmd)
+        # Inherited descriptors would follow a workload started this way into its dump
+        # (CRIU cannot look up their mounts from inside the host): keep only stdio.
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         os.execvp(argv[0], argv)
     except lab.LabError as e:
         print(f"migrate: lab: {e}", file=sys.stderr)

@@ -30,6 +30,12 @@ class Plan:
     def dst_images(self) -> str:
         return f"{self.destination.workdir.rstrip('/')}/images/{self.id}"
 
+    @property
+    def link_socket(self) -> str | None:
+        """Control socket on the source for its ssh link to the destination (None: too long)."""
+        path = f"{self.source.workdir.rstrip('/')}/images/ssh-{self.id}"
+        return path if len(path) < 100 else None  # sun_path holds 108 bytes; ssh adds a suffix
+
 
 def new_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)

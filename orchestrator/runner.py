@@ -83,7 +83,7 @@ def run(
         report.error = _message(failure)
         report.criu_errors = getattr(failure, "details", [])
         report.status = _rollback(ctx, done, journal, report, emit)
-    report.downtime_ms = ctx.downtime_ms
+    report.downtime_ms = None if plan.dry_run else ctx.downtime_ms
     report.total_ms = round((time.monotonic() - started) * 1000)
     report.bytes_transferred = ctx.bytes_transferred
     report.restored_pid = ctx.restored_pid or None

@@ -9,6 +9,7 @@ from orchestrator.phases.base import Phase
 from orchestrator.phases.confirm import Confirm
 from orchestrator.phases.dump import Dump
 from orchestrator.phases.preflight import Preflight
+from orchestrator.phases.prepare import Prepare
 from orchestrator.phases.restore import Restore
 from orchestrator.phases.transfer import Transfer
 from orchestrator.phases.verify import Verify
@@ -16,7 +17,7 @@ from orchestrator.phases.verify import Verify
 
 def stopcopy() -> list[Phase]:
     """Freeze, dump everything, copy, restore: the freeze grows with memory size."""
-    return [Preflight(), Dump(), Transfer(), Restore(), Verify(), Confirm()]
+    return [Preflight(), Prepare(), Dump(), Transfer(), Restore(), Verify(), Confirm()]
 
 
 STRATEGIES: dict[str, Callable[[], list[Phase]]] = {"stopcopy": stopcopy}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from orchestrator.phases.base import Phase, remove_dir
+from orchestrator.phases.prepare import close_link
 from orchestrator.plan import Context
 
 
@@ -13,6 +14,7 @@ class Confirm(Phase):
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None
         ctx.runtime.remove(ctx.src, ctx.target.root_pid)
+        close_link(ctx)
         if not ctx.plan.keep_images:
             remove_dir(ctx.src, ctx.plan.src_images)
             remove_dir(ctx.dst, ctx.plan.dst_images)

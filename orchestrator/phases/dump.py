@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.phases.base import Phase, make_private_dir, remove_dir
+from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 
 
@@ -13,12 +13,9 @@ class Dump(Phase):
 
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None
-        make_private_dir(ctx.src, ctx.plan.src_images)
         ctx.frozen_at = time.monotonic()
         ctx.runtime.checkpoint(ctx.src, ctx.target, ctx.plan.src_images)
 
     def undo(self, ctx: Context) -> None:
         if ctx.target is not None:
             ctx.runtime.resume(ctx.src, ctx.target)
-        if not ctx.plan.keep_images:
-            remove_dir(ctx.src, ctx.plan.src_images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from orchestrator.criu import commands as criu
@@ -69,11 +70,17 @@ def check_host(host: Host) -> HostCheck:
     return hc
 
 
+def check_hosts(hosts: list[Host]) -> list[HostCheck]:
+    """check_host on every host at once (one connection each)."""
+    with ThreadPoolExecutor(max_workers=min(8, len(hosts))) as pool:
+        return list(pool.map(check_host, hosts))
+
+
 class Preflight(Phase):
     name = "preflight"
 
     def act(self, ctx: Context) -> None:
-        checks = [check_host(ctx.src), check_host(ctx.dst)]
+        checks = check_hosts([ctx.src, ctx.dst])
         problems = [p for c in checks for p in c.problems()]
         if problems:
             raise MigrationError(problems[0], details=problems)

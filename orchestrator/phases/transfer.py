@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.phases.base import Phase, make_private_dir, remove_dir
+from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 from orchestrator.transport import rsync
 from orchestrator.transport.ssh import retrying
@@ -13,9 +13,13 @@ class Transfer(Phase):
 
     def act(self, ctx: Context) -> None:
         plan = ctx.plan
-        make_private_dir(ctx.dst, plan.dst_images)
         argv = rsync.push_argv(
-            plan.source, plan.destination, plan.policy, plan.src_images, plan.dst_images
+            plan.source,
+            plan.destination,
+            plan.policy,
+            plan.src_images,
+            plan.dst_images,
+            plan.link_socket,
         )
         what = f"rsync {ctx.src.name} -> {ctx.dst.name}"
         for attempt in retrying(plan.policy, what, (rsync.RsyncError,)):
@@ -24,7 +28,3 @@ class Transfer(Phase):
                 if not r.ok:
                     raise rsync.RsyncError(f"{what} failed (exit {r.exit_code}): {r.error_line()}")
                 ctx.bytes_transferred += rsync.bytes_sent(r.stdout)
-
-    def undo(self, ctx: Context) -> None:
-        if not ctx.plan.keep_images:
-            remove_dir(ctx.dst, ctx.plan.dst_images)

@@ -12,6 +12,7 @@ from orchestrator.runtimes.base import Runtime, Target
 from orchestrator.transport.ssh import Host, Result
 
 PIDFILE = "restored.pid"
+_THEN_CAT = 'pf=$1; shift; "$@" || exit $?; cat -- "$pf"'
 
 
 class ProcessRuntime(Runtime):
@@ -108,10 +109,13 @@ class ProcessRuntime(Runtime):
                 extra=self.workload.criu_options,
             ),
         )
-        _criu_or_raise(host, host.run(argv), images_dir, criu.RESTORE_LOG, "restore")
+        # One round trip inside the freeze: restore, then print the pid CRIU wrote.
+        r = host.run(["sh", "-c", _THEN_CAT, "sh", pidfile, *argv])
+        _criu_or_raise(host, r, images_dir, criu.RESTORE_LOG, "restore")
         if host.dry_run:
             return 0
-        return self.find_restored(host, images_dir)
+        last = r.stdout.strip().rsplit("\n", 1)[-1]
+        return int(last) if last.isdigit() else self.find_restored(host, images_dir)
 
     def find_restored(self, host: Host, images_dir: str) -> int:
         r = host.run(["cat", "--", f"{images_dir}/{PIDFILE}"], mutates=False)

@@ -12,12 +12,20 @@ class RsyncError(Exception):
     """rsync failed (after retries where retrying was safe)."""
 
 
-def ssh_command(src: HostConfig, dst: HostConfig, policy: Policy) -> list[str]:
-    """The ssh command the source uses to reach the destination (strict host keys, no prompts)."""
+def ssh_command(
+    src: HostConfig, dst: HostConfig, policy: Policy, link: str | None = None
+) -> list[str]:
+    """The ssh command the source uses to reach the destination (strict host keys, no prompts).
+
+    With `link`, it rides on the master connection at that control socket if one is open
+    (opened before the freeze, so no ssh handshake happens inside it), else connects directly.
+    """
     key = src.rsync_key or src.key
     known = src.rsync_known_hosts or src.known_hosts
+    mux = ["-o", "ControlMaster=no", "-o", f"ControlPath={link}"] if link else []
     return [
         "ssh",
+        *mux,
         "-i", key,
         "-o", "IdentitiesOnly=yes",
         "-o", f"UserKnownHostsFile={known}",
@@ -32,7 +40,12 @@ def ssh_command(src: HostConfig, dst: HostConfig, policy: Policy) -> list[str]:
 
 
 def push_argv(
-    src: HostConfig, dst: HostConfig, policy: Policy, src_dir: str, dst_dir: str
+    src: HostConfig,
+    dst: HostConfig,
+    policy: Policy,
+    src_dir: str,
+    dst_dir: str,
+    link: str | None = None,
 ) -> list[str]:
     """rsync argv to run ON the source: push src_dir/ into dst_dir/ on the destination."""
     return [
@@ -44,7 +57,7 @@ def push_argv(
         "--protect-args",
         f"--timeout={int(policy.command_timeout)}",
         "-e",
-        quote(ssh_command(src, dst, policy)),
+        quote(ssh_command(src, dst, policy, link)),
         src_dir.rstrip("/") + "/",
         f"{dst.address}:{dst_dir.rstrip('/')}/",
     ]
@@ -53,6 +66,25 @@ def push_argv(
 def probe_argv(src: HostConfig, dst: HostConfig, policy: Policy) -> list[str]:
     """Can the source reach the destination the way rsync will? (read-only)"""
     return [*ssh_command(src, dst, policy), dst.address, "true"]
+
+
+# Open a master connection that outlives this command (ControlPersist): its stdio must not be
+# the session's, or the session would wait for it. Errors go to a file and are shown on failure.
+_DETACHED = 'log=$1; shift; "$@" </dev/null >/dev/null 2>"$log" || { cat -- "$log" >&2; exit 1; }'
+
+
+def open_link_argv(
+    src: HostConfig, dst: HostConfig, policy: Policy, link: str, log: str
+) -> list[str]:
+    """Run on the source: open a persistent master connection to dst at control socket link."""
+    ssh = ssh_command(src, dst, policy)
+    master = ["-o", "ControlMaster=yes", "-o", f"ControlPath={link}", "-o", "ControlPersist=60"]
+    return ["sh", "-c", _DETACHED, "sh", log, *ssh, *master, dst.address, "true"]
+
+
+def close_link_argv(src: HostConfig, dst: HostConfig, policy: Policy, link: str) -> list[str]:
+    """Run on the source: close the master connection (best effort)."""
+    return [*ssh_command(src, dst, policy, link), "-O", "exit", dst.address]
 
 
 _SENT = re.compile(r"Total bytes sent:\s*([\d,.]+)")
