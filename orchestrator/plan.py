@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.config import Config, ConfigError, HostConfig, Policy, WorkloadConfig
 from orchestrator.runtimes.base import Runtime, Target
-from orchestrator.transport.ssh import Host
+from orchestrator.transport.ssh import Host, RemoteLock
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,10 @@ class Plan:
     @property
     def dst_images(self) -> str:
         return f"{self.destination.workdir.rstrip('/')}/images/{self.id}"
+
+    def lock_path(self, root_pid: int) -> str:
+        """One lock per workload on the source, keyed by its root pid there."""
+        return f"{self.source.workdir.rstrip('/')}/locks/pid-{root_pid}.lock"
 
     @property
     def link_socket(self) -> str | None:
@@ -80,6 +84,7 @@ class Context:
     frozen_at: float | None = None
     running_at: float | None = None
     notes: list[str] = field(default_factory=list)
+    lock: RemoteLock | None = None  # held on the source from pre-flight to the end
 
     @property
     def downtime_ms(self) -> int | None:

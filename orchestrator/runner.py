@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal
@@ -82,7 +84,7 @@ def run(
     else:
         report.error = _message(failure)
         report.criu_errors = getattr(failure, "details", [])
-        report.status = _rollback(ctx, done, journal, report, emit)
+        report.status = _rollback(ctx, done, done[-1].name, journal, report, emit)
     report.downtime_ms = None if plan.dry_run else ctx.downtime_ms
     report.total_ms = round((time.monotonic() - started) * 1000)
     report.bytes_transferred = ctx.bytes_transferred
@@ -91,20 +93,17 @@ def run(
     if plan.dry_run:
         report.planned_commands = list(ctx.src.planned)
     journal.write("end", status=report.status, error=report.error)
+    if ctx.lock is not None:
+        ctx.lock.release()
     return report
 
 
-def _rollback(
-    ctx: Context, done: list[Phase], journal: Journal, report: Report, emit: Listener
-) -> str:
-    """Undo phases newest first; `rolled_back` only if the source copy is seen running again."""
-    if [p.name for p in done] == ["preflight"]:
-        report.notes.append("refused in preflight: nothing was changed on either host")
-        return "failed"
-    undoable = [p for p in reversed(done) if type(p).undo is not Phase.undo]
-    journal.write("rollback", phases=[p.name for p in undoable])
+def _undo_all(
+    ctx: Context, phases: list[Phase], journal: Journal, report: Report, emit: Listener
+) -> bool:
+    """Undo each phase (newest first); go on past a failed undo. True if all succeeded."""
     clean = True
-    for phase in undoable:
+    for phase in phases:
         t0 = time.monotonic()
         try:
             phase.undo(ctx)
@@ -116,22 +115,71 @@ def _rollback(
         report.phases.append(result)
         journal.write("undo", name=phase.name, state=result.status, error=result.error)
         emit(result.name, result)
+    return clean
+
+
+def _rollback(
+    ctx: Context,
+    done: list[Phase],
+    failed: str,
+    journal: Journal,
+    report: Report,
+    emit: Listener,
+) -> str:
+    """Undo phases newest first; `rolled_back` only if the source copy is seen running again."""
+    if [p.name for p in done] == ["preflight"]:
+        report.notes.append("refused in preflight: nothing was changed on either host")
+        return "failed"
+    undoable = [p for p in reversed(done) if type(p).undo is not Phase.undo]
+    journal.write("rollback", phases=[p.name for p in undoable])
+    with _shielded(report):
+        clean = _undo_all(ctx, undoable, journal, report, emit)
+
     ctx.restored_pid = 0
     if ctx.target is None:
         return "failed"
+    src, dst = ctx.plan.source.name, ctx.plan.destination.name
     try:
-        source_runs = ctx.plan.dry_run or ctx.runtime.running(ctx.src, ctx.target.root_pid)
+        state = "running" if ctx.plan.dry_run else ctx.runtime.state(ctx.src, ctx.target.root_pid)
     except HostError as e:
-        report.notes.append(f"cannot tell whether the source runs: {e}")
-        return "failed"
-    if clean and source_runs:
-        report.notes.append(f"rolled back: the workload runs on {ctx.plan.source.name} again")
+        report.notes.append(f"cannot tell whether the workload runs on {src}: {e}")
+        state = "unknown"
+    if state == "running":
+        if not clean:
+            report.notes.append(f"some undo steps failed (above): check {dst} for leftovers")
+        report.notes.append(f"rolled back: the workload runs on {src} again")
         return "rolled_back"
+    if state == "gone" and clean:
+        report.notes.append(f"first error: {report.error}")
+        report.error = (
+            f"workload {ctx.plan.workload.name} (pid {ctx.target.root_pid}) exited by itself "
+            f"on {src} during {failed}: nothing to migrate; nothing was left on either host"
+        )
+        return "failed"
     report.notes.append(
-        f"ROLLBACK INCOMPLETE: check {ctx.plan.source.name} and "
-        f"{ctx.plan.destination.name} by hand (journal {journal_path(journal)})"
+        f"ROLLBACK INCOMPLETE: the workload is {state} on {src}; check {src} and {dst} by hand "
+        f"or run `migrate recover {ctx.plan.id}` (journal {journal_path(journal)})"
     )
     return "failed"
+
+
+@contextmanager
+def _shielded(report: Report) -> Iterator[None]:
+    """SIGINT/SIGTERM cannot stop a rollback half way: they are noted and ignored until done."""
+
+    def note(sig: int, _frame: object) -> None:
+        report.notes.append(f"signal {signal.Signals(sig).name} ignored during rollback")
+
+    try:
+        old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: nothing to shield
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def journal_path(journal: Journal) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from orchestrator.errors import MigrationError
 from orchestrator.plan import Context
+from orchestrator.runtimes import procs
 from orchestrator.transport.ssh import Host
 
 
@@ -27,3 +29,12 @@ def make_private_dir(host: Host, path: str) -> None:
 
 def remove_dir(host: Host, path: str) -> None:
     host.run(["rm", "-rf", "--", path])
+
+
+def settle(host: Host, images_dir: str, timeout: float) -> None:
+    """Before undoing: wait for a CRIU still working on images_dir (an interrupted or timed-out
+    command goes on remotely), so that e.g. a late dump cannot stop a source just resumed."""
+    if host.dry_run:
+        return
+    if not procs.wait_gone(host, images_dir, timeout):
+        raise MigrationError(f"a process on {host} still uses {images_dir} after {timeout:.0f}s")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.phases.base import Phase
+from orchestrator.phases.base import Phase, settle
 from orchestrator.plan import Context
 
 
@@ -17,5 +17,6 @@ class Dump(Phase):
         ctx.runtime.checkpoint(ctx.src, ctx.target, ctx.plan.src_images)
 
     def undo(self, ctx: Context) -> None:
+        settle(ctx.src, ctx.plan.src_images, ctx.plan.policy.command_timeout)
         if ctx.target is not None:
             ctx.runtime.resume(ctx.src, ctx.target)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -93,6 +95,9 @@ class Preflight(Phase):
             )
         target = ctx.runtime.locate(ctx.src)
         ctx.target = target
+        if not ctx.plan.dry_run:
+            holder = f"migration {ctx.plan.id} by {socket.gethostname()} pid {os.getpid()}"
+            ctx.lock = ctx.src.lock(ctx.plan.lock_path(target.root_pid), holder)
         need_kb = int(target.rss_kb * IMAGE_OVERHEAD) + IMAGE_SLACK_KB
         if checks[1].free_kb < need_kb:
             raise MigrationError(

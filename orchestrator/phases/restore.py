@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.phases.base import Phase
+from orchestrator.phases.base import Phase, settle
 from orchestrator.plan import Context
 
 
@@ -17,6 +17,7 @@ class Restore(Phase):
         ctx.running_at = time.monotonic()
 
     def undo(self, ctx: Context) -> None:
+        settle(ctx.dst, ctx.plan.dst_images, ctx.plan.policy.command_timeout)
         pid = ctx.restored_pid or ctx.runtime.find_restored(ctx.dst, ctx.plan.dst_images)
         if pid:
             ctx.runtime.remove(ctx.dst, pid)

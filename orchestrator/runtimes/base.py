@@ -60,5 +60,8 @@ class Runtime(ABC):
         """Kill a copy of the workload (the stopped source at confirm, a restored one on undo)."""
 
     @abstractmethod
+    def state(self, host: Host, root_pid: int) -> str:
+        """This copy's state: procs.RUNNING, procs.STOPPED or procs.GONE."""
+
     def running(self, host: Host, root_pid: int) -> bool:
-        """Does this copy run (alive, not stopped)?"""
+        return self.state(host, root_pid) == "running"

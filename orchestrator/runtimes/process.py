@@ -24,7 +24,8 @@ class ProcessRuntime(Runtime):
         table = procs.table(host)
         if ns is None or pid not in table:
             raise MigrationError(
-                f"workload {self.workload.name}: pid {pid} is not running on {host}"
+                f"workload {self.workload.name}: pid {pid} is not running on {host} "
+                "(it exited, or the pid is wrong)"
             )
         if table[pid].state.startswith("Z"):
             raise MigrationError(f"workload {self.workload.name}: pid {pid} is a zombie on {host}")
@@ -128,8 +129,8 @@ class ProcessRuntime(Runtime):
     def remove(self, host: Host, root_pid: int) -> None:
         procs.signal(host, "KILL", procs.tree_of(host, root_pid))
 
-    def running(self, host: Host, root_pid: int) -> bool:
-        return procs.alive(host, root_pid)
+    def state(self, host: Host, root_pid: int) -> str:
+        return procs.state(host, root_pid)
 
 
 def _criu_or_raise(host: Host, result: Result, images_dir: str, log: str, what: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from orchestrator.errors import MigrationError
@@ -84,11 +85,27 @@ def namespaces(host: Host, pid: int) -> Namespaces | None:
     )
 
 
-def alive(host: Host, pid: int) -> bool:
-    """pid exists on the host and is not a zombie or stopped."""
+RUNNING, STOPPED, GONE = "running", "stopped", "gone"
+
+
+def state(host: Host, pid: int) -> str:
+    """running, stopped (e.g. left stopped by a dump), or gone (no such pid, or a zombie)."""
     r = host.run(["ps", "-o", "stat=", "-p", str(pid)], mutates=False)
-    state = r.stdout.strip()
-    return r.ok and bool(state) and state[0] not in "ZTX"
+    code = r.stdout.strip()[:1]
+    if not r.ok or not code or code in "ZX":
+        return GONE
+    return STOPPED if code in "Tt" else RUNNING
+
+
+def wait_gone(host: Host, needle: str, timeout: float) -> bool:
+    """Wait until no process on host has needle in its command line; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not any(needle in p.args for p in table(host).values()):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 def signal(host: Host, sig: str, pids: list[int]) -> None:

@@ -63,6 +63,27 @@ class Result:
         return lines[-1] if lines else f"exit code {self.exit_code}"
 
 
+LOCK_BUSY = 75
+# Take the lock without waiting, say who holds it, then hold it until stdin (the channel) closes.
+_LOCK = (
+    'mkdir -p -m 0700 -- "$(dirname -- "$1")" && exec flock -n -E 75 "$1" '
+    'sh -c \'printf "%s\\n" "$2" > "$1" && echo locked && exec cat >/dev/null\' sh "$1" "$2"'
+)
+
+
+class LockBusy(HostError):
+    """Another migration holds the workload's lock."""
+
+
+@dataclass
+class RemoteLock:
+    channel: paramiko.Channel
+    path: str
+
+    def release(self) -> None:
+        self.channel.close()
+
+
 def quote(argv: Sequence[str]) -> str:
     """The one place an argument list becomes a shell line."""
     return shlex.join(str(a) for a in argv)
@@ -97,6 +118,7 @@ class Host:
     dry_run: bool = False
     planned: list[str] = field(default_factory=list)
     _conn: Connection | None = None
+    _unreachable: str | None = None  # set once connecting failed after every retry
 
     @property
     def name(self) -> str:
@@ -109,9 +131,15 @@ class Host:
         """Open the connection (retried while the failure may pass); strict host keys."""
         if self._conn is not None:
             return
-        for attempt in retrying(self.policy, f"connect to {self}", (_Transient,)):
-            with attempt:
-                self._conn = self._open()
+        if self._unreachable:  # do not spend the retry deadline again on every command
+            raise HostError(self._unreachable)
+        try:
+            for attempt in retrying(self.policy, f"connect to {self}", (_Transient,)):
+                with attempt:
+                    self._conn = self._open()
+        except _Transient as e:
+            self._unreachable = str(e)
+            raise
 
     def _open(self) -> Connection:
         cfg = self.config
@@ -187,6 +215,28 @@ class Host:
             self.close()
             raise HostError(f"{self}: connection lost running {_short(line)}: {e}") from None
         return Result(self.name, argv, r.exited, r.stdout, r.stderr)
+
+    def lock(self, path: str, holder: str) -> RemoteLock:
+        """Hold an exclusive flock on path for as long as this connection lives.
+
+        The lock is held by a remote `flock ... cat` on its own channel: when the controller
+        dies its connection closes, cat sees EOF, and the lock is free again, so a dead
+        controller never leaves a stale lock behind. Raises LockBusy naming the holder.
+        """
+        self.connect()
+        assert self._conn is not None and self._conn.transport is not None
+        channel = self._conn.transport.open_session()
+        channel.settimeout(self.policy.command_timeout)
+        channel.exec_command(quote(["sh", "-c", _LOCK, "sh", path, holder]))
+        reply = channel.makefile("r").readline().strip()
+        if reply == "locked":
+            return RemoteLock(channel, path)
+        status = channel.recv_exit_status()
+        channel.close()
+        if status == LOCK_BUSY:
+            who = self.run(["cat", "--", path], mutates=False).stdout.strip() or "unknown"
+            raise LockBusy(f"{path} on {self.name} is held by another migration ({who})")
+        raise HostError(f"{self}: cannot take lock {path} (exit {status})")
 
     def close(self) -> None:
         if self._conn is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from orchestrator.transport.ssh import Host, Result
+from orchestrator.transport.ssh import Host, RemoteLock, Result
 
 Responder = Callable[[list[str]], Result | None]
 
@@ -24,6 +24,10 @@ class FakeHost(Host):
     def close(self) -> None:
         pass
 
+    def lock(self, path: str, holder: str) -> RemoteLock:
+        self.log.append((self.name, f"lock {path}"))
+        return _FakeLock(self, path)
+
     def _execute(self, argv: list[str], line: str, timeout: float) -> Result:
         self.log.append((self.name, " ".join(argv)))
         for responder in self.responders:
@@ -31,3 +35,11 @@ class FakeHost(Host):
             if r is not None:
                 return r
         return Result(self.name, argv, 0)
+
+
+class _FakeLock(RemoteLock):
+    def __init__(self, host: FakeHost, path: str) -> None:
+        self.host, self.path = host, path
+
+    def release(self) -> None:
+        self.host.log.append((self.host.name, f"unlock {self.path}"))

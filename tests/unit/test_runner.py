@@ -91,6 +91,10 @@ def test_success_runs_phases_in_order_and_kills_source_last(tmp_path: Path) -> N
     ]
     assert order[-2:] == ["a: rm -rf -- /wa/images/ID", "b: rm -rf -- /wb/images/ID"]
     assert "a: ssh close" in order
+    assert ("a", "lock /wa/locks/pid-100.lock") in log and log[-1] == (
+        "a",
+        "unlock /wa/locks/pid-100.lock",
+    )
     assert any("ControlPath=/wa/images/ssh-ID" in c for h, c in log if c.startswith("rsync"))
     assert report.restored_pid == 100 and report.downtime_ms is not None
     events = [(e["event"], e.get("name"), e.get("state")) for e in journal.read()]
