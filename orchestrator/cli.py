@@ -8,18 +8,21 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator import __version__, runner, strategies
+from orchestrator import __version__, journal, runner, strategies
 from orchestrator.config import Config, ConfigError, config_path, load
+from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, NullJournal
 from orchestrator.phases.preflight import check_hosts
 from orchestrator.plan import Context, make_plan
+from orchestrator.recover import recover
 from orchestrator.report import PhaseResult, Report
 from orchestrator.runtimes import for_workload
-from orchestrator.transport.ssh import Host
+from orchestrator.transport.ssh import Host, HostError
 
 EXIT_USAGE = 2
 
@@ -53,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config")
     c.add_argument("--json", action="store_true")
 
+    h = sub.add_parser("history", help="journaled migrations, oldest first")
+    h.add_argument("--config")
+    h.add_argument("--json", action="store_true")
+
+    sh = sub.add_parser("show", help="one migration's journal")
+    sh.add_argument("id")
+    sh.add_argument("--config")
+    sh.add_argument("--json", action="store_true")
+
+    rc = sub.add_parser("recover", help="finish or roll back migrations whose controller died")
+    rc.add_argument("id", nargs="?", help="default: every unfinished migration")
+    rc.add_argument("--config")
+    rc.add_argument("--json", action="store_true")
+
     lab = sub.add_parser("lab", help="a local lab of hosts in network namespaces (root)")
     lsub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
     up = lsub.add_parser("up", help="create the lab and write DIR/migrate.yaml")
@@ -82,6 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "history":
+            return cmd_history(args)
+        if args.command == "show":
+            return cmd_show(args)
+        if args.command == "recover":
+            return cmd_recover(args)
         return cmd_lab(args)
     except ConfigError as e:
         print(f"migrate: error: {e}", file=sys.stderr)
@@ -103,11 +126,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         keep_images=args.keep_images,
         dry_run=args.dry_run,
     )
+    if not plan.dry_run:
+        busy = [j for j in journal.summaries(config.state_dir) if j.status is None
+                and j.workload == plan.workload.name]  # fmt: skip
+        if busy:
+            print(
+                f"migrate: error: workload {plan.workload.name} has an unfinished migration "
+                f"{busy[-1].id} (its controller died, or it still runs): "
+                f"run `migrate recover {busy[-1].id}` first",
+                file=sys.stderr,
+            )
+            return 1
     planned: list[str] = []
     src = Host(plan.source, plan.policy, dry_run=plan.dry_run, planned=planned)
     dst = Host(plan.destination, plan.policy, dry_run=plan.dry_run, planned=planned)
     ctx = Context(plan=plan, src=src, dst=dst, runtime=for_workload(plan.workload))
-    journal = NullJournal() if plan.dry_run else Journal(config.state_dir, plan.id)
+    record = NullJournal() if plan.dry_run else Journal(config.state_dir, plan.id)
     listen = None if args.json else _print_phase
     if not args.json:
         print(
@@ -115,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     _interrupt_on_sigterm()
     try:
-        report = runner.run(ctx, strategies.phases(plan.strategy), journal, listen)
+        report = runner.run(ctx, strategies.phases(plan.strategy), record, listen)
     finally:
         src.close()
         dst.close()
@@ -183,6 +217,74 @@ def cmd_check(args: argparse.Namespace) -> int:
                 + ("; ".join(c.problems()) or "-")
             )
     return 0 if all(c.ok for c in checks) else 1
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    config = _config(args)
+    rows = journal.summaries(config.state_dir)
+    if args.json:
+        print(json.dumps([_summary_dict(j) for j in rows], indent=2))
+        return 0
+    print(f"{'id':<24} {'started (UTC)':<20} {'workload':<20} {'route':<20} status")
+    for j in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(j.started))
+        status = j.status or f"UNFINISHED (in {j.last_phase}; migrate recover {j.id})"
+        print(f"{j.id:<24} {when:<20} {j.workload:<20} {j.source + ' -> ' + j.destination:<20} "
+              f"{status}")  # fmt: skip
+    return 0
+
+
+def _summary_dict(j: journal.Summary) -> dict[str, Any]:
+    return {
+        "id": j.id, "started": j.started, "workload": j.workload, "source": j.source,
+        "destination": j.destination, "strategy": j.strategy, "status": j.status,
+        "last_phase": j.last_phase, "journal": str(j.path),
+    }  # fmt: skip
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    config = _config(args)
+    j = journal.find(config.state_dir, args.id)
+    if args.json:
+        print(json.dumps(_summary_dict(j) | {"events": j.events}, indent=2))
+        return 0
+    print(f"{j.id}: {j.workload} {j.source} -> {j.destination}, {j.strategy}, "
+          f"{j.status or 'UNFINISHED'}")  # fmt: skip
+    t0 = j.started
+    for ev in j.events:
+        rest = {k: v for k, v in ev.items() if k not in ("t", "event") and v not in (None, [])}
+        detail = " ".join(f"{k}={v}" for k, v in rest.items() if k != "workload_config")
+        print(f"  +{ev['t'] - t0:8.3f}s {ev['event']:<9} {detail}")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.id:
+        todo = [journal.find(config.state_dir, args.id)]
+        if todo[0].status is not None:
+            print(f"{args.id}: already ended ({todo[0].status}); nothing to recover")
+            return 0
+    else:
+        todo = [j for j in journal.summaries(config.state_dir) if j.status is None]
+        if not todo:
+            print("no unfinished migration")
+            return 0
+    codes = []
+    for j in todo:
+        try:
+            report = recover(config, j)
+        except (MigrationError, HostError) as err:
+            print(f"migrate: recover {j.id}: {err} (the journal stays unfinished)", file=sys.stderr)
+            codes.append(1)
+            continue
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2))
+        else:
+            print(f"recover {j.id}:")
+            _print_report(report)
+        codes.append(report.exit_code)
+    return max(codes)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal
@@ -47,6 +48,8 @@ def run(
         strategy=plan.strategy,
         src_images=plan.src_images,
         dst_images=plan.dst_images,
+        keep_images=plan.keep_images,
+        workload_config=asdict(plan.workload),
     )
     done: list[Phase] = []
     failure: BaseException | None = None
@@ -189,7 +192,11 @@ def journal_path(journal: Journal) -> str:
 def _facts(ctx: Context) -> dict[str, object]:
     """What recovery needs to know at each step."""
     t = ctx.target
-    return {"root_pid": t.root_pid if t else None, "restored_pid": ctx.restored_pid or None}
+    return {
+        "root_pid": t.root_pid if t else None,
+        "command": t.command if t else None,
+        "restored_pid": ctx.restored_pid or None,
+    }
 
 
 def _message(e: BaseException) -> str:

@@ -6,6 +6,7 @@ and UTS namespaces inside its own network namespace, joined by a bridge in the r
 """
 
 from .core import down, exec_argv, load, status, up
+from .faults import cut_link, host_up, kill_host, link_cut, mend_link, revive_host
 from .state import DEFAULT_DIR, HostStatus, Lab, LabError, LabHost
 
 __all__ = [
@@ -14,9 +15,15 @@ __all__ = [
     "Lab",
     "LabError",
     "LabHost",
+    "cut_link",
     "down",
     "exec_argv",
+    "host_up",
+    "kill_host",
+    "link_cut",
     "load",
+    "mend_link",
+    "revive_host",
     "status",
     "up",
 ]

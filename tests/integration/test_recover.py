@@ -1,0 +1,121 @@
+"""The controller dies (SIGKILL) in each phase; `migrate recover` leaves exactly one copy.
+And two controllers migrating the same workload at once: one wins, the other is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import lab as labmod
+from tests.labkit import Workload, counter_pids, migrate, on, running_pids, start, wait_for
+
+pytestmark = pytest.mark.lab
+
+PHASES = ["preflight", "prepare", "dump", "transfer", "restore", "verify", "confirm"]
+
+
+def journal_dir(config: Path) -> Path:
+    return Path(yaml.safe_load(config.read_text())["state_dir"]) / "journal"
+
+
+def run_in_background(wl: Workload, dst: str, config: Path) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "orchestrator.cli", "run", wl.spec, "host-a", dst, "--json"]
+    return subprocess.Popen(
+        [*argv, "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_phase(jdir: Path, before: set[Path], phase: str, proc: subprocess.Popen[str]) -> Path:
+    """Poll the controller's new journal until `phase` begins; its path."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for path in set(jdir.glob("*.jsonl")) - before:
+            for line in path.read_text().splitlines():
+                e = json.loads(line)
+                if e.get("event") == "phase" and e["name"] == phase and e["state"] == "begin":
+                    return path
+        if proc.poll() is not None:
+            raise AssertionError(f"controller ended before {phase}: {proc.stdout.read()}")  # type: ignore[union-attr]
+        time.sleep(0.005)
+    raise AssertionError(f"{phase} never began")
+
+
+def copies(lab: labmod.Lab, wl: Workload) -> dict[str, str]:
+    """Each host's copy of the workload: running, stopped, or absent."""
+    out = {}
+    for host in ("host-a", "host-b"):
+        if wl.root_pid in running_pids(lab, host, wl.count_file):
+            out[host] = "running"
+        elif counter_pids(lab, host, wl.count_file):
+            out[host] = "stopped"
+    return out
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_controller_killed_then_recover(lab: labmod.Lab, cleanup: list[Path], phase: str) -> None:
+    wl = start(lab, "host-a", f"counter-kill-{phase}", container=False)
+    cleanup.append(wl.count_file)
+    jdir = journal_dir(lab.config_path)
+    jdir.mkdir(parents=True, exist_ok=True)
+    before_files = set(jdir.glob("*.jsonl"))
+    before = wl.count()
+
+    proc = run_in_background(wl, "host-b", lab.config_path)
+    path = wait_for_phase(jdir, before_files, phase, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    migration = path.stem
+
+    # A new run of the same workload is refused until the dead one is recovered.
+    again = migrate("run", wl.spec, "host-a", "host-c", config=lab.config_path)
+    assert again.returncode == 1 and f"migrate recover {migration}" in again.stderr
+
+    r = migrate("recover", migration, "--json", config=lab.config_path)
+    report = json.loads(r.stdout)
+    assert r.returncode in (0, 3), r.stdout + r.stderr
+    expected_host = "host-b" if report["status"] == "succeeded" else "host-a"
+    assert copies(lab, wl) == {expected_host: "running"}, report
+    now = wl.count()
+    wait_for(lambda: wl.count() > now + 5, what=f"the counter to keep counting on {expected_host}")
+    assert now >= before
+    for host in lab.hosts:
+        assert not list((host.workdir / "images").glob(f"*{migration}*")), host.name
+    assert not any(f"ssh-{migration}" in line for line in on(lab, "host-a", "ps -ww -e -o args="))
+    # The journal is closed: history shows it ended, and recover has nothing left to do.
+    hist = json.loads(migrate("history", "--json", config=lab.config_path).stdout)
+    assert next(h for h in hist if h["id"] == migration)["status"] == report["status"]
+    if report["status"] == "succeeded":  # leave host-b clean for the next case
+        on(lab, "host-b", 'kill -KILL "$@"', *map(str, counter_pids(lab, "host-b", wl.count_file)))
+
+
+def test_two_controllers_one_wins(lab: labmod.Lab, cleanup: list[Path], tmp_path: Path) -> None:
+    wl = start(lab, "host-a", "counter-race", container=False)
+    cleanup.append(wl.count_file)
+    # A second controller: its own journal (another machine), the same hosts.
+    other = yaml.safe_load(lab.config_path.read_text())
+    other["state_dir"] = str(tmp_path / "other-controller")
+    other_cfg = tmp_path / "other.yaml"
+    other_cfg.write_text(yaml.safe_dump(other))
+    jdir = journal_dir(lab.config_path)
+    jdir.mkdir(parents=True, exist_ok=True)
+
+    first = run_in_background(wl, "host-b", lab.config_path)
+    wait_for_phase(jdir, set(jdir.glob("*.jsonl")), "prepare", first)
+    second = migrate("run", wl.spec, "host-a", "host-c", "--json", config=other_cfg)
+    out, err = first.communicate(timeout=120)
+
+    assert first.returncode == 0, out + err
+    assert second.returncode == 1, second.stdout + second.stderr
+    refused = json.loads(second.stdout)
+    assert "held by another migration" in refused["error"]
+    assert "refused in preflight: nothing was changed on either host" in refused["notes"]
+    assert copies(lab, wl) == {"host-b": "running"}
+    assert counter_pids(lab, "host-c", wl.count_file) == []
