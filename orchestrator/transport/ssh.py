@@ -38,6 +38,10 @@ class _Transient(HostError):
     """A connection failure that may pass (refused, timed out, unreachable)."""
 
 
+class _Lost(HostError):
+    """The connection broke while a command ran (it may or may not have run)."""
+
+
 @dataclass
 class Result:
     """What one remote command did."""
@@ -197,7 +201,13 @@ class Host:
         if self.dry_run and mutates:
             self.planned.append(f"{self.name}$ {line}")
             return Result(self.name, argv, 0, dry=True)
-        result = self._execute(argv, line, timeout or self.policy.command_timeout)
+        limit = timeout or self.policy.command_timeout
+        if mutates:  # never repeated blindly: the first run may have acted
+            result = self._execute(argv, line, limit)
+        else:  # a read is safe to repeat on a fresh connection
+            for attempt in retrying(self.policy, f"{self.name}: {_short(line, 60)}", (_Lost,)):
+                with attempt:
+                    result = self._execute(argv, line, limit)
         if check and not result.ok:
             raise HostError(f"{self}: `{_short(line)}` failed: {result.error_line()}")
         return result
@@ -213,7 +223,7 @@ class Host:
             raise HostError(f"{self}: timed out after {timeout:.0f}s: {_short(line)}") from None
         except (OSError, EOFError, paramiko.SSHException) as e:
             self.close()
-            raise HostError(f"{self}: connection lost running {_short(line)}: {e}") from None
+            raise _Lost(f"{self}: connection lost running {_short(line)}: {e}") from None
         return Result(self.name, argv, r.exited, r.stdout, r.stderr)
 
     def lock(self, path: str, holder: str) -> RemoteLock:

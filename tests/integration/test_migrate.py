@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -104,3 +105,18 @@ def test_check_and_strict_host_keys(lab: labmod.Lab, tmp_path: Path) -> None:
     r = migrate("check", "host-a", config=cfg_path)
     assert r.returncode == 1
     assert "host key CHANGED" in r.stdout
+
+
+def test_images_are_private(lab: labmod.Lab, cleanup: list[Path]) -> None:
+    """Image dirs hold process memory: 0700 on both hosts (kept here with --keep-images)."""
+    wl = start(lab, "host-a", "counter-keep", container=False)
+    cleanup.append(wl.count_file)
+    r = migrate("run", wl.spec, "host-a", "host-b", "--json", "--keep-images",
+                config=lab.config_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    mid = json.loads(r.stdout)["id"]
+    for name in ("host-a", "host-b"):
+        images = lab.host(name).workdir / "images" / mid
+        assert images.stat().st_mode & 0o777 == 0o700, name
+        assert list(images.glob("pages-*.img")), name
+        shutil.rmtree(images)

@@ -19,7 +19,17 @@ from tests.labkit import Workload, counter_pids, migrate, on, running_pids, star
 
 pytestmark = pytest.mark.lab
 
-PHASES = ["preflight", "prepare", "dump", "transfer", "restore", "verify", "confirm"]
+# What recover must decide when the controller dies as each phase begins: before the restore
+# can have run, roll back; once it ran (verify, confirm), confirm; in between, either is right.
+EXPECTED = {
+    "preflight": "rolled_back",
+    "prepare": "rolled_back",
+    "dump": "rolled_back",
+    "transfer": None,
+    "restore": None,
+    "verify": "succeeded",
+    "confirm": "succeeded",
+}
 
 
 def journal_dir(config: Path) -> Path:
@@ -59,7 +69,7 @@ def copies(lab: labmod.Lab, wl: Workload) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("phase", EXPECTED)
 def test_controller_killed_then_recover(lab: labmod.Lab, cleanup: list[Path], phase: str) -> None:
     wl = start(lab, "host-a", f"counter-kill-{phase}", container=False)
     cleanup.append(wl.count_file)
@@ -81,6 +91,7 @@ def test_controller_killed_then_recover(lab: labmod.Lab, cleanup: list[Path], ph
     r = migrate("recover", migration, "--json", config=lab.config_path)
     report = json.loads(r.stdout)
     assert r.returncode in (0, 3), r.stdout + r.stderr
+    assert EXPECTED[phase] in (None, report["status"]), report
     expected_host = "host-b" if report["status"] == "succeeded" else "host-a"
     assert copies(lab, wl) == {expected_host: "running"}, report
     now = wl.count()
@@ -94,6 +105,24 @@ def test_controller_killed_then_recover(lab: labmod.Lab, cleanup: list[Path], ph
     assert next(h for h in hist if h["id"] == migration)["status"] == report["status"]
     if report["status"] == "succeeded":  # leave host-b clean for the next case
         on(lab, "host-b", 'kill -KILL "$@"', *map(str, counter_pids(lab, "host-b", wl.count_file)))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_rolls_back_cleanly(lab: labmod.Lab, cleanup: list[Path], sig: int) -> None:
+    wl = start(lab, "host-a", f"counter-{sig}", container=False)
+    cleanup.append(wl.count_file)
+    jdir = journal_dir(lab.config_path)
+    jdir.mkdir(parents=True, exist_ok=True)
+    proc = run_in_background(wl, "host-b", lab.config_path)
+    wait_for_phase(jdir, set(jdir.glob("*.jsonl")), "transfer", proc)
+    os.kill(proc.pid, sig)
+    out, err = proc.communicate(timeout=120)
+    report = json.loads(out)
+    assert proc.returncode == 3, out + err
+    assert report["status"] == "rolled_back" and "interrupted" in report["error"]
+    assert copies(lab, wl) == {"host-a": "running"}
+    for host in lab.hosts:
+        assert not list((host.workdir / "images").glob(f"*{report['id']}*")), host.name
 
 
 def test_two_controllers_one_wins(lab: labmod.Lab, cleanup: list[Path], tmp_path: Path) -> None:
