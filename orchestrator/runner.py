@@ -19,8 +19,9 @@ from orchestrator.transport.ssh import HostError
 
 log = logging.getLogger("migrate")
 
-#: What a phase may raise that the runner turns into a rollback. Nothing else catches broadly.
-FAILURES = (MigrationError, HostError, RsyncError, KeyboardInterrupt)
+#: Failures phases raise by design; anything else is a bug, logged with its traceback, and
+#: still rolled back. The runner is the only place that catches broadly.
+EXPECTED = (MigrationError, HostError, RsyncError, KeyboardInterrupt)
 
 Listener = Callable[[str, PhaseResult | None], None]
 
@@ -59,23 +60,22 @@ def run(
         t0 = time.monotonic()
         try:
             phase.act(ctx)
-        except FAILURES as e:
+        except (Exception, KeyboardInterrupt) as e:  # the one broad catch: all roads roll back
+            if not isinstance(e, EXPECTED):
+                log.exception("unexpected error in %s (a bug): rolling back", phase.name)
+            result = PhaseResult(phase.name, "failed", _secs(t0), _message(e))
+            report.phases.append(result)
+            journal.write("phase", name=phase.name, state="failed", error=_message(e))
+            emit(phase.name, result)
             if phase.commits:  # past the point of no return: report, never roll back
-                result = PhaseResult(phase.name, "failed", _secs(t0), _message(e))
                 report.notes.append(
                     f"{phase.name}: {_message(e)} (the workload runs on "
                     f"{plan.destination.name}; clean up {plan.source.name})"
                 )
-            else:
-                failure = e
-                result = PhaseResult(phase.name, "failed", _secs(t0), _message(e))
-            report.phases.append(result)
-            journal.write("phase", name=phase.name, state="failed", error=_message(e))
-            emit(phase.name, result)
-            if failure is not None:
-                done.append(phase)  # a failed phase may have acted in part: undo it too
-                break
-            continue
+                continue
+            failure = e
+            done.append(phase)  # a failed phase may have acted in part: undo it too
+            break
         result = PhaseResult(phase.name, "ok", _secs(t0))
         report.phases.append(result)
         journal.write("phase", name=phase.name, state="done", **_facts(ctx))

@@ -61,51 +61,62 @@ def revive_host(lab: Lab, name: str) -> LabHost:
 
 
 def cut_link(lab: Lab, a: str, b: str, mode: str = "drop") -> None:
-    """Cut the link between lab hosts a and b (both directions) with nftables rules in a's netns;
-    every other path (e.g. the controller to either host) stays up.
+    """Cut the link between lab hosts a and b, both ways, with nftables rules in both their
+    netns; every other path (e.g. the controller to either host) stays up.
 
     ``drop``: packets vanish (a pulled cable: connections hang until a timeout notices).
-    ``reject``: TCP gets a reset and the rest ICMP host-unreachable (fails fast)."""
+    ``reject``: each host answers the other's TCP with a reset and the rest with ICMP
+    host-unreachable, so connections fail at once (resets and ICMP errors still pass)."""
     if mode not in CUT_MODES:
         raise LabError(f"cut mode must be one of {', '.join(CUT_MODES)}, not {mode!r}")
     ha, hb = lab.host(a), lab.host(b)
     if ha.name == hb.name:
         raise LabError(f"cannot cut {a} from itself")
-    table = _CUT_TABLE.format(index=hb.index)
+    for here, peer in ((ha, hb), (hb, ha)):
+        _nft(here, _cut_script(_CUT_TABLE.format(index=peer.index), peer.address, mode))
+
+
+def _cut_script(table: str, peer: str, mode: str) -> str:
     if mode == "drop":
-        verdicts = ["drop"]
+        chains = {"input": [f"ip saddr {peer} drop"], "output": [f"ip daddr {peer} drop"]}
     else:
-        verdicts = [
-            "meta l4proto tcp reject with tcp reset",
-            "reject with icmp type host-unreachable",
-        ]
-    rules = []
-    for chain, match in (("input", f"ip saddr {hb.address}"), ("output", f"ip daddr {hb.address}")):
-        body = "".join(f"    {match} {v}\n" for v in verdicts)
-        rules.append(
-            f"  chain {chain} {{\n    type filter hook {chain} priority -150; policy accept;\n"
-            f"{body}  }}\n"
-        )
-    script = (
-        f"table inet {table}\ndelete table inet {table}\n"  # replace a cut already there
-        f"table inet {table} {{\n{''.join(rules)}}}\n"
+        # A reject in output never reaches the local socket: reject what comes in instead,
+        # and let the peer's own resets and errors in, so each side learns at once.
+        chains = {
+            "input": [
+                f"ip saddr {peer} tcp flags & rst == rst accept",
+                f"ip saddr {peer} icmp type destination-unreachable accept",
+                f"ip saddr {peer} meta l4proto tcp reject with tcp reset",
+                f"ip saddr {peer} reject with icmp type host-unreachable",
+            ]
+        }
+    body = "".join(
+        f"  chain {chain} {{\n    type filter hook {chain} priority -150; policy accept;\n"
+        + "".join(f"    {rule}\n" for rule in rules)
+        + "  }\n"
+        for chain, rules in chains.items()
     )
-    _nft(ha, script)
+    # Declaring, deleting and re-making the table in one nft run replaces a cut already there.
+    return f"table inet {table}\ndelete table inet {table}\ntable inet {table} {{\n{body}}}\n"
 
 
 def mend_link(lab: Lab, a: str, b: str) -> None:
-    """Undo cut_link(a, b); a link that is not cut is left alone."""
+    """Undo cut_link(a, b) (either mode); a link that is not cut is left alone."""
     ha, hb = lab.host(a), lab.host(b)
-    table = _CUT_TABLE.format(index=hb.index)
-    _nft(ha, f"table inet {table}\ndelete table inet {table}\n")
+    for here, peer in ((ha, hb), (hb, ha)):
+        table = _CUT_TABLE.format(index=peer.index)
+        _nft(here, f"table inet {table}\ndelete table inet {table}\n")
 
 
 def link_cut(lab: Lab, a: str, b: str) -> bool:
-    """True while cut_link(a, b) is in force."""
+    """True while cut_link(a, b) is in force (on either side)."""
     ha, hb = lab.host(a), lab.host(b)
-    table = _CUT_TABLE.format(index=hb.index)
-    res = proc.run(["ip", "netns", "exec", ha.netns, "nft", "list", "tables"], check=False)
-    return f"table inet {table}" in res.stdout.splitlines()
+    for here, peer in ((ha, hb), (hb, ha)):
+        table = _CUT_TABLE.format(index=peer.index)
+        res = proc.run(["ip", "netns", "exec", here.netns, "nft", "list", "tables"], check=False)
+        if f"table inet {table}" in res.stdout.splitlines():
+            return True
+    return False
 
 
 def _nft(h: LabHost, script: str) -> None:

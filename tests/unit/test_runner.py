@@ -143,3 +143,32 @@ def test_dry_run_records_and_changes_nothing(tmp_path: Path) -> None:
     assert report.status == "succeeded"
     assert mutating(log) == []
     assert any(c.startswith("a$ criu dump") for c in ctx.src.planned)
+
+
+def test_a_bug_in_a_phase_still_rolls_back(tmp_path: Path) -> None:
+    ctx, journal, log = make(tmp_path)
+
+    def boom(argv: list[str]) -> Result | None:
+        if argv[:2] == ["rsync", "-a"]:
+            raise ValueError("a bug")
+        return None
+
+    ctx.src.responders.insert(0, boom)  # type: ignore[attr-defined]
+    report = runner.run(ctx, strategies.phases("stopcopy"), journal)
+    assert report.status == "rolled_back" and report.error == "a bug"
+    assert "a: kill -CONT 100 101" in mutating(log)
+
+
+def test_workload_that_exited_is_named(tmp_path: Path) -> None:
+    ctx, journal, log = make(tmp_path, fail="criu dump")
+
+    def gone(argv: list[str]) -> Result | None:
+        if argv[:3] == ["ps", "-o", "stat="] and any("criu dump" in c for _, c in log):
+            return Result("a", argv, 1, "")
+        return None
+
+    ctx.src.responders.insert(0, gone)  # type: ignore[attr-defined]
+    report = runner.run(ctx, strategies.phases("stopcopy"), journal)
+    assert report.status == "failed" and report.exit_code == 1
+    assert "exited by itself on a during dump" in (report.error or "")
+    assert any("first error: criu dump failed" in n for n in report.notes)
