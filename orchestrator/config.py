@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")  # IFNAMSIZ - 1
 LOCATORS = ("pid", "pidfile", "systemd_unit", "match")
 RUNTIMES = ("process",)
 
@@ -29,8 +30,22 @@ class HostConfig:
     user: str = "root"
     workdir: str = "/var/lib/migrate"
     criu: str = "criu"
+    bridge: str = "br0"  # where restored workloads' veths are plugged in on this host
     rsync_key: str | None = None
     rsync_known_hosts: str | None = None
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """A workload that owns a network namespace: how its connections and veth travel."""
+
+    tcp: str = "keep"  # keep: established connections survive; close: restored closed
+    skip_in_flight: bool = False  # drop half-open (SYN) connections instead of failing the dump
+    interface: str = "eth0"  # the workload's interface, whose host-side veth peer moves
+    veth: str | None = None  # host-side name of that veth (default: found from the peer)
+
+
+TCP_MODES = ("keep", "close")
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,7 @@ class WorkloadConfig:
     match: str | None = None
     criu_options: tuple[str, ...] = ()
     health: str | None = None
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     @property
     def locator(self) -> tuple[str, str]:
@@ -140,6 +156,8 @@ def _host(v: _Validator, name: Any, raw: Any) -> HostConfig:
         value = getattr(host, key)
         if value is not None:
             _check_path(value, f"{v.path}: hosts.{name}.{key}")
+    if not IFNAME_RE.match(host.bridge):
+        raise ConfigError(f"{v.path}: hosts.{name}.bridge: bad interface name")
     if not 0 < host.port < 65536:
         raise ConfigError(f"{v.path}: hosts.{name}.port: must be 1-65535")
     if not Path(host.workdir).is_absolute():
@@ -157,7 +175,14 @@ def _workload(v: _Validator, name: Any, raw: Any) -> WorkloadConfig:
         if not o.startswith("--") or "\n" in o:
             raise ConfigError(f"{v.path}: workloads.{name}.criu_options: bad option {o!r}")
     raw["criu_options"] = tuple(opts)
-    wl = _dataclass(v, WorkloadConfig, raw, f"workloads.{name}", name=name)
+    net = _dataclass(v, NetworkConfig, raw.pop("network", {}) or {}, f"workloads.{name}.network")
+    if net.tcp not in TCP_MODES:
+        raise ConfigError(f"{v.path}: workloads.{name}.network.tcp: must be keep or close")
+    for key in ("interface", "veth"):
+        value = getattr(net, key)
+        if value is not None and not IFNAME_RE.match(value):
+            raise ConfigError(f"{v.path}: workloads.{name}.network.{key}: bad interface name")
+    wl = _dataclass(v, WorkloadConfig, raw, f"workloads.{name}", name=name, network=net)
     given = [k for k in LOCATORS if getattr(wl, k) is not None]
     if len(given) != 1:
         raise ConfigError(
@@ -233,6 +258,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "str": str,
     "int": int,
     "float": float,
+    "bool": bool,
     "str | None": str,
     "int | None": int,
     "tuple[str, ...]": tuple,

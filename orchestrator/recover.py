@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from orchestrator.config import Config, WorkloadConfig
+from orchestrator.config import Config, NetworkConfig, WorkloadConfig
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, Summary
 from orchestrator.phases.base import remove_dir, settle
@@ -35,6 +35,7 @@ def recover(config: Config, summary: Summary) -> Report:
     start = summary.start
     wl_raw = dict(start["workload_config"])
     wl_raw["criu_options"] = tuple(wl_raw.get("criu_options") or ())
+    wl_raw["network"] = NetworkConfig(**(wl_raw.get("network") or {}))
     workload = WorkloadConfig(**wl_raw)
     plan = Plan(
         id=summary.id,
