@@ -3,6 +3,8 @@ and UTS namespaces inside its own network namespace, joined by a bridge in the r
 
 ``up()`` builds it and writes ``lab_dir/migrate.yaml``; ``down()`` removes it; ``load()`` /
 ``status()`` read the state file ``lab_dir/lab.json``; ``exec_argv()`` runs a command on a host.
+Faults for tests (``faults``): ``kill_host()`` / ``revive_host()`` crash a host and boot it again;
+``cut_link()`` / ``mend_link()`` cut the network between two hosts and mend it.
 """
 
 from .core import down, exec_argv, load, status, up

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,77 @@ def test_status_load_and_idempotent_up(lab: Lab, lab_dir: Path) -> None:
     finally:
         shutil.rmtree(other)
     assert all(s.alive for s in labmod.status(lab_dir))
+
+
+def _try_ssh(lab: Lab, cfg: dict[str, Any], src: str | None, dst: str) -> tuple[int, str, float]:
+    """ssh to dst (from inside host src, or from the root namespace), ConnectTimeout 2:
+    (exit code, stderr, seconds)."""
+    h = cfg["hosts"][dst]
+    argv = ssh_argv(h["key"], h["known_hosts"], "root", h["address"], 22, "uname -n")
+    argv[argv.index("ConnectTimeout=5")] = "ConnectTimeout=2"
+    if src is not None:
+        argv = labmod.exec_argv(lab, src, argv)
+    t0 = time.monotonic()
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    return res.returncode, res.stderr.strip(), time.monotonic() - t0
+
+
+def test_cut_and_mend_link(lab: Lab, cfg: dict[str, Any]) -> None:
+    assert _try_ssh(lab, cfg, "host-a", "host-b")[0] == 0
+    labmod.cut_link(lab, "host-a", "host-b")  # drop: silence, both ways
+    assert labmod.link_cut(lab, "host-a", "host-b") and labmod.link_cut(lab, "host-b", "host-a")
+    for src, dst in (("host-a", "host-b"), ("host-b", "host-a")):
+        rc, err, secs = _try_ssh(lab, cfg, src, dst)
+        assert rc != 0 and "timed out" in err and secs >= 1.5, (src, dst, err)
+    # Only the link between them: the controller still reaches both.
+    assert ssh(cfg, "host-a", "uname -n") == "host-a"
+    assert ssh(cfg, "host-b", "uname -n") == "host-b"
+    labmod.cut_link(lab, "host-a", "host-b", "reject")  # replaces the cut: refused at once
+    for src, dst in (("host-a", "host-b"), ("host-b", "host-a")):
+        rc, err, secs = _try_ssh(lab, cfg, src, dst)
+        assert rc != 0 and "refused" in err and secs < 1.5, (src, dst, err)
+    with pytest.raises(LabError, match="cut mode"):
+        labmod.cut_link(lab, "host-a", "host-b", "sever")
+    labmod.mend_link(lab, "host-b", "host-a")  # either order
+    assert not labmod.link_cut(lab, "host-a", "host-b")
+    assert _try_ssh(lab, cfg, "host-a", "host-b")[:2] == (0, "")
+    assert _try_ssh(lab, cfg, "host-b", "host-a")[0] == 0
+    labmod.mend_link(lab, "host-a", "host-b")  # mending a whole link: nothing happens
+
+
+@pytest.mark.parametrize("silent", [False, True], ids=["crash", "power-loss"])
+def test_kill_and_revive_host(lab: Lab, lab_dir: Path, cfg: dict[str, Any], silent: bool) -> None:
+    ssh(cfg, "host-b", "setsid sleep 1000 </dev/null >/dev/null 2>&1 &")
+    h = lab.host("host-b")
+    old_pid, pid_ns = h.sshd_pid, h.ns_inode("pid")
+    labmod.kill_host(lab, "host-b", silent=silent)
+    # The whole host is gone at once: its sshd and everything in its pid namespace.
+    assert not labmod.host_up(lab, "host-b") and labmod.host_up(lab, "host-a")
+    assert [s.alive for s in labmod.status(lab_dir)] == [True, False]
+    assert _procs_in_pid_ns(pid_ns) == []
+    rc, err, secs = _try_ssh(lab, cfg, None, "host-b")
+    if silent:  # nothing answers: only a timeout tells
+        assert rc != 0 and "timed out" in err and secs >= 1.5, err
+    else:  # its network stack still answers for it
+        assert rc != 0 and "refused" in err and secs < 1.5, err
+    with pytest.raises(LabError, match="already down"):
+        labmod.kill_host(lab, "host-b")
+    with pytest.raises(LabError, match="not running"):
+        labmod.exec_argv(lab, "host-b", ["true"])
+
+    labmod.revive_host(lab, "host-b")
+    assert labmod.host_up(lab, "host-b") and h.sshd_pid != old_pid
+    assert [s.alive for s in labmod.status(lab_dir)] == [True, True]
+    # Same address and host key (strict checking passes), a fresh pid namespace: a reboot.
+    assert ssh(cfg, "host-b", "uname -n; cat /proc/1/comm").split() == ["host-b", "sshd"]
+    assert int(ssh(cfg, "host-b", "echo $$")) > 2 * PID_STRIDE
+    assert ssh(cfg, "host-b", "pgrep -x sleep || echo none") == "none"
+    assert _try_ssh(lab, cfg, "host-a", "host-b")[0] == 0
+    # Recorded in the state file, so down() removes the new sshd (test_down_... checks it).
+    assert labmod.load(lab_dir) == lab
+    assert ["proc", h.sshd_pid, h.sshd_start, "sshd host-b"] in labmod.load(lab_dir).made
+    labmod.revive_host(lab, "host-b")  # a host that is up is left alone
+    assert labmod.load(lab_dir).host("host-b").sshd_pid == h.sshd_pid
 
 
 def _assert_gone(lab: Lab) -> None:

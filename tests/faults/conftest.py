@@ -1,0 +1,154 @@
+"""Fixtures of the fault-injection suite: a record of each case (one JSON line per test in the file
+named by $MIGRATE_FAULT_RESULTS, for scripts/fault-suite), background migrations, and faults
+that are always repaired (hosts revived, links mended), even when a test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from orchestrator import lab as labmod
+from tests.faults.kit import Background, Census, Outcome
+
+RESULTS_ENV = "MIGRATE_FAULT_RESULTS"
+
+
+@dataclass
+class Case:
+    """What a test says about its case, for the summary table."""
+
+    fault: str = ""
+    outcome: str = ""
+    copies: str = ""
+    error: str = ""  # the report's error and notes, kept in the results file
+    notes: tuple[str, ...] = ()
+
+    def ended(self, out: Outcome) -> None:
+        self.outcome = out.summary()
+        self.error = out.error
+        self.notes = tuple(out.notes)
+
+    def counted(self, c: Census) -> None:
+        running = ", ".join(f"{len(p)} on {h}" for h, p in c.where().items()) or "0"
+        stopped = ", ".join(f"{len(p)} STOPPED on {h}" for h, p in c.stopped.items() if p)
+        self.copies = running + (f"; {stopped}" if stopped else "")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(autouse=True)
+def case(request: pytest.FixtureRequest) -> Iterator[Case]:
+    """Set first, torn down last: one line per test, whatever happened in it."""
+    c = Case(fault=request.node.name)
+    t0 = time.monotonic()
+    yield c
+    path = os.environ.get(RESULTS_ENV)
+    if not path:
+        return
+    setup = getattr(request.node, "rep_setup", None)
+    call = getattr(request.node, "rep_call", None)
+    rep = call if call is not None else setup
+    if rep is None:
+        result, why = "error", ""
+    elif rep.skipped:
+        result, why = "skipped", str(rep.longrepr[-1]) if isinstance(rep.longrepr, tuple) else ""
+    elif rep.failed:
+        result = "FAILED" if rep is call else "ERROR"
+        crash = getattr(rep.longrepr, "reprcrash", None)
+        why = (crash.message if crash else str(rep.longrepr)).strip().splitlines()
+        why = why[0] if why else ""
+    else:
+        result, why = "passed", ""
+    line = {
+        "test": request.node.nodeid,
+        "fault": c.fault,
+        "outcome": c.outcome,
+        "copies": c.copies,
+        "seconds": round(time.monotonic() - t0, 1),
+        "result": result,
+        "why": why[:300],
+        "error": c.error,
+        "notes": list(c.notes),
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def scrub(lab: labmod.Lab) -> Iterator[None]:
+    """Whatever a case leaves in any host's workdir/images (a failed case, or a controller the
+    test had to kill, may leave image dirs) is removed after it, so that no case inherits the
+    last one's mess. Cases assert on leftovers themselves before this runs."""
+
+    def entries() -> dict[Path, set[str]]:
+        out = {}
+        for h in lab.hosts:
+            d = h.workdir / "images"
+            out[d] = set(os.listdir(d)) if d.is_dir() else set()
+        return out
+
+    before = entries()
+    yield
+    for d, names in entries().items():
+        for name in sorted(names - before.get(d, set())):
+            path = d / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def background(lab: labmod.Lab, cleanup: list[Path]) -> Iterator[Callable[..., Background]]:
+    """Start `migrate` runs in the background; any still running at the end is killed (by pid)."""
+    runs: list[Background] = []
+
+    def start(*args: str, config: Path, state_dir: Path) -> Background:
+        run = Background(*args, config=config, state_dir=state_dir)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.stop()
+
+
+@pytest.fixture
+def crash(lab: labmod.Lab, cleanup: list[Path]) -> Iterator[Callable[..., None]]:
+    """crash(host, silent=False) kills a lab host; every host killed is revived at the end
+    (before `cleanup`, which needs the hosts up), so the session's lab is whole again."""
+    killed: list[str] = []
+
+    def kill(host: str, silent: bool = False) -> None:
+        killed.append(host)
+        labmod.kill_host(lab, host, silent=silent)
+
+    yield kill
+    for host in killed:
+        labmod.revive_host(lab, host)
+
+
+@pytest.fixture
+def links(lab: labmod.Lab) -> Iterator[Callable[..., None]]:
+    """links(a, b, mode) cuts the link between two lab hosts; all are mended at the end."""
+    cut: list[tuple[str, str]] = []
+
+    def cut_link(a: str, b: str, mode: str = "drop") -> None:
+        cut.append((a, b))
+        labmod.cut_link(lab, a, b, mode)
+
+    yield cut_link
+    for a, b in cut:
+        labmod.mend_link(lab, a, b)

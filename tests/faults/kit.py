@@ -1,0 +1,325 @@
+"""Helpers for the fault-injection suite: a migration run in the background whose journal is
+watched (to inject a fault when a phase begins), configs with a short policy, a workload with
+a lot of memory, and the checks every case makes afterwards: where copies run, that the state
+survived, and that nothing was left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator import lab as labmod
+from tests.labkit import Workload, on, wait_for
+
+#: Short enough that each case ends in seconds: rsync gives up after command_timeout of silence,
+#: and no retry starts retry_deadline seconds after the first attempt.
+POLICY = {"connect_timeout": 3, "command_timeout": 20, "retries": 10, "retry_deadline": 8}
+
+
+def fault_config(
+    lab: labmod.Lab,
+    path: Path,
+    *,
+    state_dir: Path,
+    policy: dict[str, Any] | None = None,
+    hosts: dict[str, dict[str, Any]] | None = None,
+    workloads: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """The lab's config with its own state_dir (so its journal is the only one there), the
+    short POLICY (plus changes), some host keys changed and some workloads."""
+    config = yaml.safe_load(lab.config_path.read_text())
+    config["state_dir"] = str(state_dir)
+    config["policy"] = {**POLICY, **(policy or {})}
+    for name, changes in (hosts or {}).items():
+        config["hosts"][name].update(changes)
+    config["workloads"] = workloads or {}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", *args]
+
+
+@dataclass
+class Outcome:
+    """How one `migrate` run ended."""
+
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float
+    report: dict[str, Any] | None  # the --json report, if it printed one
+
+    @property
+    def status(self) -> str | None:
+        return self.report.get("status") if self.report else None
+
+    @property
+    def error(self) -> str:
+        return (self.report or {}).get("error") or ""
+
+    @property
+    def notes(self) -> list[str]:
+        return list((self.report or {}).get("notes") or [])
+
+    @property
+    def id(self) -> str:
+        return str((self.report or {}).get("id") or "")
+
+    def summary(self) -> str:
+        return f"{self.status or 'no report'} (exit {self.rc})"
+
+    def __str__(self) -> str:  # for assertion messages
+        return f"exit {self.rc}\nstdout: {self.stdout}\nstderr: {self.stderr}"
+
+
+def _outcome(rc: int, out: str, err: str, seconds: float) -> Outcome:
+    try:
+        report = json.loads(out)
+    except ValueError:
+        report = None
+    return Outcome(rc, out, err, round(seconds, 1), report if isinstance(report, dict) else None)
+
+
+def run_migrate(*args: str, config: Path, timeout: float = 120) -> Outcome:
+    """`migrate ARGS --config CONFIG`, to the end."""
+    t0 = time.monotonic()
+    r = subprocess.run(
+        cli(*args, "--config", str(config)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    return _outcome(r.returncode, r.stdout, r.stderr, time.monotonic() - t0)
+
+
+class Background:
+    """`migrate run ... --json` as a subprocess; its journal (the only one in state_dir) is
+    read as it grows, so a test can act when a phase begins."""
+
+    def __init__(self, *args: str, config: Path, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            cli(*args, "--config", str(config)),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        """The journal so far (a torn last line is skipped)."""
+        files = sorted((self.state_dir / "journal").glob("*.jsonl"), key=os.path.getmtime)
+        if not files:
+            return []
+        out = []
+        for line in files[-1].read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def wait(self, name: str, state: str = "begin", timeout: float = 60) -> float:
+        """Wait until the journal shows phase `name` in `state`; seconds since the start."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for e in self.events():
+                if e.get("event") == "phase" and e.get("name") == name and e.get("state") == state:
+                    return time.monotonic() - self.started
+            if self.proc.poll() is not None:
+                out = self.finish()
+                raise AssertionError(f"migrate ended before phase {name} {state}: {out}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"phase {name} {state} not journaled within {timeout}s")
+            time.sleep(0.01)
+
+    def finish(self, timeout: float = 120) -> Outcome:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            out, err = self.proc.communicate()
+            last = self.events()[-1:] or [{}]
+            what = " ".join(str(last[0].get(k)) for k in ("event", "name", "state") if k in last[0])
+            raise AssertionError(
+                f"migrate hung: not done {timeout:g}s after the fault (killed; its last journal "
+                f"event: {what or 'none'}): {out} {err}"
+            ) from None
+        return _outcome(self.proc.returncode, out, err, time.monotonic() - self.started)
+
+    def stop(self) -> None:
+        """Kill this run's controller (by its pid) if it still runs."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+# -- where the workload runs -------------------------------------------------------------------
+
+
+@dataclass
+class Census:
+    """Copies of one workload on every host: root pids of the trees, running or stopped."""
+
+    running: dict[str, list[int]] = field(default_factory=dict)
+    stopped: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def copies(self) -> int:
+        return sum(map(len, self.running.values())) + sum(map(len, self.stopped.values()))
+
+    def where(self) -> dict[str, list[int]]:
+        """host -> root pids of running copies, hosts with none left out."""
+        return {h: pids for h, pids in self.running.items() if pids}
+
+    def __str__(self) -> str:
+        run = {h: p for h, p in self.running.items() if p}
+        stop = {h: p for h, p in self.stopped.items() if p}
+        return f"running {run or 'nowhere'}" + (f", STOPPED {stop}" if stop else "")
+
+
+def census(lab: labmod.Lab, count_file: Path, hosts: list[str] | None = None) -> Census:
+    """Every copy of the workload writing count_file, on every (up) host."""
+    c = Census()
+    for host in hosts or lab.names:
+        rows = []
+        for line in on(lab, host, "ps -ww -e -o pid=,ppid=,stat=,args=").splitlines():
+            parts = line.split(None, 3)
+            if len(parts) == 4 and str(count_file) in parts[3].split():
+                rows.append((int(parts[0]), int(parts[1]), parts[2]))
+        pids = {pid for pid, _, _ in rows}
+        roots = [(pid, stat) for pid, ppid, stat in rows if ppid not in pids]
+        c.running[host] = sorted(p for p, s in roots if s[0] not in "TtZ")
+        c.stopped[host] = sorted(p for p, s in roots if s[0] in "Tt")
+    return c
+
+
+def assert_one_copy(lab: labmod.Lab, wl: Workload, host: str, before: int) -> Census:
+    """Exactly one copy runs, on host, none is stopped anywhere, and it counts on from where
+    it was (its in-memory state survived: a copy started afresh would count from 1)."""
+    c = census(lab, wl.count_file)
+    assert len(c.where()) == 1 and len(c.where().get(host, [])) == 1, (
+        f"want one copy on {host}: {c}"
+    )
+    assert not any(c.stopped.values()), f"a stopped copy is left: {c}"
+    now = wl.count()
+    assert now >= before, f"state lost: the counter is at {now}, it was at {before} before"
+    wait_for(lambda: wl.count() > now + 3, what=f"the counter to keep counting on {host}")
+    return c
+
+
+# -- what must not be left behind --------------------------------------------------------------
+
+
+def image_dirs(lab: labmod.Lab, host: str, workdir: Path | str | None = None) -> list[str]:
+    """Entries in workdir/images on host, as the host sees it (its own mounts included)."""
+    wd = str(workdir or lab.host(host).workdir)
+    out = on(lab, host, 'ls -A -- "$1/images" 2>/dev/null || true', wd)
+    return out.split()
+
+
+def processes_mentioning(lab: labmod.Lab, host: str, needle: str) -> list[str]:
+    """Command lines on host that contain needle (e.g. a migration id: ssh masters, rsync)."""
+    out = on(lab, host, "ps -ww -e -o pid=,args=")
+    return [ln.strip() for ln in out.splitlines() if needle in ln]
+
+
+def leftovers(
+    lab: labmod.Lab, migration_id: str, workdirs: dict[str, str] | None = None, wait: float = 3
+) -> list[str]:
+    """What the migration left on any host: entries of its id (every image dir, control socket
+    and log it makes is named by it; everything, if the id is unknown) under each host's
+    workdir/images (or the workdir given for it), processes naming its id (ssh masters, rsync,
+    lock holders), and CRIU processes. [] if clean. Processes may take a moment to go after
+    the controller closed its connections: waits up to `wait` seconds for them."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for host in lab.names:
+            wd = (workdirs or {}).get(host) or str(lab.host(host).workdir)
+            found += [
+                f"{host}: {wd}/images/{d}"
+                for d in image_dirs(lab, host, wd)
+                if not migration_id or migration_id in d
+            ]
+            if migration_id:
+                found += [
+                    f"{host}: process {p}" for p in processes_mentioning(lab, host, migration_id)
+                ]
+            crius = on(lab, host, "pgrep -a -x criu || true").strip()
+            found += [f"{host}: criu process {ln}" for ln in crius.splitlines()]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def phases(out: Outcome) -> list[tuple[str, str]]:
+    return [(p["name"], p["status"]) for p in (out.report or {}).get("phases", [])]
+
+
+def journal_files(state_dir: Path) -> list[Path]:
+    d = state_dir / "journal"
+    return sorted(d.glob("*")) if d.is_dir() else []
+
+
+def journal(state_dir: Path) -> list[dict[str, Any]]:
+    """The events of the one migration journaled in state_dir."""
+    (path,) = journal_files(state_dir)
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+# -- a workload with a lot of memory -------------------------------------------------------------
+
+BIG = r"""
+import os, sys, time
+path, mib = sys.argv[1], int(sys.argv[2])
+block = os.urandom(1 << 20)
+memory = [bytearray(block) for _ in range(mib)]  # touched and incompressible: all of it dumped
+with open(path + ".pid", "w") as f:
+    f.write(str(os.getpid()))
+n = 0
+while True:
+    n += 1
+    with open(path, "w") as f:
+        f.write(f"{n}\n")
+    time.sleep(0.05)
+"""
+
+
+def start_big(lab: labmod.Lab, host: str, name: str, mib: int = 32) -> Workload:
+    """A python3 process holding `mib` MiB of touched memory that counts like the counter."""
+    work = lab.dir / "workloads"
+    work.mkdir(exist_ok=True)
+    script = work / "big.py"
+    script.write_text(BIG)
+    count = work / name
+    pidfile = Path(f"{count}.pid")
+    for f in (count, pidfile):
+        f.unlink(missing_ok=True)
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    on(
+        lab,
+        host,
+        'setsid "$1" "$2" "$3" "$4" </dev/null >/dev/null 2>&1 &',
+        python,
+        str(script),
+        str(count),
+        str(mib),
+    )
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 30, what="pidfile")
+    wl = Workload(name, count, f"pidfile:{pidfile}", int(pidfile.read_text()))
+    wait_for(lambda: wl.count() >= 20, what="the big counter to reach 20")
+    return wl

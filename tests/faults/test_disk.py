@@ -1,0 +1,131 @@
+"""Fault: the destination's disk is too small for the images: known up front (refused in
+pre-flight, nothing touched), or filled by someone else while the images are on their way
+(rolled back). The destination's workdir is a small tmpfs mounted inside host-b only."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator import lab as labmod
+from tests.faults.conftest import Case
+from tests.faults.kit import (
+    Background,
+    assert_one_copy,
+    census,
+    fault_config,
+    journal,
+    leftovers,
+    phases,
+    run_migrate,
+    start_big,
+)
+from tests.labkit import on
+
+pytestmark = pytest.mark.lab
+
+MIB = 32  # the workload's memory: its images are a little more than this
+
+
+# Fill a disk (another writer's file in the workdir) up to its last 2 MiB.
+FILL = """kb=$(df -Pk -- "$1" | awk 'NR == 2 {print $4}')
+fallocate -l $(((kb - 2048) * 1024)) -- "$1/ballast"
+"""
+
+
+@pytest.fixture
+def small_disk(lab: labmod.Lab) -> Iterator[Callable[[str, str], Path]]:
+    """small_disk(host, size): a fresh dir with a tmpfs of that size mounted on it, inside that
+    host's mount namespace only; unmounted and removed at the end."""
+    made: list[tuple[str, Path]] = []
+
+    def mount(host: str, size: str) -> Path:
+        d = lab.dir / "fault-disks" / f"{host}-{len(made)}"
+        d.mkdir(parents=True, exist_ok=True)
+        made.append((host, d))
+        on(lab, host, 'mount -t tmpfs -o size="$2",mode=0700 fault-disk "$1"', str(d), size)
+        return d
+
+    yield mount
+    for host, d in made:
+        if labmod.host_up(lab, host):
+            on(lab, host, 'umount -l -- "$1"', str(d), check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_too_small_is_refused_in_preflight(
+    lab: labmod.Lab,
+    cleanup: list[Path],
+    case: Case,
+    tmp_path: Path,
+    small_disk: Callable[[str, str], Path],
+) -> None:
+    case.fault = f"dst disk 2 MiB, images ~{MIB} MiB"
+    disk = small_disk("host-b", "2m")
+    wl = start_big(lab, "host-a", "fault-disk-small", mib=MIB)
+    cleanup.append(wl.count_file)
+    state = tmp_path / "state"
+    cfg = fault_config(
+        lab, tmp_path / "migrate.yaml", state_dir=state, hosts={"host-b": {"workdir": str(disk)}}
+    )
+    before = wl.count()
+
+    out = run_migrate("run", wl.spec, "host-a", "host-b", "--json", config=cfg)
+    case.ended(out)
+    case.counted(census(lab, wl.count_file))
+
+    assert out.rc == 1, out
+    assert out.status == "failed"
+    assert phases(out) == [("preflight", "failed")]
+    assert "space" in out.error and "host-b" in out.error, out.error
+    assert any("nothing was changed" in n for n in out.notes), out.notes
+    c = assert_one_copy(lab, wl, "host-a", before)
+    assert c.where() == {"host-a": [wl.root_pid]}
+    # Never frozen, nothing made anywhere: not even an empty dir on the small disk.
+    begun = [e["name"] for e in journal(state) if e["event"] == "phase" and e["state"] == "begin"]
+    assert begun == ["preflight"]
+    assert leftovers(lab, out.id, {"host-b": str(disk)}) == []
+    assert on(lab, "host-b", 'ls -A -- "$1"', str(disk)) == ""
+
+
+def test_disk_fills_during_transfer(
+    lab: labmod.Lab,
+    cleanup: list[Path],
+    case: Case,
+    tmp_path: Path,
+    small_disk: Callable[[str, str], Path],
+    background: Callable[..., Background],
+) -> None:
+    """Room enough at pre-flight, but another writer fills the disk while the workload is
+    frozen: rsync cannot write the images, the migration rolls back; the error says why."""
+    case.fault = "dst disk filled by another writer during dump"
+    disk = small_disk("host-b", "160m")
+    wl = start_big(lab, "host-a", "fault-disk-fill", mib=MIB)
+    cleanup.append(wl.count_file)
+    state = tmp_path / "state"
+    cfg = fault_config(
+        lab, tmp_path / "migrate.yaml", state_dir=state, hosts={"host-b": {"workdir": str(disk)}}
+    )
+    before = wl.count()
+
+    run = background("run", wl.spec, "host-a", "host-b", "--json", config=cfg, state_dir=state)
+    run.wait("dump", "begin")
+    # Leave 2 MiB free: far less than the images.
+    on(lab, "host-b", FILL, str(disk))
+    out = run.finish()
+    case.ended(out)
+    case.counted(census(lab, wl.count_file))
+
+    assert out.rc == 3, out
+    assert out.status == "rolled_back"
+    assert ("transfer", "failed") in phases(out), phases(out)
+    c = assert_one_copy(lab, wl, "host-a", before)
+    assert c.where() == {"host-a": [wl.root_pid]}
+    assert leftovers(lab, out.id, {"host-b": str(disk)}) == []
+    # The error names the cause: no space on host-b (not only "rsync failed, code 11").
+    assert "space" in out.error.lower() and "host-b" in out.error, (
+        f"the error does not say host-b's disk is full: {out.error}"
+    )
