@@ -11,6 +11,15 @@ from typing import Any
 import yaml
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# A host name or an IP address; never starting with "-" (it would read as an ssh option).
+ADDRESS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]{0,252}$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+# Options the tool sets itself, or that would run commands: never taken from a config.
+RESERVED_CRIU_OPTIONS = (
+    "--images-dir", "--work-dir", "--log-file", "--pidfile", "--tree", "--leave-running",
+    "--leave-stopped", "--restore-detached", "--prev-images-dir", "--page-server", "--address",
+    "--port", "--lazy-pages", "--action-script", "--exec-cmd", "--config", "--status-fd",
+)  # fmt: skip
 IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")  # IFNAMSIZ - 1
 LOCATORS = ("pid", "pidfile", "systemd_unit", "match")
 RUNTIMES = ("process",)
@@ -76,6 +85,7 @@ class Policy:
     command_timeout: float = 300.0
     retries: int = 3
     retry_deadline: float = 60.0
+    stall_timeout: float = 30.0  # a transfer with no progress this long is abandoned and retried
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,10 @@ def _host(v: _Validator, name: Any, raw: Any) -> HostConfig:
         value = getattr(host, key)
         if value is not None:
             _check_path(value, f"{v.path}: hosts.{name}.{key}")
+    if not ADDRESS_RE.match(host.address):
+        raise ConfigError(f"{v.path}: hosts.{name}.address: not a host name or IP address")
+    if not USER_RE.match(host.user):
+        raise ConfigError(f"{v.path}: hosts.{name}.user: not a user name")
     if not IFNAME_RE.match(host.bridge):
         raise ConfigError(f"{v.path}: hosts.{name}.bridge: bad interface name")
     if not 0 < host.port < 65536:
@@ -172,8 +186,14 @@ def _workload(v: _Validator, name: Any, raw: Any) -> WorkloadConfig:
     if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
         raise ConfigError(f"{v.path}: workloads.{name}.criu_options: must be a list of strings")
     for o in opts:
-        if not o.startswith("--") or "\n" in o:
-            raise ConfigError(f"{v.path}: workloads.{name}.criu_options: bad option {o!r}")
+        if not o.startswith("--") or "\n" in o or len(o) > 512:
+            raise ConfigError(f"{v.path}: workloads.{name}.criu_options: bad option {o[:60]!r}")
+        option = o.split("=", 1)[0]
+        if any(r.startswith(option) for r in RESERVED_CRIU_OPTIONS):  # getopt takes prefixes
+            raise ConfigError(
+                f"{v.path}: workloads.{name}.criu_options: {option} is set by migrate itself "
+                "(or runs commands) and cannot be given"
+            )
     raw["criu_options"] = tuple(opts)
     net = _dataclass(v, NetworkConfig, raw.pop("network", {}) or {}, f"workloads.{name}.network")
     if net.tcp not in TCP_MODES:

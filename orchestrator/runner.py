@@ -92,7 +92,7 @@ def run(
     report.total_ms = round((time.monotonic() - started) * 1000)
     report.bytes_transferred = ctx.bytes_transferred
     report.restored_pid = ctx.restored_pid or None
-    report.notes.extend(ctx.notes)
+    report.notes.extend(ctx.notes + ctx.src.notes + ctx.dst.notes)
     if plan.dry_run:
         report.planned_commands = list(ctx.src.planned)
     journal.write("end", status=report.status, error=report.error)

@@ -22,9 +22,10 @@ class Transfer(Phase):
             plan.link_socket,
         )
         what = f"rsync {ctx.src.name} -> {ctx.dst.name}"
-        for attempt in retrying(plan.policy, what, (rsync.RsyncError,)):
+        # Only a broken or stalled link is worth another attempt (rsync resumes: --partial).
+        for attempt in retrying(plan.policy, what, (rsync.LinkError,), ctx.notes):
             with attempt:
                 r = ctx.src.run(argv)
                 if not r.ok:
-                    raise rsync.RsyncError(f"{what} failed (exit {r.exit_code}): {r.error_line()}")
+                    raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
                 ctx.bytes_transferred += rsync.bytes_sent(r.stdout)

@@ -9,7 +9,29 @@ from orchestrator.transport.ssh import quote
 
 
 class RsyncError(Exception):
-    """rsync failed (after retries where retrying was safe)."""
+    """rsync failed (e.g. the destination disk is full): another attempt would fail too."""
+
+
+class LinkError(RsyncError):
+    """rsync failed because the link broke or stalled: worth another attempt."""
+
+
+# rsync's exit codes for a broken or stalled link (socket, protocol stream, timeouts, ssh).
+RETRYABLE = {10, 12, 30, 35, 255}
+_FATAL = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+          "Permission denied")  # fmt: skip
+
+
+def failure(exit_code: int, stderr: str, what: str) -> RsyncError:
+    """The error for a failed rsync, naming its first cause (not the last echo of it)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    cause = next((ln for ln in lines if any(f in ln for f in _FATAL)), None)
+    first = cause or next((ln for ln in lines if ln.startswith("rsync")), None)
+    reason = first or (lines[-1] if lines else "no output")
+    msg = f"{what} failed (exit {exit_code}): {reason}"
+    if cause or exit_code not in RETRYABLE:
+        return RsyncError(msg)
+    return LinkError(msg)
 
 
 def ssh_command(
@@ -55,7 +77,7 @@ def push_argv(
         "--stats",
         "--numeric-ids",
         "--protect-args",
-        f"--timeout={int(policy.command_timeout)}",
+        f"--timeout={max(1, int(policy.stall_timeout))}",
         "-e",
         quote(ssh_command(src, dst, policy, link)),
         src_dir.rstrip("/") + "/",

@@ -93,12 +93,21 @@ def quote(argv: Sequence[str]) -> str:
     return shlex.join(str(a) for a in argv)
 
 
-def retrying(policy: Policy, what: str, on: tuple[type[BaseException], ...]) -> _Retrying:
-    """tenacity policy for steps that are safe to repeat: attempts and a deadline, each logged."""
+def retrying(
+    policy: Policy,
+    what: str,
+    on: tuple[type[BaseException], ...],
+    notes: list[str] | None = None,
+) -> _Retrying:
+    """tenacity policy for steps that are safe to repeat: attempts and a deadline, each logged
+    (and noted in `notes`, which reach the report)."""
 
     def _log(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        log.warning("%s failed (attempt %d): %s; retrying", what, state.attempt_number, exc)
+        msg = f"{what} failed (attempt {state.attempt_number}): {exc}; retrying"
+        log.warning("%s", msg)
+        if notes is not None:
+            notes.append(msg)
 
     return _Retrying(
         stop=stop_after_attempt(max(1, policy.retries)) | stop_after_delay(policy.retry_deadline),
@@ -121,6 +130,7 @@ class Host:
     policy: Policy
     dry_run: bool = False
     planned: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # retries and the like, for the report
     _conn: Connection | None = None
     _unreachable: str | None = None  # set once connecting failed after every retry
 
@@ -138,7 +148,7 @@ class Host:
         if self._unreachable:  # do not spend the retry deadline again on every command
             raise HostError(self._unreachable)
         try:
-            for attempt in retrying(self.policy, f"connect to {self}", (_Transient,)):
+            for attempt in retrying(self.policy, f"connect to {self}", (_Transient,), self.notes):
                 with attempt:
                     self._conn = self._open()
         except _Transient as e:
@@ -185,6 +195,10 @@ class Host:
             conn.close()
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
             raise _Transient(f"{self}: cannot connect: {reason}") from None
+        assert conn.transport is not None
+        # A new command's channel must open within the connect timeout, not paramiko's hour.
+        conn.transport.channel_timeout = self.policy.connect_timeout
+        conn.transport.set_keepalive(5)
         return conn
 
     def run(
@@ -205,7 +219,8 @@ class Host:
         if mutates:  # never repeated blindly: the first run may have acted
             result = self._execute(argv, line, limit)
         else:  # a read is safe to repeat on a fresh connection
-            for attempt in retrying(self.policy, f"{self.name}: {_short(line, 60)}", (_Lost,)):
+            what = f"{self.name}: {_short(line, 60)}"
+            for attempt in retrying(self.policy, what, (_Lost,), self.notes):
                 with attempt:
                     result = self._execute(argv, line, limit)
         if check and not result.ok:
@@ -220,6 +235,8 @@ class Host:
         try:
             r = self._conn.run(line, hide=True, warn=True, timeout=timeout)
         except CommandTimedOut:
+            # The connection may be wedged (a peer that vanished): start afresh next time.
+            self.close()
             raise HostError(f"{self}: timed out after {timeout:.0f}s: {_short(line)}") from None
         except (OSError, EOFError, paramiko.SSHException) as e:
             self.close()

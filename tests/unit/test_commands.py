@@ -60,3 +60,16 @@ def test_criu_error_lines_skip_noise() -> None:
         "Error (criu/cr-restore.c:1234): Can't fork for 848: File exists",
         "Error (criu/cr-restore.c:2000): Restoring FAILED.",
     ]
+
+
+def test_rsync_failure_names_the_first_cause_and_what_to_retry() -> None:
+    full = (
+        'rsync: [receiver] write failed on "/w/x": No space left on device (28)\n'
+        "rsync error: error in file IO (code 11) at receiver.c(381)\n"
+        "rsync: [sender] write error: Broken pipe (32)\n"
+    )
+    err = rsync.failure(12, full, "rsync a -> b")
+    assert type(err) is rsync.RsyncError and "No space left on device" in str(err)
+    stalled = rsync.failure(30, "rsync error: timeout in data send/receive (code 30)\n", "r")
+    assert isinstance(stalled, rsync.LinkError)
+    assert type(rsync.failure(23, "rsync: some files vanished\n", "r")) is rsync.RsyncError

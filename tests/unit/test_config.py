@@ -69,6 +69,15 @@ def test_good_config_loads(tmp_path: Path, keys: dict[str, str]) -> None:
         (lambda d: d["workloads"].update({"a; rm -rf /": {"pid": 3}}), "workloads: bad name"),
         (lambda d: d["hosts"].update({"$(reboot)": {}}), "hosts: bad name"),
         (lambda d: d["workloads"]["counter"].update(match="(", pidfile=None), "match: bad regex"),
+        (lambda d: d["workloads"]["counter"].update(criu_options=["--action-script=x"]), "set by"),
+        (lambda d: d["workloads"]["counter"].update(criu_options=["--action-scr=x"]), "set by"),
+        (lambda d: d["workloads"]["counter"].update(criu_options=["--images-dir", "/"]), "set by"),
+        (lambda d: d["hosts"]["host-a"].update(address="-oProxyCommand=x"), "address: not a"),
+        (lambda d: d["hosts"]["host-a"].update(user="root\nx"), "user: not a user"),
+        (lambda d: d["hosts"]["host-a"].update(bridge="br0; x"), "bridge: bad interface"),
+        (lambda d: d["workloads"]["counter"].update(network={"tcp": "maybe"}), "keep or close"),
+        (lambda d: d["workloads"]["counter"].update(network={"veth": "a b"}), "bad interface"),
+        (lambda d: d["workloads"]["counter"].update(network={"vet": "x"}), "network.vet: unknown"),
     ],
 )
 def test_each_error_names_key_and_file(tmp_path, keys, mutate, expect) -> None:

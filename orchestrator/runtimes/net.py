@@ -1,0 +1,96 @@
+"""A workload's own network namespace: interface, address, MAC, host-side veth (read-only)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.errors import MigrationError
+from orchestrator.transport.ssh import Host
+
+# Inside the workload's netns: its interface as JSON (link, then addresses), on two lines.
+_INSIDE = (
+    'nsenter -t "$1" -n ip -j -d link show dev "$2" && echo && '
+    'nsenter -t "$1" -n ip -j addr show dev "$2"'
+)
+
+
+@dataclass
+class NetInfo:
+    """What travels with a workload that owns its network namespace."""
+
+    interface: str  # inside, e.g. eth0
+    veth: str  # its peer on the host, e.g. vctr0
+    mac: str
+    addresses: list[str] = field(default_factory=list)  # CIDR, e.g. 198.18.0.50/24
+    source_bridge: str | None = None  # the bridge the veth is plugged into on the source
+
+    @property
+    def ips(self) -> list[str]:
+        return [a.split("/")[0] for a in self.addresses]
+
+
+def discover(host: Host, pid: int, interface: str, veth: str | None) -> NetInfo:
+    """Find the workload's interface and the host-side end of its veth."""
+    r = host.run(["sh", "-c", _INSIDE, "sh", str(pid), interface], mutates=False)
+    parts = r.stdout.split("\n\n", 1) if r.ok else []
+    if len(parts) != 2:
+        raise MigrationError(f"cannot read interface {interface} of pid {pid} on {host}: "
+                             f"{r.error_line()}")  # fmt: skip
+    link, addrs = _one(parts[0]), _one(parts[1])
+    if (link.get("linkinfo") or {}).get("info_kind") != "veth":
+        raise MigrationError(f"{interface} of pid {pid} on {host} is not a veth")
+    addresses = [
+        f"{a['local']}/{a['prefixlen']}"
+        for a in addrs.get("addr_info", [])
+        if a.get("family") == "inet" and a.get("scope") == "global"
+    ]
+    host_links = json.loads(
+        host.run(["ip", "-j", "link", "show"], mutates=False, check=True).stdout
+    )
+    peer = next((h for h in host_links if h.get("ifindex") == link.get("link_index")), None)
+    if peer is None:
+        raise MigrationError(f"the host end of {interface} (pid {pid}) is not on {host}")
+    if veth and peer["ifname"] != veth:
+        raise MigrationError(
+            f"the host end of {interface} (pid {pid}) on {host} is {peer['ifname']}, "
+            f"not {veth} as configured"
+        )
+    return NetInfo(interface, peer["ifname"], link["address"], addresses, peer.get("master"))
+
+
+def _one(text: str) -> dict[str, Any]:
+    data = json.loads(text)
+    return data[0] if isinstance(data, list) and data else {}
+
+
+def conflicts(host: Host, info: NetInfo, bridge: str) -> list[str]:
+    """Why info cannot land on host's bridge (empty: it can); read-only."""
+    links = json.loads(host.run(["ip", "-j", "link", "show"], mutates=False, check=True).stdout)
+    names = {link["ifname"] for link in links}
+    problems = []
+    if bridge not in names:
+        problems.append(f"bridge {bridge} does not exist on {host}")
+    if info.veth in names:
+        problems.append(f"an interface named {info.veth} already exists on {host}")
+    addrs = json.loads(host.run(["ip", "-j", "addr", "show"], mutates=False, check=True).stdout)
+    local = {a["local"] for link in addrs for a in link.get("addr_info", [])}
+    neigh = json.loads(host.run(["ip", "-j", "neigh", "show"], mutates=False, check=True).stdout)
+    for ip in info.ips:
+        if ip in local:
+            problems.append(f"address {ip} is already in use on {host}")
+        other = [n for n in neigh if n.get("dst") == ip and n.get("lladdr") not in (None, info.mac)]
+        if other:
+            problems.append(f"address {ip} answers from another MAC ({other[0]['lladdr']}) "
+                            f"on {host}")  # fmt: skip
+    return problems
+
+
+def announce_argv(pid: int, info: NetInfo) -> list[str]:
+    """Run on the destination after restore: unsolicited ARP so peers and switches move on."""
+    script = (
+        "pid=$1; dev=$2; shift 2; for ip; do "
+        'nsenter -t "$pid" -n arping -q -U -c 2 -w 1 -I "$dev" "$ip"; done; true'
+    )
+    return ["sh", "-c", script, "sh", str(pid), info.interface, *info.ips]
