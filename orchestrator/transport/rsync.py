@@ -77,7 +77,8 @@ def push_argv(
         "--stats",
         "--numeric-ids",
         "--protect-args",
-        f"--timeout={max(1, int(policy.stall_timeout))}",
+        # rsync's own stall timeout must fire before the controller gives up on the command.
+        f"--timeout={max(1, int(min(policy.stall_timeout, policy.command_timeout / 2)))}",
         "-e",
         quote(ssh_command(src, dst, policy, link)),
         src_dir.rstrip("/") + "/",
