@@ -111,3 +111,11 @@ def test_unknown_names(tmp_path: Path, keys: dict[str, str]) -> None:
         cfg.workload("pid:$(reboot)")
     with pytest.raises(ConfigError, match="not a usable path"):
         cfg.workload("pidfile:/a\nb")
+
+
+def test_the_example_config_is_valid(tmp_path: Path, keys: dict[str, str]) -> None:
+    data = yaml.safe_load((Path(__file__).parents[2] / "migrate.yaml.example").read_text())
+    for host in data["hosts"].values():
+        host.update(keys)  # the example's key paths do not exist here
+    cfg = load(write(tmp_path, data))
+    assert cfg.workload("counter").network.tcp == "keep"
