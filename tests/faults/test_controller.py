@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from orchestrator import lab as labmod
+from tests.faults.conftest import Case
 from tests.labkit import Workload, counter_pids, migrate, on, running_pids, start, wait_for
 
 pytestmark = pytest.mark.lab
@@ -70,7 +71,10 @@ def copies(lab: labmod.Lab, wl: Workload) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("phase", EXPECTED)
-def test_controller_killed_then_recover(lab: labmod.Lab, cleanup: list[Path], phase: str) -> None:
+def test_controller_killed_then_recover(
+    lab: labmod.Lab, cleanup: list[Path], case: Case, phase: str
+) -> None:
+    case.fault = f"controller SIGKILLed at {phase} begin, then recover"
     wl = start(lab, "host-a", f"counter-kill-{phase}", container=False)
     cleanup.append(wl.count_file)
     jdir = journal_dir(lab.config_path)
@@ -93,7 +97,10 @@ def test_controller_killed_then_recover(lab: labmod.Lab, cleanup: list[Path], ph
     assert r.returncode in (0, 3), r.stdout + r.stderr
     assert EXPECTED[phase] in (None, report["status"]), report
     expected_host = "host-b" if report["status"] == "succeeded" else "host-a"
-    assert copies(lab, wl) == {expected_host: "running"}, report
+    case.outcome = f"recover: {report['status']} (exit {r.returncode})"
+    found = copies(lab, wl)
+    case.copies = ", ".join(f"1 {state} on {host}" for host, state in found.items()) or "0"
+    assert found == {expected_host: "running"}, report
     now = wl.count()
     wait_for(lambda: wl.count() > now + 5, what=f"the counter to keep counting on {expected_host}")
     assert now >= before
@@ -108,7 +115,10 @@ def test_controller_killed_then_recover(lab: labmod.Lab, cleanup: list[Path], ph
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_rolls_back_cleanly(lab: labmod.Lab, cleanup: list[Path], sig: int) -> None:
+def test_interrupt_rolls_back_cleanly(
+    lab: labmod.Lab, cleanup: list[Path], case: Case, sig: int
+) -> None:
+    case.fault = f"{signal.Signals(sig).name} to the controller at transfer begin"
     wl = start(lab, "host-a", f"counter-{sig}", container=False)
     cleanup.append(wl.count_file)
     jdir = journal_dir(lab.config_path)
@@ -118,14 +128,20 @@ def test_interrupt_rolls_back_cleanly(lab: labmod.Lab, cleanup: list[Path], sig:
     os.kill(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
     report = json.loads(out)
+    case.outcome = f"{report['status']} (exit {proc.returncode})"
+    found = copies(lab, wl)
+    case.copies = ", ".join(f"1 {state} on {host}" for host, state in found.items()) or "0"
     assert proc.returncode == 3, out + err
     assert report["status"] == "rolled_back" and "interrupted" in report["error"]
-    assert copies(lab, wl) == {"host-a": "running"}
+    assert found == {"host-a": "running"}
     for host in lab.hosts:
         assert not list((host.workdir / "images").glob(f"*{report['id']}*")), host.name
 
 
-def test_two_controllers_one_wins(lab: labmod.Lab, cleanup: list[Path], tmp_path: Path) -> None:
+def test_two_controllers_one_wins(
+    lab: labmod.Lab, cleanup: list[Path], case: Case, tmp_path: Path
+) -> None:
+    case.fault = "two controllers migrate one workload at once"
     wl = start(lab, "host-a", "counter-race", container=False)
     cleanup.append(wl.count_file)
     # A second controller: its own journal (another machine), the same hosts.
@@ -141,6 +157,8 @@ def test_two_controllers_one_wins(lab: labmod.Lab, cleanup: list[Path], tmp_path
     second = migrate("run", wl.spec, "host-a", "host-c", "--json", config=other_cfg)
     out, err = first.communicate(timeout=120)
 
+    case.outcome = f"first exit {first.returncode}, second exit {second.returncode}"
+    case.copies = ", ".join(f"1 {st} on {h}" for h, st in copies(lab, wl).items()) or "0"
     assert first.returncode == 0, out + err
     assert second.returncode == 1, second.stdout + second.stderr
     refused = json.loads(second.stdout)
