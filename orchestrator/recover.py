@@ -20,6 +20,7 @@ from orchestrator.plan import Context, Plan
 from orchestrator.report import PhaseResult, Report
 from orchestrator.runtimes import for_workload, procs
 from orchestrator.runtimes.base import Target
+from orchestrator.runtimes.net import NetInfo
 from orchestrator.transport.ssh import Host, HostError
 
 
@@ -75,7 +76,17 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
         report.notes.append(f"the workload runs on {plan.source.name}, as before")
         return "rolled_back"
     command = next((e["command"] for e in summary.events if e.get("command")), None)
-    ctx.target = Target(root_pid=summary.root_pid, pids=[], rss_kb=0, command=command or "")
+    net_raw = next((e["net"] for e in summary.events if e.get("net")), None)
+    ctx.target = Target(
+        root_pid=summary.root_pid,
+        pids=[],
+        rss_kb=0,
+        command=command or "",
+        net=NetInfo(**net_raw) if net_raw else None,
+        network_lock=next(
+            (e["network_lock"] for e in summary.events if e.get("network_lock")), None
+        ),  # fmt: skip
+    )
     ctx.src.connect()  # the source must answer: without it nothing can be decided
     for host, images in ((ctx.src, plan.src_images), (ctx.dst, plan.dst_images)):
         try:
@@ -103,7 +114,7 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
         if dest.pid and dest.state in ("running", "stopped"):
             ctx.runtime.remove(ctx.dst, dest.pid)
         if source.state == "stopped":
-            ctx.runtime.resume(ctx.src, ctx.target)
+            ctx.runtime.resume(ctx.src, ctx.target, plan.src_images)
         if ctx.runtime.running(ctx.src, summary.root_pid):
             report.notes.append(f"rolled back: the workload runs on {plan.source.name}")
             status = "rolled_back"

@@ -150,7 +150,9 @@ def _rollback(
     if state == "running":
         if not clean:
             report.notes.append(f"some undo steps failed (above): check {dst} for leftovers")
-        report.notes.append(f"rolled back: the workload runs on {src} again")
+        report.notes.append(
+            f"rolled back: the workload runs on {src} again (pid {ctx.target.root_pid})"
+        )
         return "rolled_back"
     if state == "gone" and clean:
         report.notes.append(f"first error: {report.error}")
@@ -196,6 +198,8 @@ def _facts(ctx: Context) -> dict[str, object]:
         "root_pid": t.root_pid if t else None,
         "command": t.command if t else None,
         "restored_pid": ctx.restored_pid or None,
+        "net": asdict(t.net) if t and t.net else None,
+        "network_lock": t.network_lock if t else None,
     }
 
 

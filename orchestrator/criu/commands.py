@@ -16,6 +16,9 @@ class DumpOptions:
     images_dir: str
     leave_stopped: bool = True
     ext_mount_map_auto: bool = False
+    tcp_established: bool = False
+    skip_in_flight: bool = False
+    network_lock: str | None = None  # nftables | iptables
     extra: Sequence[str] = ()
 
 
@@ -25,6 +28,10 @@ class RestoreOptions:
     pidfile: str
     ext_mount_map_auto: bool = False
     root: str | None = None
+    tcp_established: bool = False
+    tcp_close: bool = False
+    network_lock: str | None = None
+    veths: Sequence[tuple[str, str, str]] = ()  # (inside name, host name, host bridge)
     extra: Sequence[str] = ()
 
 
@@ -42,7 +49,15 @@ def dump(criu: str, o: DumpOptions) -> list[str]:
         argv.append("--leave-stopped")
     if o.ext_mount_map_auto:
         argv += ["--ext-mount-map", "auto"]
+    argv += _net(o.tcp_established, o.network_lock)
+    if o.skip_in_flight:
+        argv.append("--skip-in-flight")
     return argv + list(o.extra)
+
+
+def _net(tcp_established: bool, network_lock: str | None) -> list[str]:
+    argv = ["--tcp-established"] if tcp_established else []
+    return argv + (["--network-lock", network_lock] if network_lock else [])
 
 
 def restore(criu: str, o: RestoreOptions) -> list[str]:
@@ -52,7 +67,16 @@ def restore(criu: str, o: RestoreOptions) -> list[str]:
         argv += ["--ext-mount-map", "auto"]
     if o.root:
         argv += ["--root", o.root]
+    argv += _net(o.tcp_established, o.network_lock)
+    if o.tcp_close:
+        argv.append("--tcp-close")
+    for inside, outside, bridge in o.veths:
+        argv += ["--external", f"veth[{inside}]:{outside}@{bridge}"]
     return argv + list(o.extra)
+
+
+def feature(criu: str, name: str) -> list[str]:
+    return [criu, "check", "--feature", name]
 
 
 _VERSION = re.compile(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?")

@@ -19,4 +19,4 @@ class Dump(Phase):
     def undo(self, ctx: Context) -> None:
         settle(ctx.src, ctx.plan.src_images, ctx.plan.policy.command_timeout)
         if ctx.target is not None:
-            ctx.runtime.resume(ctx.src, ctx.target)
+            ctx.runtime.resume(ctx.src, ctx.target, ctx.plan.src_images)

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from orchestrator.config import WorkloadConfig
+from orchestrator.runtimes.net import NetInfo
 from orchestrator.transport.ssh import Host
 
 
@@ -20,6 +21,8 @@ class Target:
     pidns_init: bool = False
     own_mntns: bool = False
     own_netns: bool = False
+    net: NetInfo | None = None  # when it owns a network namespace: what travels with it
+    network_lock: str | None = None  # chosen in pre-flight: nftables or iptables
     notes: list[str] = field(default_factory=list)
 
 
@@ -52,8 +55,8 @@ class Runtime(ABC):
         """The root pid of a copy a (possibly interrupted) restore left on host; 0 if none."""
 
     @abstractmethod
-    def resume(self, host: Host, target: Target) -> None:
-        """Undo a checkpoint: let the stopped source copy run on."""
+    def resume(self, host: Host, target: Target, images_dir: str) -> None:
+        """Undo a checkpoint: let the stopped source copy run on (target.root_pid may change)."""
 
     @abstractmethod
     def remove(self, host: Host, root_pid: int) -> None:

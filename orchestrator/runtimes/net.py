@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,9 +89,20 @@ def conflicts(host: Host, info: NetInfo, bridge: str) -> list[str]:
 
 
 def announce_argv(pid: int, info: NetInfo) -> list[str]:
-    """Run on the destination after restore: unsolicited ARP so peers and switches move on."""
+    """After a restore: unsolicited ARP from the workload's address so that peers and switches
+    move on at once. In the background: the freeze does not wait for it."""
     script = (
         "pid=$1; dev=$2; shift 2; for ip; do "
-        'nsenter -t "$pid" -n arping -q -U -c 2 -w 1 -I "$dev" "$ip"; done; true'
+        'nsenter -t "$pid" -n arping -q -U -c 2 -I "$dev" "$ip" </dev/null >/dev/null 2>&1 & '
+        "done; true"
     )
     return ["sh", "-c", script, "sh", str(pid), info.interface, *info.ips]
+
+
+def wait_veth_gone(host: Host, veth: str, timeout: float) -> None:
+    """A namespace goes away asynchronously: wait until its veth's host end is gone too."""
+    deadline = time.monotonic() + timeout
+    while host.run(["ip", "link", "show", "dev", veth], mutates=False).ok:
+        if time.monotonic() > deadline:
+            raise MigrationError(f"{veth} still exists on {host} after {timeout:.0f}s")
+        time.sleep(0.1)

@@ -7,7 +7,7 @@ import re
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import error_lines
 from orchestrator.errors import MigrationError
-from orchestrator.runtimes import procs
+from orchestrator.runtimes import net, procs
 from orchestrator.runtimes.base import Runtime, Target
 from orchestrator.transport.ssh import Host, Result
 
@@ -30,7 +30,7 @@ class ProcessRuntime(Runtime):
         if table[pid].state.startswith("Z"):
             raise MigrationError(f"workload {self.workload.name}: pid {pid} is a zombie on {host}")
         pids = procs.tree(table, pid)
-        return Target(
+        target = Target(
             root_pid=pid,
             pids=pids,
             rss_kb=sum(table[p].rss_kb for p in pids),
@@ -39,6 +39,10 @@ class ProcessRuntime(Runtime):
             own_mntns=ns.own_mntns,
             own_netns=ns.own_netns,
         )
+        if ns.own_netns:
+            cfg = self.workload.network
+            target.net = net.discover(host, pid, cfg.interface, cfg.veth)
+        return target
 
     def _root_pid(self, host: Host) -> int:
         kind, value = self.workload.locator
@@ -72,18 +76,38 @@ class ProcessRuntime(Runtime):
         return roots[0]
 
     def preflight(self, src: Host, dst: Host, target: Target) -> list[str]:
+        problems = self._network_preflight(src, dst, target) if target.net else []
         if target.pidns_init:
-            return []  # restored into a fresh pid namespace: its pids cannot clash
+            return problems  # restored into a fresh pid namespace: its pids cannot clash
         table = procs.table(dst)
         taken = [p for p in target.pids if p in table]
         if taken:
             shown = ", ".join(map(str, taken[:5]))
-            return [
+            problems.append(
                 f"pid(s) {shown} of the tree are in use on {dst}: CRIU restores a plain process "
                 "tree with its own pids; run the workload as the init of its own pid namespace "
                 "(a container) or free those pids"
-            ]
-        return []
+            )
+        return problems
+
+    def _network_preflight(self, src: Host, dst: Host, target: Target) -> list[str]:
+        """The destination can take the workload's veth and address; CRIU can lock the network
+        and repair TCP on both hosts. Chooses the network lock (nftables where both have it)."""
+        assert target.net is not None
+        problems = net.conflicts(dst, target.net, dst.config.bridge)
+        has = {
+            (h.name, feat): h.run(criu.feature(h.config.criu, feat), mutates=False).ok
+            for h in (src, dst)
+            for feat in ("network_lock_nftables", "tcp_half_closed")
+        }
+        both = lambda feat: has[(src.name, feat)] and has[(dst.name, feat)]  # noqa: E731
+        target.network_lock = "nftables" if both("network_lock_nftables") else "iptables"
+        if self.workload.network.tcp == "keep" and not both("tcp_half_closed"):
+            problems.append(
+                f"CRIU on {src.name} or {dst.name} lacks TCP repair (tcp_half_closed): "
+                "connections cannot be kept; set network.tcp: close"
+            )
+        return problems
 
     def checkpoint(self, host: Host, target: Target, images_dir: str) -> None:
         argv = criu.dump(
@@ -93,13 +117,23 @@ class ProcessRuntime(Runtime):
                 images_dir=images_dir,
                 leave_stopped=True,
                 ext_mount_map_auto=target.own_mntns,
+                tcp_established=target.net is not None,
+                skip_in_flight=self.workload.network.skip_in_flight,
+                network_lock=target.network_lock,
                 extra=self.workload.criu_options,
             ),
         )
         _criu_or_raise(host, host.run(argv), images_dir, criu.DUMP_LOG, "dump")
 
     def restore(self, host: Host, target: Target, images_dir: str) -> int:
+        pid = self._restore(host, target, images_dir, host.config.bridge)
+        if target.net and pid:
+            host.run(net.announce_argv(pid, target.net))
+        return pid
+
+    def _restore(self, host: Host, target: Target, images_dir: str, bridge: str) -> int:
         pidfile = f"{images_dir}/{PIDFILE}"
+        veths = [(target.net.interface, target.net.veth, bridge)] if target.net else []
         argv = criu.restore(
             host.config.criu,
             criu.RestoreOptions(
@@ -107,6 +141,10 @@ class ProcessRuntime(Runtime):
                 pidfile=pidfile,
                 ext_mount_map_auto=target.own_mntns,
                 root="/" if target.own_mntns else None,
+                tcp_established=target.net is not None,
+                tcp_close=target.net is not None and self.workload.network.tcp == "close",
+                network_lock=target.network_lock,
+                veths=veths,
                 extra=self.workload.criu_options,
             ),
         )
@@ -123,8 +161,21 @@ class ProcessRuntime(Runtime):
         text = r.stdout.strip()
         return int(text) if r.ok and text.isdigit() else 0
 
-    def resume(self, host: Host, target: Target) -> None:
-        procs.signal(host, "CONT", procs.tree_of(host, target.root_pid))
+    def resume(self, host: Host, target: Target, images_dir: str) -> None:
+        state = procs.state(host, target.root_pid)
+        if target.net is None or state != procs.STOPPED:
+            # Left stopped by a dump: continue it. (A dump that failed has already let it run
+            # on, unlocked; a workload that is gone cannot be resumed.)
+            procs.signal(host, "CONT", procs.tree_of(host, target.root_pid))
+            return
+        # A completed dump left its sockets in TCP repair mode and its network locked: only a
+        # restore brings those back. The stopped copy goes silently (repair mode sends no RST)
+        # and its own images bring it back here, connections and all.
+        self.remove(host, target.root_pid)
+        net.wait_veth_gone(host, target.net.veth, timeout=10)
+        bridge = target.net.source_bridge or host.config.bridge
+        target.root_pid = self._restore(host, target, images_dir, bridge)
+        host.run(net.announce_argv(target.root_pid, target.net))
 
     def remove(self, host: Host, root_pid: int) -> None:
         procs.signal(host, "KILL", procs.tree_of(host, root_pid))
