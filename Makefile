@@ -1,15 +1,20 @@
 # The two commands a fresh Debian machine needs (as root): `make demo` and `make test`.
 PYTHON ?= python3
 
-.PHONY: setup demo test unit lint
+.PHONY: setup demo test test-deps unit lint
 setup:
 	scripts/setup-host
 
 demo: setup
 	scripts/demo
 
-test: setup
+test: setup test-deps
 	$(PYTHON) -m pytest -q -rs tests
+
+# What only the tests use: nginx (a real multi-process server to migrate), Debian's python3.
+test-deps:
+	@dpkg -s nginx-light python3 >/dev/null 2>&1 || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light python3 >/dev/null
 
 unit:
 	$(PYTHON) -m pytest -q tests/unit

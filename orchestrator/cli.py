@@ -189,6 +189,12 @@ def _print_report(r: Report) -> None:
         print(f"  criu: {line}")
     for note in r.notes:
         print(f"  note: {note}")
+    if r.network:
+        n = r.network
+        print(
+            f"  network: {', '.join(n['addresses'])} ({n['mac']}) on {r.destination}'s "
+            f"{n['bridge']}; {n['connections_kept']} established TCP connection(s) kept"
+        )
     downtime = f"{r.downtime_ms} ms" if r.downtime_ms is not None else "-"
     print(
         f"{r.status}: {r.workload} {r.source} -> {r.destination}; downtime {downtime}, "
@@ -296,6 +302,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             made = lab.up(lab_dir, hosts=args.hosts)
             for h in made.hosts:
                 print(f"{h.name:<8} {h.address:<14} netns {h.netns}")
+            print(f"{lab.CLIENT:<8} {lab.CLIENT_ADDRESS:<14} (for test clients: lab exec client)")
             print(f"config: {made.config_path}")
             print(
                 f"try: MIGRATE_CONFIG={made.config_path} migrate check "

@@ -85,6 +85,7 @@ class Context:
     running_at: float | None = None
     notes: list[str] = field(default_factory=list)
     lock: RemoteLock | None = None  # held on the source from pre-flight to the end
+    connections_kept: int | None = None  # established TCP connections in the images
 
     @property
     def downtime_ms(self) -> int | None:

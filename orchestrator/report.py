@@ -27,6 +27,7 @@ class Report:
     total_ms: int = 0
     bytes_transferred: int = 0
     restored_pid: int | None = None
+    network: dict[str, Any] | None = None  # address, bridge, connections kept, freeze
     error: str | None = None
     criu_errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

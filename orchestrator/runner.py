@@ -92,6 +92,15 @@ def run(
     report.total_ms = round((time.monotonic() - started) * 1000)
     report.bytes_transferred = ctx.bytes_transferred
     report.restored_pid = ctx.restored_pid or None
+    if ctx.target is not None and ctx.target.net is not None:
+        report.network = {
+            "addresses": ctx.target.net.addresses,
+            "mac": ctx.target.net.mac,
+            "veth": ctx.target.net.veth,
+            "bridge": plan.destination.bridge,
+            "connections_kept": ctx.connections_kept,
+            "freeze_ms": report.downtime_ms,
+        }
     report.notes.extend(ctx.notes + ctx.src.notes + ctx.dst.notes)
     if plan.dry_run:
         report.planned_commands = list(ctx.src.planned)

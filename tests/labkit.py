@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -133,3 +134,65 @@ def counter_pids(lab: labmod.Lab, host: str, count_file: Path) -> list[int]:
 
 def netns_of(lab: labmod.Lab, host: str, pid: int) -> str:
     return on(lab, host, 'readlink "/proc/$1/ns/net"', str(pid)).strip()
+
+
+NETAPPS = Path(__file__).parent / "netapps"
+PYTHON = "/usr/bin/python3"  # Debian's: the same on every host of the lab
+
+# Run inside a lab host: a container (pid, mount, net, ipc, uts namespaces) whose eth0 is a veth
+# into the host's br0, with a pinned MAC and an address; prints the container init's pid.
+# Once up, it announces itself (unsolicited ARP): an earlier test may have left its MAC elsewhere.
+_NET_CONTAINER = r"""
+addr=$1 mac=$2 veth=$3; shift 3
+# A namespace killed just before goes away asynchronously, and its veth with it.
+for _ in $(seq 250); do ip link show "$veth" >/dev/null 2>&1 || break; sleep 0.02; done
+inner='umount -l /run/netns 2>/dev/null
+while ! ip link show eth0 >/dev/null 2>&1; do sleep 0.02; done
+ip link set lo up; ip addr add "$0" dev eth0; ip link set eth0 up
+exec setsid "$@" </dev/null >/dev/null 2>&1'
+unshare --pid --fork --mount-proc --net --ipc --uts sh -c "$inner" "$addr" "$@" \
+  </dev/null >/dev/null 2>&1 &
+up=$!
+for _ in $(seq 250); do init=$(pgrep -P $up) && break; sleep 0.02; done
+ip link add "$veth" type veth peer name eth0 address "$mac" netns "$init"
+ip link set "$veth" master br0 up
+for _ in $(seq 250); do
+  nsenter -t "$init" -n ip -4 addr show eth0 | grep -q inet && break; sleep 0.02
+done
+nsenter -t "$init" -n arping -q -U -c 1 -I eth0 "${addr%/*}" </dev/null >/dev/null 2>&1 &
+echo "$init"
+"""
+
+
+def start_net_container(
+    lab: labmod.Lab, host: str, address: str, mac: str, veth: str, *argv: str
+) -> int:
+    """A container with its own network on host; its init's pid as host sees it."""
+    return int(on(lab, host, _NET_CONTAINER, address, mac, veth, *argv).strip())
+
+
+@dataclass
+class NetClient:
+    """A client from tests/netapps in the lab's client namespace, until stop() is called."""
+
+    proc: subprocess.Popen[str]
+    stop_file: Path
+
+    def stop(self) -> dict[str, Any]:
+        self.stop_file.touch()
+        out, err = self.proc.communicate(timeout=60)
+        assert out.strip(), f"echo client printed nothing: {err}"
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+
+def net_client(lab: labmod.Lab, app: str, address: str, port: int, tmp: Path) -> NetClient:
+    """Start tests/netapps/APP.py ADDRESS PORT STOPFILE in the client namespace."""
+    stop = tmp / f"stop-{app}-{address}-{port}"
+    stop.unlink(missing_ok=True)
+    argv = [PYTHON, str(NETAPPS / f"{app}.py"), address, str(port), str(stop)]
+    proc = subprocess.Popen(
+        labmod.exec_argv(lab, labmod.CLIENT, argv), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    return NetClient(proc, stop)

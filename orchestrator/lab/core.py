@@ -19,6 +19,11 @@ import yaml
 from . import netns, proc, sshd
 from .state import (
     BRIDGE,
+    CLIENT,
+    CLIENT_ADDRESS,
+    CLIENT_MAC,
+    CLIENT_NETNS,
+    CLIENT_VETH,
     DEFAULT_DIR,
     LAB_NET,
     MAX_HOSTS,
@@ -119,6 +124,8 @@ def _alive(h: LabHost) -> bool:
 def exec_argv(lab: Lab, host: str, argv: list[str]) -> list[str]:
     """argv that runs ``argv`` inside host's net, mount, pid and UTS namespaces (those of its
     sshd pid 1), for subprocess. Its processes are then that host's: they die with it."""
+    if host == CLIENT:  # a plain network namespace: no sshd, no pid namespace
+        return ["ip", "netns", "exec", CLIENT_NETNS, *argv]
     h = lab.host(host)
     if not proc.is_same(h.sshd_pid, h.sshd_start):
         raise LabError(f"{host} is not running (its sshd pid {h.sshd_pid} is gone)")
@@ -255,6 +262,10 @@ def _build(lab: Lab) -> None:
         save(lab)
         netns.add_netns(h.netns)
         netns.wire_host(h.index, h.netns, h.veth)
+    lab.made += [["netns", CLIENT_NETNS], ["link", CLIENT_VETH]]
+    save(lab)
+    netns.add_netns(CLIENT_NETNS)
+    netns.wire_client(CLIENT_NETNS, CLIENT_VETH, CLIENT_MAC, CLIENT_ADDRESS)
 
     for h in lab.hosts:
         launcher = sshd.launch(h)

@@ -123,3 +123,14 @@ def check_route_to(address: str) -> None:
         dev = None
     if dev != BRIDGE:
         raise LabError(f"{address} is not routed via {BRIDGE} (got {dev!r}): not connecting")
+
+
+def wire_client(netns: str, veth: str, mac: str, address: str) -> None:
+    """The client namespace: a plain veth into the root bridge, its end eth0 with address."""
+    run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "address", mac,
+         "netns", netns])  # fmt: skip
+    run(["ip", "link", "set", veth, "master", BRIDGE, "up"])
+    ns = ["ip", "-n", netns]
+    run([*ns, "link", "set", "lo", "up"])
+    run([*ns, "addr", "add", f"{address}/{PREFIX_LEN}", "dev", "eth0"])
+    run([*ns, "link", "set", "eth0", "up"])

@@ -25,6 +25,14 @@ class LabError(Exception):
     """A lab operation failed; the message is one operator-readable line."""
 
 
+# The client: a plain namespace on the same switch, for test clients of migrated workloads.
+CLIENT = "client"
+CLIENT_NETNS = "mig-client"
+CLIENT_VETH = "migv-client"
+CLIENT_ADDRESS = "198.18.0.200"
+CLIENT_MAC = "02:6d:67:00:00:c8"
+
+
 def host_name(i: int) -> str:
     return f"host-{chr(ord('a') + i)}"
 

@@ -45,11 +45,20 @@ def main() -> None:
             time.sleep(0.01)
     except OSError as e:
         error = f"{type(e).__name__}: {e}"
-    print(json.dumps({
-        "sent": sent, "received": received, "lost": sent - received - (1 if error else 0),
-        "duplicated": dup, "out_of_order": disorder, "max_gap_ms": round(gap * 1000),
-        "local": f"{local[0]}:{local[1]}", "error": error,
-    }))
+    print(
+        json.dumps(
+            {
+                "sent": sent,
+                "received": received,
+                "lost": sent - received - (1 if error else 0),
+                "duplicated": dup,
+                "out_of_order": disorder,
+                "max_gap_ms": round(gap * 1000),
+                "local": f"{local[0]}:{local[1]}",
+                "error": error,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
