@@ -99,6 +99,7 @@ def run(
             "veth": ctx.target.net.veth,
             "bridge": plan.destination.bridge,
             "connections_kept": ctx.connections_kept,
+            "connections": ctx.target.net.connections,
             "freeze_ms": report.downtime_ms,
         }
     report.notes.extend(ctx.notes + ctx.src.notes + ctx.dst.notes)

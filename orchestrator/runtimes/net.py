@@ -13,7 +13,8 @@ from orchestrator.transport.ssh import Host
 # Inside the workload's netns: its interface as JSON (link, then addresses), on two lines.
 _INSIDE = (
     'nsenter -t "$1" -n ip -j -d link show dev "$2" && echo && '
-    'nsenter -t "$1" -n ip -j addr show dev "$2"'
+    'nsenter -t "$1" -n ip -j addr show dev "$2" && echo && '
+    'nsenter -t "$1" -n ss -Htn state established'
 )
 
 
@@ -26,6 +27,7 @@ class NetInfo:
     mac: str
     addresses: list[str] = field(default_factory=list)  # CIDR, e.g. 198.18.0.50/24
     source_bridge: str | None = None  # the bridge the veth is plugged into on the source
+    connections: list[str] = field(default_factory=list)  # "local -> peer", seen in pre-flight
 
     @property
     def ips(self) -> list[str]:
@@ -35,8 +37,8 @@ class NetInfo:
 def discover(host: Host, pid: int, interface: str, veth: str | None) -> NetInfo:
     """Find the workload's interface and the host-side end of its veth."""
     r = host.run(["sh", "-c", _INSIDE, "sh", str(pid), interface], mutates=False)
-    parts = r.stdout.split("\n\n", 1) if r.ok else []
-    if len(parts) != 2:
+    parts = r.stdout.split("\n\n", 2) if r.ok else []
+    if len(parts) != 3:
         raise MigrationError(f"cannot read interface {interface} of pid {pid} on {host}: "
                              f"{r.error_line()}")  # fmt: skip
     link, addrs = _one(parts[0]), _one(parts[1])
@@ -58,7 +60,12 @@ def discover(host: Host, pid: int, interface: str, veth: str | None) -> NetInfo:
             f"the host end of {interface} (pid {pid}) on {host} is {peer['ifname']}, "
             f"not {veth} as configured"
         )
-    return NetInfo(interface, peer["ifname"], link["address"], addresses, peer.get("master"))
+    connections = [
+        f"{f[2]} -> {f[3]}" for f in (ln.split() for ln in parts[2].splitlines()) if len(f) >= 4
+    ]
+    return NetInfo(
+        interface, peer["ifname"], link["address"], addresses, peer.get("master"), connections
+    )
 
 
 def _one(text: str) -> dict[str, Any]:

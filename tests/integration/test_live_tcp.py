@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator import lab as labmod
 from tests.labkit import (
@@ -72,6 +73,7 @@ def test_tcp_connection_survives_two_moves(
     net = there["network"]
     assert net["addresses"] == [f"{ADDRESS}/24"] and net["mac"] == MAC
     assert net["bridge"] == "br0" and net["connections_kept"] >= 1
+    assert any(labmod.CLIENT_ADDRESS in c for c in net["connections"]), net
     pid_b = there["restored_pid"]
     assert find(lab, "host-b", "echo_server.py") and not find(lab, "host-a", "echo_server.py")
     assert MAC in on(lab, "host-b", f"nsenter -t {pid_b} -n ip -br link show eth0")
@@ -151,3 +153,40 @@ def test_nginx_keeps_serving(lab: labmod.Lab, container: list[str], tmp_path: Pa
     pid_b = report["restored_pid"]
     assert on(lab, "host-b", f"pgrep -c -P {pid_b}").strip() == "2"
     assert not find(lab, "host-a", f"-c {conf}")
+
+
+def test_preflight_refuses_what_cannot_land(
+    lab: labmod.Lab, container: list[str], tmp_path: Path
+) -> None:
+    pid = echo_server(lab, container, 7002)
+    cfg = config_with(lab, tmp_path / "nobridge.yaml", host_b={"bridge": "nobr9"})
+    report = run(lab, pid, "host-a", "host-b", cfg)
+    assert report["exit"] == 1 and "bridge nobr9 does not exist on host-b" in report["error"]
+    on(lab, "host-b", f"ip addr add {ADDRESS}/32 dev br0")
+    try:
+        report = run(lab, pid, "host-a", "host-b")
+    finally:
+        on(lab, "host-b", f"ip addr del {ADDRESS}/32 dev br0")
+    assert report["exit"] == 1 and f"address {ADDRESS} is already in use" in report["error"]
+    assert "nothing was changed" in " ".join(report["notes"])
+    assert pid in find(lab, "host-a", "echo_server.py 7002")
+
+
+def test_tcp_close_closes_connections_but_serves(
+    lab: labmod.Lab, container: list[str], tmp_path: Path
+) -> None:
+    pid = echo_server(lab, container, 7003)
+    config = yaml.safe_load(lab.config_path.read_text())
+    config["workloads"] = {"echo": {"pid": pid, "network": {"tcp": "close"}}}
+    cfg = tmp_path / "close.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    client = net_client(lab, "echo_client", ADDRESS, 7003, tmp_path)
+    time.sleep(1)
+    r = migrate("run", "echo", "host-a", "host-b", "--json", config=cfg)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = client.stop()
+    assert result["error"] is not None  # the connection did not survive, by choice
+    again = net_client(lab, "echo_client", ADDRESS, 7003, tmp_path)  # a new one is served
+    time.sleep(0.5)
+    fresh = again.stop()
+    assert fresh["error"] is None and fresh["received"] > 10, fresh
