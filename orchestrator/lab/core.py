@@ -268,15 +268,20 @@ def _build(lab: Lab) -> None:
     netns.wire_client(CLIENT_NETNS, CLIENT_VETH, CLIENT_MAC, CLIENT_ADDRESS)
 
     for h in lab.hosts:
-        launcher = sshd.launch(h)
-        lab.made.append(["proc", launcher.pid, proc.start_time(launcher.pid) or 0, "launcher"])
-        save(lab)
-        sshd.find_pid1(h, launcher)
-        lab.made.append(["proc", h.sshd_pid, h.sshd_start, f"sshd {h.name}"])
-        save(lab)
+        start_sshd(lab, h)
     _check_ssh(lab)
     _write_config(lab)
     lab.complete = True
+    save(lab)
+
+
+def start_sshd(lab: Lab, h: LabHost) -> None:
+    """Boot host h: its sshd as pid 1 of a fresh pid namespace, recorded before and after."""
+    launcher = sshd.launch(h)
+    lab.made.append(["proc", launcher.pid, proc.start_time(launcher.pid) or 0, "launcher"])
+    save(lab)
+    sshd.find_pid1(h, launcher)
+    lab.made.append(["proc", h.sshd_pid, h.sshd_start, f"sshd {h.name}"])
     save(lab)
 
 

@@ -5,8 +5,8 @@ enough to call from a test's finalizer."""
 from __future__ import annotations
 
 from . import netns, proc, sshd
-from .core import _locked
-from .state import Lab, LabError, LabHost, save
+from .core import _locked, start_sshd
+from .state import Lab, LabError, LabHost
 
 #: nftables table, in a host's netns, that cuts that host off from the peer with this index.
 _CUT_TABLE = "migrate_lab_cut_{index}"
@@ -50,12 +50,7 @@ def revive_host(lab: Lab, name: str) -> LabHost:
         raise LabError(f"cannot revive {name}: its netns {h.netns} is gone (run lab down, up)")
     proc.run(["ip", "-n", h.netns, "link", "set", "eth0", "up"])
     with _locked(lab.dir, create=False):
-        launcher = sshd.launch(h)
-        lab.made.append(["proc", launcher.pid, proc.start_time(launcher.pid) or 0, "launcher"])
-        save(lab)
-        sshd.find_pid1(h, launcher)
-        lab.made.append(["proc", h.sshd_pid, h.sshd_start, f"sshd {h.name}"])
-        save(lab)
+        start_sshd(lab, h)
     sshd.wait_listening(h)
     return h
 
