@@ -45,3 +45,17 @@ def cleanup(lab: labmod.Lab) -> Iterator[list[Path]]:
             pids = counter_pids(lab, host, f)
             if pids:
                 on(lab, host, 'kill -KILL "$@"', *map(str, pids), check=False)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print what tests measured (record_property("measured", "...")): gaps, freezes."""
+    lines = [
+        f"{rep.nodeid.split('::')[-1]}: {value}"
+        for rep in terminalreporter.stats.get("passed", [])
+        for key, value in rep.user_properties
+        if key == "measured"
+    ]
+    if lines:
+        terminalreporter.section("measured")
+        for line in lines:
+            terminalreporter.write_line(line)

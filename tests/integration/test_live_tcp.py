@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -63,7 +64,7 @@ def run(lab: labmod.Lab, pid: int, src: str, dst: str, config: Path | None = Non
 
 
 def test_tcp_connection_survives_two_moves(
-    lab: labmod.Lab, container: list[str], tmp_path: Path
+    lab: labmod.Lab, container: list[str], tmp_path: Path, record_property: Any
 ) -> None:
     pid = echo_server(lab, container, 7000)
     client = net_client(lab, "echo_client", ADDRESS, 7000, tmp_path)
@@ -82,7 +83,11 @@ def test_tcp_connection_survives_two_moves(
     assert back["exit"] == 0, back
     time.sleep(1)
     result = client.stop()
-    print(f"echo client: {result}; freezes {there['downtime_ms']} / {back['downtime_ms']} ms")
+    record_property(
+        "measured",
+        f"echo over one TCP connection a -> b -> a: {result['received']} replies, largest reply "
+        f"gap {result['max_gap_ms']} ms; freezes {there['downtime_ms']} / {back['downtime_ms']} ms",
+    )
     assert result["error"] is None, result
     assert result["lost"] == 0 and result["duplicated"] == 0 and result["out_of_order"] == 0
     assert result["received"] > 200  # ~3 s of 10 ms messages on ONE connection (no reconnect)
@@ -130,7 +135,9 @@ http {{
 """
 
 
-def test_nginx_keeps_serving(lab: labmod.Lab, container: list[str], tmp_path: Path) -> None:
+def test_nginx_keeps_serving(
+    lab: labmod.Lab, container: list[str], tmp_path: Path, record_property: Any
+) -> None:
     site = lab.dir / "nginx-site"
     (site / "www").mkdir(parents=True, exist_ok=True)
     (site / "tmp").mkdir(exist_ok=True)
@@ -148,7 +155,11 @@ def test_nginx_keeps_serving(lab: labmod.Lab, container: list[str], tmp_path: Pa
     assert report["exit"] == 0, report
     time.sleep(1)
     result = client.stop()
-    print(f"http client: {result}; freeze {report['downtime_ms']} ms")
+    record_property(
+        "measured",
+        f"nginx keep-alive: {result['requests']} requests, {result['failures']} failed, largest "
+        f"gap {result['max_gap_ms']} ms; freeze {report['downtime_ms']} ms",
+    )
     assert result["failures"] == 0 and result["requests"] > 50, result
     pid_b = report["restored_pid"]
     assert on(lab, "host-b", f"pgrep -c -P {pid_b}").strip() == "2"

@@ -73,3 +73,14 @@ def test_rsync_failure_names_the_first_cause_and_what_to_retry() -> None:
     stalled = rsync.failure(30, "rsync error: timeout in data send/receive (code 30)\n", "r")
     assert isinstance(stalled, rsync.LinkError)
     assert type(rsync.failure(23, "rsync: some files vanished\n", "r")) is rsync.RsyncError
+
+
+def test_network_options() -> None:
+    d = criu.dump("criu", criu.DumpOptions(pid=7, images_dir="/i", tcp_established=True,
+                                           network_lock="nftables", skip_in_flight=True))  # fmt: skip
+    assert "--tcp-established" in d and d[d.index("--network-lock") + 1] == "nftables"
+    assert "--skip-in-flight" in d
+    r = criu.restore("criu", criu.RestoreOptions("/i", "/i/p", tcp_established=True,
+                     tcp_close=True, veths=[("eth0", "vctr0", "br0")]))  # fmt: skip
+    assert r[r.index("--external") + 1] == "veth[eth0]:vctr0@br0"
+    assert "--tcp-established" in r and "--tcp-close" in r and "--network-lock" not in r
