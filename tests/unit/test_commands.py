@@ -76,11 +76,15 @@ def test_rsync_failure_names_the_first_cause_and_what_to_retry() -> None:
 
 
 def test_network_options() -> None:
-    d = criu.dump("criu", criu.DumpOptions(pid=7, images_dir="/i", tcp_established=True,
-                                           network_lock="nftables", skip_in_flight=True))  # fmt: skip
+    opts = criu.DumpOptions(
+        pid=7, images_dir="/i", tcp_established=True, network_lock="nftables", skip_in_flight=True
+    )
+    d = criu.dump("criu", opts)
     assert "--tcp-established" in d and d[d.index("--network-lock") + 1] == "nftables"
     assert "--skip-in-flight" in d
-    r = criu.restore("criu", criu.RestoreOptions("/i", "/i/p", tcp_established=True,
-                     tcp_close=True, veths=[("eth0", "vctr0", "br0")]))  # fmt: skip
+    ropts = criu.RestoreOptions(
+        "/i", "/i/p", tcp_established=True, tcp_close=True, veths=[("eth0", "vctr0", "br0")]
+    )
+    r = criu.restore("criu", ropts)
     assert r[r.index("--external") + 1] == "veth[eth0]:vctr0@br0"
     assert "--tcp-established" in r and "--tcp-close" in r and "--network-lock" not in r
