@@ -86,6 +86,7 @@ class Context:
     notes: list[str] = field(default_factory=list)
     lock: RemoteLock | None = None  # held on the source from pre-flight to the end
     connections_kept: int | None = None  # established TCP connections in the images
+    page_port: int | None = None  # stream: the page server's port (tunnelled source -> dest)
 
     @property
     def downtime_ms(self) -> int | None:

@@ -8,6 +8,7 @@ from orchestrator.config import ConfigError
 from orchestrator.phases.base import Phase
 from orchestrator.phases.confirm import Confirm
 from orchestrator.phases.dump import Dump
+from orchestrator.phases.pageserver import PageServer
 from orchestrator.phases.preflight import Preflight
 from orchestrator.phases.prepare import Prepare
 from orchestrator.phases.restore import Restore
@@ -20,7 +21,14 @@ def stopcopy() -> list[Phase]:
     return [Preflight(), Prepare(), Dump(), Transfer(), Restore(), Verify(), Confirm()]
 
 
-STRATEGIES: dict[str, Callable[[], list[Phase]]] = {"stopcopy": stopcopy}
+def stream() -> list[Phase]:
+    """Like stopcopy, but the dump streams pages straight to the destination (a page server
+    through the source's ssh link): nothing is written twice, only small images are rsynced."""
+    return [Preflight(), Prepare(), PageServer(), Dump(), Transfer(), Restore(), Verify(),
+            Confirm()]  # fmt: skip
+
+
+STRATEGIES: dict[str, Callable[[], list[Phase]]] = {"stopcopy": stopcopy, "stream": stream}
 CHOICES = ("auto", *STRATEGIES)
 
 

@@ -19,6 +19,7 @@ class DumpOptions:
     tcp_established: bool = False
     skip_in_flight: bool = False
     network_lock: str | None = None  # nftables | iptables
+    page_server_port: int | None = None  # stream pages to a page server on 127.0.0.1:PORT
     extra: Sequence[str] = ()
 
 
@@ -52,7 +53,19 @@ def dump(criu: str, o: DumpOptions) -> list[str]:
     argv += _net(o.tcp_established, o.network_lock)
     if o.skip_in_flight:
         argv.append("--skip-in-flight")
+    if o.page_server_port:
+        argv += ["--page-server", "--address", "127.0.0.1", "--port", str(o.page_server_port)]
     return argv + list(o.extra)
+
+
+PAGE_SERVER_LOG = "page-server.log"
+
+
+def page_server(criu: str, images_dir: str, port: int) -> list[str]:
+    """A page server on loopback only (reached through an ssh tunnel), in the background; it
+    is listening when this returns, and exits after serving one dump."""
+    return [criu, "page-server", "-D", images_dir, "--address", "127.0.0.1", "--port", str(port),
+            "-d", "-o", PAGE_SERVER_LOG, "-v4"]  # fmt: skip
 
 
 def _net(tcp_established: bool, network_lock: str | None) -> list[str]:

@@ -14,7 +14,7 @@ class Dump(Phase):
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None
         ctx.frozen_at = time.monotonic()
-        ctx.runtime.checkpoint(ctx.src, ctx.target, ctx.plan.src_images)
+        ctx.runtime.checkpoint(ctx.src, ctx.target, ctx.plan.src_images, ctx.page_port)
 
     def undo(self, ctx: Context) -> None:
         settle(ctx.src, ctx.plan.src_images, ctx.plan.policy.command_timeout)

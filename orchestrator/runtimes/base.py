@@ -43,8 +43,11 @@ class Runtime(ABC):
         """Reasons this workload cannot move from src to dst (empty = fine); read-only."""
 
     @abstractmethod
-    def checkpoint(self, host: Host, target: Target, images_dir: str) -> None:
-        """Dump the workload into images_dir, leaving it stopped (not killed) on host."""
+    def checkpoint(
+        self, host: Host, target: Target, images_dir: str, page_port: int | None = None
+    ) -> None:
+        """Dump the workload into images_dir, leaving it stopped (not killed) on host; with
+        page_port, its pages go to the page server tunnelled at 127.0.0.1:page_port."""
 
     @abstractmethod
     def restore(self, host: Host, target: Target, images_dir: str) -> int:

@@ -109,7 +109,9 @@ class ProcessRuntime(Runtime):
             )
         return problems
 
-    def checkpoint(self, host: Host, target: Target, images_dir: str) -> None:
+    def checkpoint(
+        self, host: Host, target: Target, images_dir: str, page_port: int | None = None
+    ) -> None:
         argv = criu.dump(
             host.config.criu,
             criu.DumpOptions(
@@ -120,6 +122,7 @@ class ProcessRuntime(Runtime):
                 tcp_established=target.net is not None,
                 skip_in_flight=self.workload.network.skip_in_flight,
                 network_lock=target.network_lock,
+                page_server_port=page_port,
                 extra=self.workload.criu_options,
             ),
         )

@@ -105,6 +105,16 @@ def open_link_argv(
     return ["sh", "-c", _DETACHED, "sh", log, *ssh, *master, dst.address, "true"]
 
 
+def forward_argv(
+    src: HostConfig, dst: HostConfig, policy: Policy, link: str, port: int, cancel: bool = False
+) -> list[str]:
+    """Run on the source: (stop) forwarding its 127.0.0.1:port to the destination's, inside the
+    ssh link, so that page traffic is encrypted and the page server listens on loopback only."""
+    spec = f"127.0.0.1:{port}:127.0.0.1:{port}"
+    op = "cancel" if cancel else "forward"
+    return [*ssh_command(src, dst, policy, link), "-O", op, "-L", spec, dst.address]
+
+
 def close_link_argv(src: HostConfig, dst: HostConfig, policy: Policy, link: str) -> list[str]:
     """Run on the source: close the master connection (best effort)."""
     return [*ssh_command(src, dst, policy, link), "-O", "exit", dst.address]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import lab as labmod
-from tests.labkit import config_with, migrate, netns_of, running_pids, start, wait_for
+from tests.labkit import config_with, migrate, netns_of, on, running_pids, start, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -120,3 +120,29 @@ def test_images_are_private(lab: labmod.Lab, cleanup: list[Path]) -> None:
         assert images.stat().st_mode & 0o777 == 0o700, name
         assert list(images.glob("pages-*.img")), name
         shutil.rmtree(images)
+
+
+@pytest.mark.parametrize("container", [False, True], ids=["process-tree", "pid-namespace"])
+def test_stream_sends_pages_straight_to_the_destination(
+    lab: labmod.Lab, cleanup: list[Path], container: bool
+) -> None:
+    wl = start(lab, "host-a", f"counter-stream-{int(container)}", container)
+    cleanup.append(wl.count_file)
+    before = wl.count()
+    r = migrate("run", wl.spec, "host-a", "host-b", "--strategy", "stream", "--json",
+                "--keep-images", config=lab.config_path)  # fmt: skip
+    report = json.loads(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert report["strategy"] == "stream" and "page-server" in [p["name"] for p in report["phases"]]
+    # The pages went to host-b through the tunnel: none were written on host-a.
+    src = lab.host("host-a").workdir / "images" / report["id"]
+    dst = lab.host("host-b").workdir / "images" / report["id"]
+    assert not list(src.glob("pages-*.img")) and list(dst.glob("pages-*.img"))
+    assert report["bytes_transferred"] < 1024 * 1024  # only the small images were rsynced
+    after = wl.count()
+    wait_for(lambda: wl.count() > after + 5, what="the counter to keep counting on host-b")
+    assert after >= before and running_pids(lab, "host-a", wl.count_file) == []
+    # No page server is left listening, and the tunnel is gone with the ssh link.
+    assert "page-server" not in on(lab, "host-b", "ps -ww -e -o args=")
+    shutil.rmtree(src)
+    shutil.rmtree(dst)
