@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--json", action="store_true", help="print one JSON report")
     r.add_argument("--keep-images", action="store_true", help="keep image dirs (they hold memory)")
+    r.add_argument("--bwlimit", type=int, metavar="KIB_S", help="limit rsync's bandwidth")
+    r.add_argument("--compress", action="store_true", help="compress what rsync sends")
 
     c = sub.add_parser("check", help="the host half of pre-flight, as a table")
     c.add_argument("hosts", nargs="+")
@@ -117,6 +120,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
+    if args.bwlimit is not None and args.bwlimit < 1:
+        raise ConfigError(f"--bwlimit must be a positive number of KiB/s, not {args.bwlimit}")
+    overrides = {"bwlimit": args.bwlimit} if args.bwlimit else {}
+    if args.compress:
+        overrides["compress"] = True
+    config = dataclasses.replace(config, policy=dataclasses.replace(config.policy, **overrides))
     plan = make_plan(
         config,
         args.workload,
@@ -199,6 +208,12 @@ def _print_report(r: Report) -> None:
     print(
         f"{r.status}: {r.workload} {r.source} -> {r.destination}; downtime {downtime}, "
         f"total {r.total_ms} ms, {r.bytes_transferred} bytes"
+        + (
+            f" (bwlimit {r.transfer['bwlimit_kib_s']} KiB/s)"
+            if r.transfer.get("bwlimit_kib_s")
+            else ""
+        )
+        + (" (compressed)" if r.transfer.get("compress") else "")
         + (f", pid {r.restored_pid} on {r.destination}" if r.restored_pid else "")
     )
     if r.error:

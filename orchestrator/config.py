@@ -86,6 +86,8 @@ class Policy:
     retries: int = 3
     retry_deadline: float = 60.0
     stall_timeout: float = 30.0  # a transfer with no progress this long is abandoned and retried
+    bwlimit: int | None = None  # rsync's bandwidth limit, KiB/s (None: unlimited)
+    compress: bool = False  # rsync compresses what it sends
 
 
 @dataclass(frozen=True)

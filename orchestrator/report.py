@@ -28,6 +28,7 @@ class Report:
     bytes_transferred: int = 0
     restored_pid: int | None = None
     network: dict[str, Any] | None = None  # address, bridge, connections kept, freeze
+    transfer: dict[str, Any] = field(default_factory=dict)  # bwlimit, compress
     error: str | None = None
     criu_errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -91,6 +91,7 @@ def run(
     report.downtime_ms = None if plan.dry_run else ctx.downtime_ms
     report.total_ms = round((time.monotonic() - started) * 1000)
     report.bytes_transferred = ctx.bytes_transferred
+    report.transfer = {"bwlimit_kib_s": plan.policy.bwlimit, "compress": plan.policy.compress}
     report.restored_pid = ctx.restored_pid or None
     if ctx.target is not None and ctx.target.net is not None:
         report.network = {

@@ -79,6 +79,8 @@ def push_argv(
         "--protect-args",
         # rsync's own stall timeout must fire before the controller gives up on the command.
         f"--timeout={max(1, int(min(policy.stall_timeout, policy.command_timeout / 2)))}",
+        *([f"--bwlimit={policy.bwlimit}"] if policy.bwlimit else []),
+        *(["--compress"] if policy.compress else []),
         "-e",
         quote(ssh_command(src, dst, policy, link)),
         src_dir.rstrip("/") + "/",

@@ -77,8 +77,11 @@ def test_restore_failure_rolls_back(lab: labmod.Lab, cleanup: list[Path], tmp_pa
 def test_dry_run_changes_nothing(lab: labmod.Lab, cleanup: list[Path]) -> None:
     wl = start(lab, "host-a", "counter-dry", container=False)
     cleanup.append(wl.count_file)
-    r = migrate("run", wl.spec, "host-a", "host-b", "--dry-run", config=lab.config_path)
+    r = migrate("run", wl.spec, "host-a", "host-b", "--dry-run", "--bwlimit", "2048",
+                "--compress", config=lab.config_path)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
+    assert any("rsync" in ln and "--bwlimit=2048" in ln and "--compress" in ln
+               for ln in r.stdout.split("\n"))  # fmt: skip
     assert "host-a$ criu dump -t " + str(wl.root_pid) in r.stdout
     assert any(
         ln.strip().startswith("host-b$ ") and "criu restore" in ln for ln in r.stdout.split("\n")
@@ -130,7 +133,8 @@ def test_stream_sends_pages_straight_to_the_destination(
     cleanup.append(wl.count_file)
     before = wl.count()
     r = migrate("run", wl.spec, "host-a", "host-b", "--strategy", "stream", "--json",
-                "--keep-images", config=lab.config_path)  # fmt: skip
+                "--keep-images", "--compress", "--bwlimit", "4096",
+                config=lab.config_path)  # fmt: skip
     report = json.loads(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
     assert report["strategy"] == "stream" and "page-server" in [p["name"] for p in report["phases"]]
@@ -139,6 +143,7 @@ def test_stream_sends_pages_straight_to_the_destination(
     dst = lab.host("host-b").workdir / "images" / report["id"]
     assert not list(src.glob("pages-*.img")) and list(dst.glob("pages-*.img"))
     assert report["bytes_transferred"] < 1024 * 1024  # only the small images were rsynced
+    assert report["transfer"] == {"bwlimit_kib_s": 4096, "compress": True}
     after = wl.count()
     wait_for(lambda: wl.count() > after + 5, what="the counter to keep counting on host-b")
     assert after >= before and running_pids(lab, "host-a", wl.count_file) == []

@@ -42,7 +42,10 @@ def test_rsync_push_is_strict_and_quoted() -> None:
     assert ssh[ssh.index("-i") + 1] == "/rk"
     assert "StrictHostKeyChecking=yes" in ssh and "UserKnownHostsFile=/rkh" in ssh
     assert ssh[ssh.index("-p") + 1] == "2222"
-    assert "--partial" in argv
+    assert "--partial" in argv and "--compress" not in argv
+    assert not any(a.startswith("--bwlimit") for a in argv)
+    limited = rsync.push_argv(src, dst, Policy(bwlimit=512, compress=True), "/a", "/b")
+    assert "--bwlimit=512" in limited and "--compress" in limited
 
 
 def test_rsync_bytes_sent() -> None:
