@@ -11,10 +11,11 @@ demo: setup
 test: setup test-deps
 	$(PYTHON) -m pytest -q -rs tests
 
-# What only the tests use: nginx (a real multi-process server to migrate), Debian's python3.
+# What only the tests use: nginx (a real multi-process server to migrate), Debian's python3,
+# tcpdump (to show page traffic never crosses in clear).
 test-deps:
-	@dpkg -s nginx-light python3 >/dev/null 2>&1 || \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light python3 >/dev/null
+	@dpkg -s nginx-light python3 tcpdump >/dev/null 2>&1 || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light python3 tcpdump >/dev/null
 
 unit:
 	$(PYTHON) -m pytest -q tests/unit
