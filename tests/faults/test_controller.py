@@ -110,6 +110,8 @@ def test_controller_killed_then_recover(
     # The journal is closed: history shows it ended, and recover has nothing left to do.
     hist = json.loads(migrate("history", "--json", config=lab.config_path).stdout)
     assert next(h for h in hist if h["id"] == migration)["status"] == report["status"]
+    shown = migrate("show", migration, config=lab.config_path).stdout
+    assert f"phase     name={phase} state=begin" in shown and "recover" in shown
     if phase == "dump":  # the dead controller's lock freed itself: the workload can move again
         again = migrate("run", wl.spec, "host-a", "host-b", config=lab.config_path)
         assert again.returncode == 0, again.stdout + again.stderr
