@@ -45,11 +45,29 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):  # type
     raise AssertionError(f"timed out waiting for {what}")
 
 
+BROKEN_CRIU = """#!/bin/sh
+# `restore` fails as a real CRIU error would; everything else is the real criu.
+if [ "$1" = restore ]; then
+  echo "Error (criu/cr-restore.c:1): restore refused (injected by the test)" >&2
+  exit 1
+fi
+exec criu "$@"
+"""
+
+
+def failing_restore_config(lab: labmod.Lab, tmp: Path, host: str = "host-b") -> Path:
+    """The lab's config with host's criu replaced by one whose restore fails."""
+    broken = tmp / "criu-fails-restore"
+    broken.write_text(BROKEN_CRIU)
+    broken.chmod(0o755)
+    return config_with(lab, tmp / "failing-restore.yaml", **{host: {"criu": str(broken)}})
+
+
 def config_with(lab: labmod.Lab, path: Path, **hosts: dict[str, Any]) -> Path:
     """A copy of the lab's config with some host keys changed, e.g. host_b={"criu": "/x"}."""
     config = yaml.safe_load(lab.config_path.read_text())
     for name, changes in hosts.items():
-        config["hosts"][name.replace("_", "-")].update(changes)
+        config["hosts"][name.replace("_", "-")].update(changes)  # host_b or host-b
     path.write_text(yaml.safe_dump(config))
     return path
 

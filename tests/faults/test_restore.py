@@ -9,18 +9,9 @@ import pytest
 from orchestrator import lab as labmod
 from tests.faults.conftest import Case
 from tests.faults.kit import assert_one_copy, census, fault_config, leftovers, phases, run_migrate
-from tests.labkit import start
+from tests.labkit import BROKEN_CRIU, start
 
 pytestmark = pytest.mark.lab
-
-BROKEN_CRIU = """#!/bin/sh
-# criu for host-b: `restore` fails as a real CRIU error would; everything else is the real criu.
-if [ "$1" = restore ]; then
-  echo "Error (criu/cr-restore.c:1): restore refused (injected by the fault suite)" >&2
-  exit 1
-fi
-exec criu "$@"
-"""
 
 
 def test_restore_fails_on_destination(

@@ -16,6 +16,7 @@ from tests.labkit import (
     NETAPPS,
     PYTHON,
     config_with,
+    failing_restore_config,
     migrate,
     net_client,
     on,
@@ -97,11 +98,7 @@ def test_rollback_keeps_the_connection(
     lab: labmod.Lab, container: list[str], tmp_path: Path
 ) -> None:
     pid = echo_server(lab, container, 7001)
-    broken = tmp_path / "criu-broken-restore"
-    broken.write_text('#!/bin/sh\n[ "$1" = restore ] && { echo "Error (injected)" >&2; exit 1; }\n'
-                      'exec criu "$@"\n')  # fmt: skip
-    broken.chmod(0o755)
-    cfg = config_with(lab, tmp_path / "migrate.yaml", host_b={"criu": str(broken)})
+    cfg = failing_restore_config(lab, tmp_path)
     client = net_client(lab, "echo_client", ADDRESS, 7001, tmp_path)
     time.sleep(1)
     report = run(lab, pid, "host-a", "host-b", cfg)

@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from orchestrator import lab as labmod
-from tests.labkit import config_with, migrate, netns_of, on, running_pids, start, wait_for
+from tests.labkit import (
+    config_with,
+    failing_restore_config,
+    migrate,
+    netns_of,
+    on,
+    running_pids,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -49,14 +58,7 @@ def test_migrates_and_keeps_state(lab: labmod.Lab, cleanup: list[Path], containe
 def test_restore_failure_rolls_back(lab: labmod.Lab, cleanup: list[Path], tmp_path: Path) -> None:
     wl = start(lab, "host-a", "counter-rollback", container=False)
     cleanup.append(wl.count_file)
-    broken = tmp_path / "criu-broken-restore"
-    broken.write_text(
-        '#!/bin/sh\nif [ "$1" = restore ]; then\n'
-        '  echo "Error (injected): restore refused by the test" >&2; exit 1\nfi\n'
-        'exec criu "$@"\n'
-    )
-    broken.chmod(0o755)
-    cfg_path = config_with(lab, tmp_path / "migrate.yaml", host_b={"criu": str(broken)})
+    cfg_path = failing_restore_config(lab, tmp_path)
     before = wl.count()
 
     r = migrate("run", wl.spec, "host-a", "host-b", "--json", config=cfg_path)
