@@ -223,19 +223,20 @@ def _print_report(r: Report) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
     hosts = [Host(config.host(name), config.policy) for name in args.hosts]
-    checks = check_hosts(hosts)
+    checks = check_hosts(hosts, features=True)
     for host in hosts:
         host.close()
     if args.json:
         print(json.dumps([c.__dict__ | {"ok": c.ok, "problems": c.problems()} for c in checks]))
     else:
-        print(f"{'host':<12} {'criu':<8} {'check':<6} {'rsync':<6} {'free MiB':>9}  problems")
+        print(f"{'host':<12} {'criu':<8} {'check':<6} {'rsync':<6} {'free MiB':>9}  "
+              f"{'features':<62}  problems")  # fmt: skip
         for c in checks:
             ver = ".".join(map(str, c.criu_version)) if c.criu_version else "-"
             print(
                 f"{c.host:<12} {ver:<8} {'ok' if c.criu_ok else 'FAIL':<6} "
                 f"{'ok' if c.rsync else 'no':<6} {c.free_kb // 1024:>9}  "
-                + ("; ".join(c.problems()) or "-")
+                f"{' '.join(c.features or []) or '-':<62}  " + ("; ".join(c.problems()) or "-")
             )
     return 0 if all(c.ok for c in checks) else 1
 

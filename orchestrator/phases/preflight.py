@@ -19,6 +19,9 @@ from orchestrator.transport.ssh import Host, HostError
 IMAGE_OVERHEAD = 1.1
 IMAGE_SLACK_KB = 16 * 1024
 
+# What later strategies and live TCP rely on, as `criu check --feature` names them.
+FEATURES = ("mem_dirty_track", "uffd-noncoop", "network_lock_nftables", "tcp_half_closed")
+_HAS = 'c=$1; shift; for f; do "$c" check --feature "$f" >/dev/null 2>&1 && echo "$f"; done; true'
 _FREE_KB = 'd=$1; while [ ! -e "$d" ]; do d=$(dirname -- "$d"); done; df -Pk -- "$d" | tail -n 1'
 
 
@@ -30,6 +33,7 @@ class HostCheck:
     criu_error: str = ""
     rsync: bool = False
     free_kb: int = 0
+    features: list[str] | None = None  # those of FEATURES this host's CRIU has (if asked)
     error: str = ""
 
     @property
@@ -49,8 +53,9 @@ class HostCheck:
         return out
 
 
-def check_host(host: Host) -> HostCheck:
-    """The host half of pre-flight: reachable, CRIU usable, rsync present, free space."""
+def check_host(host: Host, features: bool = False) -> HostCheck:
+    """The host half of pre-flight: reachable, CRIU usable, rsync present, free space; and
+    with `features`, which CRIU features it has (one round trip)."""
     hc = HostCheck(host.name)
     try:
         host.connect()
@@ -67,15 +72,18 @@ def check_host(host: Host) -> HostCheck:
         free = host.run(["sh", "-c", _FREE_KB, "sh", host.config.workdir], mutates=False)
         fields = free.stdout.split()
         hc.free_kb = int(fields[3]) if free.ok and len(fields) > 3 and fields[3].isdigit() else 0
+        if features and hc.criu_ok:
+            has = host.run(["sh", "-c", _HAS, "sh", host.config.criu, *FEATURES], mutates=False)
+            hc.features = has.stdout.split()
     except HostError as e:
         hc.error = str(e)
     return hc
 
 
-def check_hosts(hosts: list[Host]) -> list[HostCheck]:
+def check_hosts(hosts: list[Host], features: bool = False) -> list[HostCheck]:
     """check_host on every host at once (one connection each)."""
     with ThreadPoolExecutor(max_workers=min(8, len(hosts))) as pool:
-        return list(pool.map(check_host, hosts))
+        return list(pool.map(lambda h: check_host(h, features), hosts))
 
 
 class Preflight(Phase):
