@@ -104,11 +104,24 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
         f"found: {plan.source.name} {source.state}, {plan.destination.name} {dest.state} "
         f"(the controller died in {summary.last_phase})"
     )
-    if dest.state == "running" and source.state != "running":
+    healthy = True
+    if dest.state == "running" and plan.workload.health:  # as verify would have checked
+        healthy = ctx.dst.run(["sh", "-c", plan.workload.health], mutates=False).ok
+        if not healthy:
+            report.notes.append(f"the copy on {plan.destination.name} fails its health check")
+    # An unhealthy destination copy is rolled back only while a source copy exists to resume:
+    # never remove the last copy.
+    if (
+        dest.state == "running"
+        and source.state != "running"
+        and (healthy or source.state == "gone")
+    ):
         if source.state == "stopped":
             ctx.runtime.remove(ctx.src, summary.root_pid)
         report.restored_pid = dest.pid
         report.notes.append(f"confirmed: the workload runs on {plan.destination.name}")
+        if not healthy:
+            report.notes.append("kept although unhealthy: the source copy is gone; look at it")
         status = "succeeded"
     else:
         if dest.pid and dest.state in ("running", "stopped"):

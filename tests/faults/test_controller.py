@@ -172,3 +172,31 @@ def test_two_controllers_one_wins(
     assert "refused in preflight: nothing was changed on either host" in refused["notes"]
     assert copies(lab, wl) == {"host-b": "running"}
     assert counter_pids(lab, "host-c", wl.count_file) == []
+
+
+def test_recover_rolls_back_an_unhealthy_destination(
+    lab: labmod.Lab, cleanup: list[Path], case: Case, tmp_path: Path
+) -> None:
+    case.fault = "controller SIGKILLed at verify; destination fails its health check"
+    wl = start(lab, "host-a", "counter-unhealthy", container=False)
+    cleanup.append(wl.count_file)
+    config = yaml.safe_load(lab.config_path.read_text())
+    config["workloads"] = {"unhealthy": {"pidfile": f"{wl.count_file}.pid", "health": "false"}}
+    cfg = tmp_path / "unhealthy.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    jdir = journal_dir(cfg)
+    jdir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "orchestrator.cli", "run", "unhealthy", "host-a", "host-b"]
+    proc = subprocess.Popen([*argv, "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    path = wait_for_phase(jdir, set(jdir.glob("*.jsonl")), "verify", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = migrate("recover", path.stem, config=cfg)
+    case.outcome = f"recover exit {r.returncode}"
+    found = copies(lab, wl)
+    case.copies = ", ".join(f"1 {st} on {h}" for h, st in found.items()) or "0"
+    assert found == {"host-a": "running"}, r.stdout + r.stderr
+    assert r.returncode in (0, 3)  # 0 only if the controller had already rolled back itself
+    if r.returncode == 3:
+        assert "fails its health check" in r.stdout
