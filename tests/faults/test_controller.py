@@ -34,7 +34,10 @@ EXPECTED = {
 
 
 def journal_dir(config: Path) -> Path:
-    return Path(yaml.safe_load(config.read_text())["state_dir"]) / "journal"
+    """The controller's journal directory for config (made if missing)."""
+    jdir = Path(yaml.safe_load(config.read_text())["state_dir"]) / "journal"
+    jdir.mkdir(parents=True, exist_ok=True)
+    return jdir
 
 
 def run_in_background(wl: Workload, dst: str, config: Path) -> subprocess.Popen[str]:
@@ -78,7 +81,6 @@ def test_controller_killed_then_recover(
     wl = start(lab, "host-a", f"counter-kill-{phase}", container=False)
     cleanup.append(wl.count_file)
     jdir = journal_dir(lab.config_path)
-    jdir.mkdir(parents=True, exist_ok=True)
     before_files = set(jdir.glob("*.jsonl"))
     before = wl.count()
 
@@ -128,7 +130,6 @@ def test_interrupt_rolls_back_cleanly(
     wl = start(lab, "host-a", f"counter-{sig}", container=False)
     cleanup.append(wl.count_file)
     jdir = journal_dir(lab.config_path)
-    jdir.mkdir(parents=True, exist_ok=True)
     proc = run_in_background(wl, "host-b", lab.config_path)
     wait_for_phase(jdir, set(jdir.glob("*.jsonl")), "transfer", proc)
     os.kill(proc.pid, sig)
@@ -156,7 +157,6 @@ def test_two_controllers_one_wins(
     other_cfg = tmp_path / "other.yaml"
     other_cfg.write_text(yaml.safe_dump(other))
     jdir = journal_dir(lab.config_path)
-    jdir.mkdir(parents=True, exist_ok=True)
 
     first = run_in_background(wl, "host-b", lab.config_path)
     wait_for_phase(jdir, set(jdir.glob("*.jsonl")), "prepare", first)
@@ -185,7 +185,6 @@ def test_recover_rolls_back_an_unhealthy_destination(
     cfg = tmp_path / "unhealthy.yaml"
     cfg.write_text(yaml.safe_dump(config))
     jdir = journal_dir(cfg)
-    jdir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "orchestrator.cli", "run", "unhealthy", "host-a", "host-b"]
     proc = subprocess.Popen([*argv, "--config", str(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
