@@ -22,7 +22,13 @@ RESERVED_CRIU_OPTIONS = (
 )  # fmt: skip
 IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")  # IFNAMSIZ - 1
 LOCATORS = ("pid", "pidfile", "systemd_unit", "match")
-RUNTIMES = ("process",)
+RUNTIMES = ("process", "lxc", "runc", "podman")
+CONTAINER_RUNTIMES = RUNTIMES[1:]  # found by `container` (a name), not by a pid
+# Container names as all three runtimes accept them; nothing an option or a path could hide in.
+CONTAINER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Per-runtime paths (the same on both hosts); None: the runtime's own default.
+RUNTIME_PATHS = {"lxc": ("lxcpath",), "runc": ("runc_root", "bundle"),
+                 "podman": ("podman_root", "podman_runroot")}  # fmt: skip
 
 
 class ConfigError(Exception):
@@ -68,6 +74,12 @@ class WorkloadConfig:
     criu_options: tuple[str, ...] = ()
     health: str | None = None
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    container: str | None = None  # lxc, runc, podman: the container's name
+    lxcpath: str | None = None  # lxc: where containers live (default /var/lib/lxc)
+    runc_root: str | None = None  # runc: its state root (default /run/runc)
+    bundle: str | None = None  # runc: the bundle (default: as `runc state` reports it)
+    podman_root: str | None = None  # podman --root (default: podman's storage.conf)
+    podman_runroot: str | None = None  # podman --runroot
 
     @property
     def locator(self) -> tuple[str, str]:
@@ -205,6 +217,13 @@ def _workload(v: _Validator, name: Any, raw: Any) -> WorkloadConfig:
         if value is not None and not IFNAME_RE.match(value):
             raise ConfigError(f"{v.path}: workloads.{name}.network.{key}: bad interface name")
     wl = _dataclass(v, WorkloadConfig, raw, f"workloads.{name}", name=name, network=net)
+    if wl.runtime in CONTAINER_RUNTIMES:
+        _container(v, wl)
+        return wl
+    if wl.container is not None:
+        raise ConfigError(
+            f"{v.path}: workloads.{name}.container: only for runtime lxc, runc or podman"
+        )
     given = [k for k in LOCATORS if getattr(wl, k) is not None]
     if len(given) != 1:
         raise ConfigError(
@@ -224,6 +243,31 @@ def _workload(v: _Validator, name: Any, raw: Any) -> WorkloadConfig:
         except re.error as e:
             raise ConfigError(f"{v.path}: workloads.{name}.match: bad regex: {e}") from None
     return wl
+
+
+def _container(v: _Validator, wl: WorkloadConfig) -> None:
+    """A container workload: a safe name, no pid locator, only its runtime's absolute paths."""
+    where = f"{v.path}: workloads.{wl.name}"
+    if wl.container is None:
+        raise ConfigError(f"{where}.container: required for runtime {wl.runtime}")
+    if not CONTAINER_RE.match(wl.container):
+        raise ConfigError(
+            f"{where}.container: bad container name {wl.container[:60]!r} "
+            "(letters, digits, '.', '_', '-'; at most 63; not starting with '-' or '.')"
+        )
+    given = [k for k in LOCATORS if getattr(wl, k) is not None]
+    if given:
+        raise ConfigError(f"{where}.{given[0]}: a {wl.runtime} workload is found by its container")
+    for runtime, keys in RUNTIME_PATHS.items():
+        for key in keys:
+            value = getattr(wl, key)
+            if value is None:
+                continue
+            if runtime != wl.runtime:
+                raise ConfigError(f"{where}.{key}: only for runtime {runtime}")
+            _check_path(value, f"{where}.{key}")
+            if not value.startswith("/") or "/../" in f"{value}/":
+                raise ConfigError(f"{where}.{key}: must be an absolute path without '..'")
 
 
 def _check_path(value: str, where: str) -> None:

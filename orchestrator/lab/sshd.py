@@ -12,10 +12,28 @@ from .state import LabError, LabHost
 
 SSHD = "/usr/sbin/sshd"
 
+# Where container runtimes keep state (runc, LXC, Podman) and where bundles live: each lab host
+# gets its own copy (a bind mount in its mount namespace), as separate machines would have.
+PRIVATE_DIRS = ("/run/runc", "/run/lxc", "/run/containers", "/run/libpod", "/var/lib/lxc",
+                "/var/lib/containers", "/srv")  # fmt: skip
+
 # Runs as pid 1 of the new pid namespace, in the host's netns and a fresh mount + UTS namespace.
-# $1 name, $2 ns_last_pid start value, $3 sshd_config, $4 sshd log.
+# $1 name, $2 ns_last_pid start value, $3 sshd_config, $4 sshd log, $5 the host's private root,
+# $6 this machine's cgroup mounts (`ip netns exec` hid them with a fresh /sys; runtimes need
+# them), one "TARGET TYPE OPTIONS" a line; PRIVATE_DIRS follow.
 _INIT = """\
 echo "$1" > /proc/sys/kernel/hostname || echo "migrate-lab: could not set hostname $1" >&2
+name=$1 last=$2 config=$3 log=$4 private=$5 cgroups=$6; shift 6
+printf '%s\\n' "$cgroups" | while read -r target type options; do
+  [ -n "$target" ] || continue
+  mkdir -p "$target"; mount -t "$type" -o "$options" "$type" "$target" \
+    || echo "migrate-lab: cannot mount $type at $target" >&2
+done
+for d; do
+  mkdir -p "$d" "$private$d" && mount --bind "$private$d" "$d" \
+    || echo "migrate-lab: $d is not private to $name" >&2
+done
+set -- "$name" "$last" "$config" "$log"
 echo "$2" > /proc/sys/kernel/ns_last_pid \
   || echo "migrate-lab: could not set ns_last_pid to $2: pids on this host may clash" >&2
 exec /usr/sbin/sshd -D -f "$3" -E "$4"
@@ -83,12 +101,24 @@ def launch(host: LabHost) -> subprocess.Popen[bytes]:
         "ip", "netns", "exec", host.netns,
         "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--uts",
         "sh", "-c", _INIT, "sh", host.name, str(host.pid_base), str(host.sshd_config),
-        str(host.sshd_log),
+        str(host.sshd_log), str(host.home / "root"), cgroup_mounts(), *PRIVATE_DIRS,
     ]  # fmt: skip
     with open(host.console_log, "ab") as out:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
         )
+
+
+def cgroup_mounts() -> str:
+    """This machine's cgroup file systems (and the tmpfs holding them), as _INIT mounts them."""
+    lines = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        target, fstype, options = fields[4], fields[sep + 1], fields[sep + 3]
+        if target.startswith("/sys/fs/cgroup") and fstype in ("cgroup", "cgroup2", "tmpfs"):
+            lines.append(f"{target} {fstype} {options}")
+    return "\n".join(lines)
 
 
 def find_pid1(host: LabHost, launcher: subprocess.Popen[bytes], timeout: float = 10) -> None:

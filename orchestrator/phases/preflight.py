@@ -101,6 +101,9 @@ class Preflight(Phase):
                 f"criu on {ctx.dst.name} ({_v(dst_v)}) is older than on {ctx.src.name} "
                 f"({_v(src_v)}): the destination must be at least as new"
             )
+        refused = ctx.runtime.refuses(ctx.plan.strategy)
+        if refused:
+            raise MigrationError(refused)
         target = ctx.runtime.locate(ctx.src)
         ctx.target = target
         if not ctx.plan.dry_run:

@@ -21,11 +21,20 @@ class Transfer(Phase):
             plan.dst_images,
             plan.link_socket,
         )
-        what = f"rsync {ctx.src.name} -> {ctx.dst.name}"
-        # Only a broken or stalled link is worth another attempt (rsync resumes: --partial).
-        for attempt in retrying(plan.policy, what, (rsync.LinkError,), ctx.notes):
-            with attempt:
-                r = ctx.src.run(argv)
-                if not r.ok:
-                    raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
-                ctx.bytes_transferred += rsync.bytes_sent(r.stdout)
+        push(ctx, argv, f"rsync {ctx.src.name} -> {ctx.dst.name}")
+        # What travels with the images (a container's bundle, config, rootfs), made exact.
+        for path in ctx.runtime.extra_paths(ctx.target) if ctx.target else []:
+            argv = rsync.push_argv(plan.source, plan.destination, plan.policy, path, path,
+                                   plan.link_socket, mirror=True)  # fmt: skip
+            push(ctx, argv, f"rsync {path} {ctx.src.name} -> {ctx.dst.name}")
+
+
+def push(ctx: Context, argv: list[str], what: str) -> None:
+    """Run one rsync on the source, retried while the link is what failed."""
+    # Only a broken or stalled link is worth another attempt (rsync resumes: --partial).
+    for attempt in retrying(ctx.plan.policy, what, (rsync.LinkError,), ctx.notes):
+        with attempt:
+            r = ctx.src.run(argv)
+            if not r.ok:
+                raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
+            ctx.bytes_transferred += rsync.bytes_sent(r.stdout)

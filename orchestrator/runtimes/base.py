@@ -24,6 +24,9 @@ class Target:
     net: NetInfo | None = None  # when it owns a network namespace: what travels with it
     network_lock: str | None = None  # chosen in pre-flight: nftables or iptables
     notes: list[str] = field(default_factory=list)
+    # Directories that travel with the images (a container's bundle, config, rootfs): mirrored
+    # to the same path on the destination by the transfer phase (runtimes fill it in locate).
+    paths: list[str] = field(default_factory=list)
 
 
 class Runtime(ABC):
@@ -68,6 +71,15 @@ class Runtime(ABC):
     @abstractmethod
     def state(self, host: Host, root_pid: int) -> str:
         """This copy's state: procs.RUNNING, procs.STOPPED or procs.GONE."""
+
+    def refuses(self, strategy: str) -> str | None:
+        """Why this runtime cannot migrate with strategy (None: it can); asked in pre-flight,
+        before anything is frozen."""
+        return None
+
+    def extra_paths(self, target: Target) -> list[str]:
+        """What else must exist on the destination (same path) before the restore."""
+        return list(target.paths)
 
     def running(self, host: Host, root_pid: int) -> bool:
         return self.state(host, root_pid) == "running"

@@ -68,11 +68,15 @@ def push_argv(
     src_dir: str,
     dst_dir: str,
     link: str | None = None,
+    mirror: bool = False,
 ) -> list[str]:
-    """rsync argv to run ON the source: push src_dir/ into dst_dir/ on the destination."""
+    """rsync argv to run ON the source: push src_dir/ into dst_dir/ on the destination.
+    With mirror, dst_dir becomes an exact copy (made if missing, files not in src_dir deleted):
+    for what travels with a container's images (its bundle, config, rootfs)."""
     return [
         "rsync",
         "-a",
+        *(["--mkpath", "--delete", "-HAX"] if mirror else []),
         "--partial",
         "--stats",
         "--numeric-ids",
