@@ -14,7 +14,8 @@ but is invisible to LXC (`lxc-info`: STOPPED) and cannot be stopped cleanly.
 The source is frozen first (`lxc-freeze`) and checkpointed without `-s`: CRIU leaves its
 freezer as it found it, so the source stays FROZEN (not killed) until the destination runs
 the container; confirm then stops it (`lxc-stop -k`), a rollback thaws it (`lxc-unfreeze`).
-CRIU restores the freezer state too, so the destination copy is thawed after its restore.
+CRIU restores the freezer state too (FROZEN, which LXC does not notice), so the destination
+copy is frozen and thawed through LXC after its restore.
 
 The container's directory (config, and rootfs when it is a plain directory) travels with
 the images, mirrored to the same lxcpath on the destination.
@@ -39,6 +40,8 @@ _WITH_CRIU = (
     'mkdir -p "$bin" && ln -sf "$c" "$bin/criu" && PATH="$bin:$PATH"; fi; exec "$@"'
 )
 
+_THAW = 'lxc-freeze -P "$1" -n "$2" && lxc-unfreeze -P "$1" -n "$2"'
+
 
 class LxcRuntime(ContainerRuntime):
     name = "lxc"
@@ -52,11 +55,11 @@ class LxcRuntime(ContainerRuntime):
         return [tool, "-P", self.lxcpath, "-n", self.container, *args]
 
     def status(self, host: Host) -> tuple[str, int]:
-        r = host.run(self.lxc("lxc-info", "-s", "-p", "-H"), mutates=False)
-        fields = r.stdout.split() if r.ok else []
-        state = _STATES.get(fields[0], procs.STOPPED) if fields else procs.GONE
-        pid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
-        return state, pid if state != procs.GONE else 0
+        r = host.run(self.lxc("lxc-info", "-s", "-p"), mutates=False)  # "State: X", "PID: N"
+        info = dict(ln.partition(":")[::2] for ln in r.stdout.splitlines()) if r.ok else {}
+        state = _STATES.get(info.get("State", "").strip(), procs.GONE)
+        pid = info.get("PID", "").strip()
+        return state, int(pid) if pid.isdigit() and state != procs.GONE else 0
 
     def paths(self, host: Host, pid: int) -> list[str]:
         home = f"{self.lxcpath}/{self.container}"
@@ -90,7 +93,9 @@ class LxcRuntime(ContainerRuntime):
         if not r.ok:
             host.run(self.lxc("lxc-stop", "-k"))
         criu_failed(host, r, images_dir, criu.RESTORE_LOG, "restore (lxc-checkpoint -r)")
-        thaw = host.run(self.lxc("lxc-unfreeze"))  # CRIU restored the freezer as dumped
+        # CRIU restored the freezer as dumped (FROZEN) while LXC believes the container runs,
+        # so a bare lxc-unfreeze does nothing: freeze it as LXC sees it, then thaw.
+        thaw = host.run(["sh", "-c", _THAW, "sh", self.lxcpath, self.container])
         if not thaw.ok:
             raise MigrationError(f"lxc-unfreeze {self.container} on {host}: {thaw.error_line()}")
         return self.running_pid(host, "lxc-checkpoint -r")
