@@ -12,10 +12,13 @@ test: setup test-deps
 	$(PYTHON) -m pytest -q -rs tests
 
 # What only the tests use: nginx (a real multi-process server to migrate), Debian's python3,
-# tcpdump (to show page traffic never crosses in clear).
+# tcpdump (to show page traffic never crosses in clear), the container runtimes and a static
+# busybox to build their containers offline.
+TEST_PACKAGES = nginx-light python3 tcpdump runc lxc podman busybox-static
 test-deps:
-	@dpkg -s nginx-light python3 tcpdump >/dev/null 2>&1 || \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light python3 tcpdump >/dev/null
+	@dpkg -s $(TEST_PACKAGES) >/dev/null 2>&1 || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    $(TEST_PACKAGES) >/dev/null
 
 unit:
 	$(PYTHON) -m pytest -q tests/unit

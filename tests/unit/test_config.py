@@ -119,3 +119,4 @@ def test_the_example_config_is_valid(tmp_path: Path, keys: dict[str, str]) -> No
         host.update(keys)  # the example's key paths do not exist here
     cfg = load(write(tmp_path, data))
     assert cfg.workload("counter").network.tcp == "keep"
+    assert cfg.workload("web-podman").container == "web"

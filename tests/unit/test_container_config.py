@@ -1,0 +1,94 @@
+"""Container workloads in the config (lxc, runc, podman), and the commands their runtimes build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.config import ConfigError, HostConfig, Policy, WorkloadConfig, load
+from orchestrator.runtimes import for_workload
+from orchestrator.runtimes.lxc import LxcRuntime
+from orchestrator.runtimes.podman import PodmanRuntime
+from orchestrator.runtimes.runc import RuncRuntime
+from tests.unit.fakehost import FakeHost
+
+
+def config(tmp_path: Path, workload: dict[str, Any]) -> Path:
+    key = tmp_path / "id"
+    key.write_text("k")
+    data = {
+        "hosts": {"a": {"address": "198.18.0.1", "key": str(key), "known_hosts": str(key)}},
+        "workloads": {"w": workload},
+    }
+    path = tmp_path / "migrate.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("runtime", ["lxc", "runc", "podman"])
+def test_a_container_workload_loads(tmp_path: Path, runtime: str) -> None:
+    wl = load(config(tmp_path, {"runtime": runtime, "container": "web-1.a_b"})).workload("w")
+    assert (wl.runtime, wl.container) == (runtime, "web-1.a_b")
+    assert type(for_workload(wl)).name == runtime
+
+
+@pytest.mark.parametrize(
+    ("workload", "expect"),
+    [
+        ({"runtime": "runc"}, "w.container: required for runtime runc"),
+        ({"runtime": "lxc", "container": "-P/etc"}, "bad container name '-P/etc'"),
+        ({"runtime": "lxc", "container": "../../etc"}, "bad container name"),
+        ({"runtime": "podman", "container": "a;reboot"}, "bad container name"),
+        ({"runtime": "podman", "container": "a b"}, "bad container name"),
+        ({"runtime": "runc", "container": ".hidden"}, "bad container name"),
+        ({"runtime": "runc", "container": "x" * 64}, "bad container name"),
+        ({"runtime": "runc", "container": 7}, "container: must be a string"),
+        ({"runtime": "runc", "container": "c", "pid": 5}, "w.pid: a runc workload is found by"),
+        ({"runtime": "lxc", "container": "c", "bundle": "/b"}, "w.bundle: only for runtime runc"),
+        ({"runtime": "runc", "container": "c", "bundle": "rel"}, "bundle: must be an absolute"),
+        ({"runtime": "runc", "container": "c", "runc_root": "/a/../b"}, "without '..'"),
+        ({"runtime": "lxc", "container": "c", "lxcpath": "/a\nb"}, "lxcpath: not a usable path"),
+        ({"runtime": "podman", "container": "c", "podman_root": "x"}, "podman_root: must be"),
+        ({"pid": 5, "container": "c"}, "container: only for runtime lxc, runc or podman"),
+    ],
+)
+def test_hostile_or_wrong_container_keys_are_refused(
+    tmp_path: Path, workload: dict[str, Any], expect: str
+) -> None:
+    path = config(tmp_path, workload)
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert expect in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def host(criu: str = "criu") -> FakeHost:
+    cfg = HostConfig(name="a", address="198.18.0.1", key="k", known_hosts="k", criu=criu)
+    return FakeHost(cfg, Policy())
+
+
+def test_runtime_commands_use_the_configured_paths_and_criu() -> None:
+    h = host("/opt/criu/bin/criu")
+    runc = RuncRuntime(WorkloadConfig("w", runtime="runc", container="c", runc_root="/r"))
+    assert runc.runc(h) == ["runc", "--root", "/r", "--criu", "/opt/criu/bin/criu"]
+    pod = PodmanRuntime(WorkloadConfig("w", runtime="podman", container="c", podman_root="/s",
+                                       podman_runroot="/t"))  # fmt: skip
+    assert pod.podman(h, "ps") == [
+        "podman", "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--root", "/s",
+        "--runroot", "/t", "--runtime-flag", "criu=/opt/criu/bin/criu", "ps",
+    ]  # fmt: skip
+    lxc = LxcRuntime(WorkloadConfig("w", runtime="lxc", container="c"))
+    assert lxc.lxc("lxc-info", "-s") == ["lxc-info", "-P", "/var/lib/lxc", "-n", "c", "-s"]
+    # Defaults: runc's own root, criu from PATH.
+    default = RuncRuntime(WorkloadConfig("w", runtime="runc", container="c"))
+    assert default.runc(host()) == ["runc", "--root", "/run/runc"]
+
+
+@pytest.mark.parametrize("runtime", ["lxc", "runc", "podman"])
+def test_container_runtimes_refuse_what_their_checkpoint_cannot_do(runtime: str) -> None:
+    rt = for_workload(WorkloadConfig("w", runtime=runtime, container="c"))
+    assert rt.refuses("stopcopy") is None and rt.refuses("auto") is None
+    reason = rt.refuses("stream")
+    assert reason and "stopcopy only" in reason and runtime in reason
