@@ -94,6 +94,8 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
         except HostError:
             pass  # judged below as unreachable
     source = _copy(ctx, ctx.src, summary.root_pid, command)
+    if source.state == "gone" and ctx.runtime.checkpointed(ctx.src, plan.src_images):
+        source = Copy(summary.root_pid, "stopped")  # its images are the source copy now
     restored = summary.restored_pid
     try:
         restored = restored or ctx.runtime.find_restored(ctx.dst, plan.dst_images) or None
@@ -128,7 +130,7 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
             ctx.runtime.remove(ctx.dst, dest.pid)
         if source.state == "stopped":
             ctx.runtime.resume(ctx.src, ctx.target, plan.src_images)
-        if ctx.runtime.running(ctx.src, summary.root_pid):
+        if ctx.runtime.running(ctx.src, ctx.target.root_pid):  # resume may have moved it
             report.notes.append(f"rolled back: the workload runs on {plan.source.name}")
             status = "rolled_back"
         else:

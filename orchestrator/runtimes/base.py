@@ -81,5 +81,10 @@ class Runtime(ABC):
         """What else must exist on the destination (same path) before the restore."""
         return list(target.paths)
 
+    def checkpointed(self, host: Host, images_dir: str) -> bool:
+        """Whether the source copy now exists only as its images in images_dir (a runtime whose
+        checkpoint ends the container): `resume` restores it from them. Read-only."""
+        return False
+
     def running(self, host: Host, root_pid: int) -> bool:
         return self.state(host, root_pid) == "running"

@@ -80,6 +80,10 @@ class PodmanRuntime(ContainerRuntime):
         criu_failed(host, r, images_dir, criu.RESTORE_LOG, "restore (podman container restore)")
         return self.running_pid(host, "podman container restore")
 
+    def checkpointed(self, host: Host, images_dir: str) -> bool:
+        done = host.run(["test", "-s", f"{images_dir}/{EXPORT}"], mutates=False).ok
+        return done and self.status(host)[0] != procs.RUNNING
+
     def resume(self, host: Host, target: Target, images_dir: str) -> None:
         state, pid = self.status(host)
         if state == procs.RUNNING:  # the checkpoint failed: Podman let it run on

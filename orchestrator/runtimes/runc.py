@@ -23,6 +23,8 @@ from orchestrator.transport.ssh import Host
 
 ROOT = "/run/runc"
 ERR = "runc.err"
+BUNDLE = "bundle.path"  # in the image directory: where the bundle was
+_NOTE = 'printf "%s\\n" "$2" > "$1" && shift 2 && exec "$@"'
 _STATES = {"running": procs.RUNNING, "paused": procs.STOPPED, "created": procs.STOPPED}
 # fds 0-2 of a pid, one "N TARGET" a line.
 _STDIO = 'for n in 0 1 2; do printf "%s %s\\n" "$n" "$(readlink "/proc/$1/fd/$n")"; done'
@@ -78,11 +80,16 @@ class RuncRuntime(ContainerRuntime):
     ) -> None:
         argv = [*self.runc(host), "checkpoint", "--image-path", images_dir, "--work-path",
                 images_dir, self.container]  # fmt: skip
-        r = detached(host, argv, f"{images_dir}/{ERR}")
+        # The bundle's path goes with the images: a recover restores from them without a journal
+        # entry for it, once the checkpointed container is gone from runc.
+        note = ["sh", "-c", _NOTE, "sh", f"{images_dir}/{BUNDLE}", target.paths[0], *argv]
+        r = detached(host, note, f"{images_dir}/{ERR}")
         criu_failed(host, r, images_dir, criu.DUMP_LOG, "dump (runc checkpoint)")
 
     def restore(self, host: Host, target: Target, images_dir: str) -> int:
         bundle = target.paths[0] if target.paths else self.bundle(host)
+        if not bundle:
+            bundle = host.run(["cat", "--", f"{images_dir}/{BUNDLE}"], mutates=False).stdout.strip()
         argv = [*self.runc(host), "restore", "-d", "--image-path", images_dir, "--work-path",
                 images_dir, "--bundle", bundle, self.container]  # fmt: skip
         r = detached(host, argv, f"{images_dir}/{ERR}")
@@ -90,6 +97,10 @@ class RuncRuntime(ContainerRuntime):
             host.run([*self.runc(host), "delete", "--force", self.container])
         criu_failed(host, r, images_dir, criu.RESTORE_LOG, "restore (runc restore)")
         return self.running_pid(host, "runc restore")
+
+    def checkpointed(self, host: Host, images_dir: str) -> bool:
+        done = host.run(["test", "-s", f"{images_dir}/inventory.img"], mutates=False).ok
+        return done and self.status(host)[0] == procs.GONE
 
     def resume(self, host: Host, target: Target, images_dir: str) -> None:
         state, pid = self.status(host)

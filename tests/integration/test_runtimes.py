@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ COUNTER = 'n=0; while :; do n=$((n+1)); echo $n > "$1/count"; sleep 0.05; done\n
 PODMAN = ["podman", "--cgroup-manager", "cgroupfs", "--events-backend", "file"]
 # An offline LXC busybox container as this kernel takes it: no tty (lxc.tty.max = 0), no
 # AppArmor line (no AppArmor here), no ro bind mounts of the host's libraries (busybox is
-# static; CRIU could not restore them), and an init that only runs the counter.
+# static; CRIU could not restore them), and an init that only runs the counter (the
+# template's rcS would run a DHCP client, which drops a configured address).
 _LXC_CREATE = r"""
 name=$1 conf=$2
 lxc-create -n "$name" -f "$conf" -t busybox >/dev/null
@@ -34,10 +36,19 @@ d=/var/lib/lxc/$name
 sed -i -e '/^lxc.tty.max/d' -e '/^lxc.apparmor/d' -e '/^lxc.mount.entry = \/\(usr\/\)\?lib/d' \
   "$d/config"
 echo 'lxc.tty.max = 0' >> "$d/config"
-printf '::sysinit:/etc/init.d/rcS\n::respawn:/bin/sh /counter.sh /dev/shm\n' \
-  > "$d/rootfs/etc/inittab"
+printf '::respawn:/bin/sh /counter.sh /dev/shm\n' > "$d/rootfs/etc/inittab"
 cp "$3" "$d/rootfs/counter.sh"
 lxc-start -n "$name"
+"""
+
+
+LXC_ADDRESS, LXC_MAC, LXC_VETH = "198.18.0.71", "02:6d:67:00:07:01", "vlxcmig"
+LXC_NET = f"""lxc.net.0.type = veth
+lxc.net.0.link = br0
+lxc.net.0.flags = up
+lxc.net.0.hwaddr = {LXC_MAC}
+lxc.net.0.veth.pair = {LXC_VETH}
+lxc.net.0.ipv4.address = {LXC_ADDRESS}/24
 """
 
 
@@ -131,7 +142,7 @@ def container(
     request: pytest.FixtureRequest, lab: labmod.Lab, rootfs: Path, tmp_path: Path
 ) -> Iterator[Container]:
     """A counting container of runtime request.param on host-a; removed from every host."""
-    runtime: str = request.param
+    runtime: str = request.param.removesuffix("-net")  # lxc-net: LXC with a veth into br0
     name = f"{runtime}-{request.node.name.split('[')[0].removeprefix('test_')[:20]}"
     ctr = Container(lab, runtime, name, "/data" if runtime == "podman" else "/dev/shm")
     for host in lab.names:
@@ -162,7 +173,7 @@ def start(ctr: Container, rootfs: Path, tmp: Path, request: pytest.FixtureReques
         on(lab, "host-a", 'cd "/srv/$1" && runc run -d "$1" </dev/null >/dev/null 2>&1', name)
     elif ctr.runtime == "lxc":
         conf = tmp / "lxc.conf"
-        conf.write_text("lxc.net.0.type = empty\n")
+        conf.write_text(LXC_NET if request.param == "lxc-net" else "lxc.net.0.type = empty\n")
         on(lab, "host-a", _LXC_CREATE, name, str(conf), str(rootfs / "rootfs" / "counter.sh"))
     else:
         request.getfixturevalue("podman_image")
@@ -275,3 +286,82 @@ def test_preflight_refusals(lab: labmod.Lab, container: Container, tmp_path: Pat
     assert r.returncode == 1
     assert "already exists on host-b" in json.loads(r.stdout)["error"]
     assert container.pid("host-a")  # nothing was frozen
+
+
+def arp_reply_mac(lab: labmod.Lab, host: str, address: str) -> str:
+    """The MAC that answers an ARP request for address, asked from host ('' if none)."""
+    out = on(lab, host, 'arping -c 2 -w 3 -I br0 "$1" || true', address)
+    return next((w.strip("[]").lower() for w in out.split() if w.count(":") == 5), "")
+
+
+@pytest.mark.parametrize("container", ["lxc-net"], indirect=True)
+def test_lxc_veth_moves_with_its_mac_into_the_destination_bridge(
+    lab: labmod.Lab, container: Container, tmp_path: Path
+) -> None:
+    ctr = container
+    assert arp_reply_mac(lab, "host-c", LXC_ADDRESS) == LXC_MAC
+    cfg = workload_config(lab, tmp_path / "migrate.yaml", ctr)
+    r = migrate("run", ctr.name, "host-a", "host-b", "--json", config=cfg)
+    assert r.returncode == 0, r.stdout + r.stderr
+    pid = ctr.pid("host-b")
+    # The host end is in host-b's br0 under its configured name; the MAC inside is the same.
+    assert "master br0" in on(lab, "host-b", 'ip -o link show dev "$1"', LXC_VETH)
+    wait_for(lambda: LXC_VETH not in on(lab, "host-a", "ip -o link show"), what="veth gone")
+    inside = on(lab, "host-b", 'nsenter -t "$1" -n ip -o link show dev eth0', str(pid))
+    assert f"link/ether {LXC_MAC} " in inside
+    # Its address answers from host-b now, with that MAC.
+    assert arp_reply_mac(lab, "host-c", LXC_ADDRESS) == LXC_MAC
+    wait_for(lambda: ctr.count("host-b") > 5, what="the counter to go on on host-b")
+
+
+def run_until_phase(cfg: Path, name: str, phase: str) -> str:
+    """Start a migration of name host-a -> host-b, SIGKILL the controller as `phase` begins
+    (seen in its journal); the migration's id."""
+    jdir = Path(yaml.safe_load(cfg.read_text())["state_dir"]) / "journal"
+    jdir.mkdir(parents=True, exist_ok=True)
+    before = set(jdir.glob("*.jsonl"))
+    argv = [sys.executable, "-m", "orchestrator.cli", "run", name, "host-a", "host-b"]
+    proc = subprocess.Popen([*argv, "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+
+        def begun() -> str:
+            for path in set(jdir.glob("*.jsonl")) - before:
+                for line in path.read_text().splitlines():
+                    e = json.loads(line)
+                    if (e.get("event"), e.get("name"), e.get("state")) == ("phase", phase, "begin"):
+                        return path.stem
+            assert proc.poll() is None, f"the controller ended before {phase}"
+            return ""
+
+        return str(wait_for(begun, timeout=60, what=f"{phase} to begin"))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("container", "phase", "expect"),
+    [("lxc", "transfer", "rolled_back"), ("runc", "transfer", "rolled_back"),
+     ("podman", "transfer", "rolled_back"), ("runc", "verify", "succeeded")],
+    indirect=["container"],
+)  # fmt: skip
+def test_controller_killed_then_recover(
+    lab: labmod.Lab, container: Container, tmp_path: Path, phase: str, expect: str
+) -> None:
+    """After the dump a runc or Podman source exists only as its images, an LXC one frozen:
+    recover brings it back from them (or confirms the destination copy)."""
+    ctr = container
+    cfg = workload_config(lab, tmp_path / "migrate.yaml", ctr)
+    before = ctr.count("host-a")
+    migration = run_until_phase(cfg, ctr.name, phase)
+    r = migrate("recover", migration, "--json", config=cfg)
+    report = json.loads(r.stdout)
+    assert report["status"] == expect, r.stdout + r.stderr
+    here, there = ("host-b", "host-a") if expect == "succeeded" else ("host-a", "host-b")
+    assert ctr.pid(here) and not ctr.pid(there) and not ctr.exists(there)
+    now = ctr.count(here)
+    assert now >= before
+    wait_for(lambda: ctr.count(here) > now + 5, what=f"the counter to go on on {here}")
+    for host in lab.hosts:
+        assert not list((host.workdir / "images").glob(f"*{migration}*")), host.name
