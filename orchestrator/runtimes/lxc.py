@@ -7,9 +7,11 @@ already passes CRIU what the seed's manual recipe passed by hand (seen by loggin
 the container's init pid (`-t`), its cgroup roots (`--cgroup-root`, `--freeze-cgroup`), its
 external mounts (`--ext-mount-map`), the console pty as an external tty re-attached on
 restore (`--external tty[..]`, `--inherit-fd`), and each veth re-plugged into its configured
-bridge on the destination with its MAC from the images (`--veth-pair`). What decides it: only a restore through LXC leaves the container under LXC's monitor, so `lxc-info`,
-`lxc-stop` and `lxc-attach` work on the destination; a copy restored by CRIU directly runs
-but is invisible to LXC (`lxc-info`: STOPPED) and cannot be stopped cleanly.
+bridge on the destination with its MAC from the images (`--veth-pair`). What decides it is
+the restore: LXC's restore runs CRIU against what lxc-start prepares (the rootfs mounted at
+its `--root`, the console pty, the cgroups) and leaves the container under LXC's monitor, so
+`lxc-info`, `lxc-stop` and `lxc-attach` work on the destination. CRIU alone would need all of
+that re-implemented here, and its copy would run without a monitor, unknown to LXC.
 
 The source is frozen first (`lxc-freeze`) and checkpointed without `-s`: CRIU leaves its
 freezer as it found it, so the source stays FROZEN (not killed) until the destination runs

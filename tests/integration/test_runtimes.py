@@ -54,7 +54,8 @@ lxc.net.0.ipv4.address = {LXC_ADDRESS}/24
 
 @pytest.fixture(scope="session")
 def rootfs() -> Iterator[Path]:
-    """A busybox rootfs with the counter, and a tarball of it (built once)."""
+    """A busybox rootfs with the counter, a tarball of it (Podman's image) and a runc bundle
+    config for it (built once)."""
     if not Path(BUSYBOX).exists():
         pytest.fail(f"{BUSYBOX} is missing: apt-get install busybox-static (make test-deps)")
     base = Path(tempfile.mkdtemp(prefix="migrate-rootfs-", dir="/run"))
@@ -70,6 +71,12 @@ def rootfs() -> Iterator[Path]:
             (root / d).mkdir()
         (root / "counter.sh").write_text(COUNTER)
         subprocess.run(["tar", "-C", str(root), "-cf", str(base / "rootfs.tar"), "."], check=True)
+        # runc's bundle config: no terminal (stdio /dev/null), a writable root, the counter.
+        subprocess.run(["runc", "spec", "--bundle", str(base)], check=True)
+        spec = json.loads((base / "config.json").read_text())
+        spec["process"].update(terminal=False, args=["sh", "/counter.sh", "/dev/shm"])
+        spec["root"]["readonly"] = False
+        (base / "config.json").write_text(json.dumps(spec))
         yield base
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -161,15 +168,8 @@ def container(
 def start(ctr: Container, rootfs: Path, tmp: Path, request: pytest.FixtureRequest) -> None:
     lab, name = ctr.lab, ctr.name
     if ctr.runtime == "runc":
-        bundle = tmp / "bundle"
-        (bundle / "rootfs").mkdir(parents=True)
-        subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
-        spec = json.loads((bundle / "config.json").read_text())
-        spec["process"].update(terminal=False, args=["sh", "/counter.sh", ctr.count_dir])
-        spec["root"]["readonly"] = False
-        (bundle / "config.json").write_text(json.dumps(spec))
-        on(lab, "host-a", 'mkdir -p "/srv/$1" && cp -a "$2/rootfs" "$3" "/srv/$1/"', name,
-           str(rootfs), str(bundle / "config.json"))  # fmt: skip
+        on(lab, "host-a", 'mkdir -p "/srv/$1" && cp -a "$2/rootfs" "$2/config.json" "/srv/$1/"',
+           name, str(rootfs))  # fmt: skip
         on(lab, "host-a", 'cd "/srv/$1" && runc run -d "$1" </dev/null >/dev/null 2>&1', name)
     elif ctr.runtime == "lxc":
         conf = tmp / "lxc.conf"
