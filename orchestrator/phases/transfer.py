@@ -22,11 +22,18 @@ class Transfer(Phase):
             plan.link_socket,
         )
         push(ctx, argv, f"rsync {ctx.src.name} -> {ctx.dst.name}")
-        # What travels with the images (a container's bundle, config, rootfs), made exact.
-        for path in ctx.runtime.extra_paths(ctx.target) if ctx.target else []:
-            argv = rsync.push_argv(plan.source, plan.destination, plan.policy, path, path,
-                                   plan.link_socket, mirror=True)  # fmt: skip
-            push(ctx, argv, f"rsync {path} {ctx.src.name} -> {ctx.dst.name}")
+        mirror_paths(ctx)
+
+
+def mirror_paths(ctx: Context) -> None:
+    """What travels with the images (a container's bundle, config, rootfs), made an exact copy
+    at the same path on the destination. Prepare calls it too, before the freeze, so that
+    this second pass inside the freeze only sends what changed since."""
+    plan = ctx.plan
+    for path in ctx.runtime.extra_paths(ctx.target) if ctx.target else []:
+        argv = rsync.push_argv(plan.source, plan.destination, plan.policy, path, path,
+                               plan.link_socket, mirror=True)  # fmt: skip
+        push(ctx, argv, f"rsync {path} {ctx.src.name} -> {ctx.dst.name}")
 
 
 def push(ctx: Context, argv: list[str], what: str) -> None:
