@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from orchestrator.errors import MigrationError
 from orchestrator.phases.base import Phase, make_private_dir, remove_dir
-from orchestrator.phases.transfer import mirror_paths
+from orchestrator.phases.transfer import mirror_paths, unmirror
 from orchestrator.plan import Context
 from orchestrator.transport import rsync
 
@@ -26,10 +26,11 @@ class Prepare(Phase):
                 raise MigrationError(
                     f"{ctx.src.name} cannot open its ssh link to {ctx.dst.name}: {r.error_line()}"
                 )
-        mirror_paths(ctx)  # a warm copy of what travels with the images, before the freeze
+        mirror_paths(ctx, warm=True)  # what travels with the images, copied before the freeze
 
     def undo(self, ctx: Context) -> None:
         close_link(ctx)
+        unmirror(ctx)
         if not ctx.plan.keep_images:
             remove_dir(ctx.src, ctx.plan.src_images)
             remove_dir(ctx.dst, ctx.plan.dst_images)

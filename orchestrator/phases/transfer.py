@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.phases.base import Phase
+from orchestrator.phases.base import Phase, remove_dir
 from orchestrator.plan import Context
 from orchestrator.transport import rsync
 from orchestrator.transport.ssh import retrying
@@ -25,12 +25,17 @@ class Transfer(Phase):
         mirror_paths(ctx)
 
 
-def mirror_paths(ctx: Context) -> None:
+def mirror_paths(ctx: Context, warm: bool = False) -> None:
     """What travels with the images (a container's bundle, config, rootfs), made an exact copy
-    at the same path on the destination. Prepare calls it too, before the freeze, so that
-    this second pass inside the freeze only sends what changed since."""
+    at the same path on the destination. Prepare calls it too (warm), before the freeze, so
+    that this second pass inside the freeze only sends what changed since; the warm copy
+    notes which paths it made, for unmirror."""
     plan = ctx.plan
-    for path in ctx.runtime.extra_paths(ctx.target) if ctx.target else []:
+    paths = ctx.runtime.extra_paths(ctx.target) if ctx.target else []
+    if warm and ctx.target is not None:
+        missing = [p for p in paths if not ctx.dst.run(["test", "-e", p], mutates=False).ok]
+        ctx.target.new_paths = missing
+    for path in paths:
         argv = rsync.push_argv(plan.source, plan.destination, plan.policy, path, path,
                                plan.link_socket, mirror=True)  # fmt: skip
         push(ctx, argv, f"rsync {path} {ctx.src.name} -> {ctx.dst.name}")
@@ -45,3 +50,9 @@ def push(ctx: Context, argv: list[str], what: str) -> None:
             if not r.ok:
                 raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
             ctx.bytes_transferred += rsync.bytes_sent(r.stdout)
+
+
+def unmirror(ctx: Context) -> None:
+    """Undo the warm copy: remove what it made on the destination (never what was there)."""
+    for path in ctx.target.new_paths if ctx.target else []:
+        remove_dir(ctx.dst, path)

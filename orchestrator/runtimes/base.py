@@ -27,6 +27,7 @@ class Target:
     # Directories that travel with the images (a container's bundle, config, rootfs): mirrored
     # to the same path on the destination by the transfer phase (runtimes fill it in locate).
     paths: list[str] = field(default_factory=list)
+    new_paths: list[str] = field(default_factory=list)  # of those, made on the destination by us
 
 
 class Runtime(ABC):

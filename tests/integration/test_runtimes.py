@@ -244,6 +244,11 @@ def test_failed_restore_keeps_the_container_on_the_source(
     assert ctr.pid("host-b") == 0 and not ctr.exists("host-b")
     for host in lab.hosts:
         assert not list((host.workdir / "images").glob("*")), host.name
+    # What travelled with the images (runc's bundle, LXC's container dir) is gone from host-b.
+    copied = {"runc": f"/srv/{ctr.name}", "lxc": f"/var/lib/lxc/{ctr.name}"}.get(ctr.runtime)
+    if copied:
+        assert on(lab, "host-a", 'test -e "$1" && echo yes', copied).strip() == "yes"
+        assert on(lab, "host-b", 'test -e "$1" || echo gone', copied).strip() == "gone"
 
 
 @pytest.mark.parametrize("container", ["podman"], indirect=True)
