@@ -49,7 +49,10 @@ _NETS = (
     'printf "%s " "$(lxc-info -P "$p" -n "$n" -c "lxc.net.$i.$k" | sed "s/^[^=]*= *//")"; '
     "done; echo; i=$((i+1)); done"
 )
-_THAW = 'lxc-freeze -P "$1" -n "$2" && lxc-unfreeze -P "$1" -n "$2"'
+_FREEZE_THEN = 'lxc-freeze -P "$1" -n "$2" && shift 2 && exec "$@"'
+_THEN_THAW = (
+    'p=$1 n=$2; shift 2; "$@" && lxc-freeze -P "$p" -n "$n" && lxc-unfreeze -P "$p" -n "$n"'
+)
 
 
 class LxcRuntime(ContainerRuntime):
@@ -104,24 +107,22 @@ class LxcRuntime(ContainerRuntime):
     def checkpoint(
         self, host: Host, target: Target, images_dir: str, page_port: int | None = None
     ) -> None:
-        freeze = host.run(self.lxc("lxc-freeze"))
-        if not freeze.ok:
-            raise MigrationError(f"lxc-freeze {self.container} on {host}: {freeze.error_line()}")
-        argv = self._with_criu(host, images_dir, self.lxc("lxc-checkpoint", "-D", images_dir))
-        r = detached(host, argv, f"{images_dir}/{ERR}")
-        criu_failed(host, r, images_dir, criu.DUMP_LOG, "dump (lxc-checkpoint)")
+        # Freeze, then checkpoint: one round trip. A failed checkpoint leaves it frozen
+        # (CRIU restores the freezer as it found it): the dump's undo thaws it.
+        argv = ["sh", "-c", _FREEZE_THEN, "sh", self.lxcpath, self.container,
+                *self.lxc("lxc-checkpoint", "-D", images_dir)]  # fmt: skip
+        r = detached(host, self._with_criu(host, images_dir, argv), f"{images_dir}/{ERR}")
+        criu_failed(host, r, images_dir, criu.DUMP_LOG, "dump (lxc-freeze, lxc-checkpoint)")
 
     def restore(self, host: Host, target: Target, images_dir: str) -> int:
-        argv = self.lxc("lxc-checkpoint", "-r", "-D", images_dir)
+        # Restore, then thaw (one round trip): CRIU restored the freezer as dumped (FROZEN)
+        # while LXC believes the container runs, so a bare lxc-unfreeze would do nothing.
+        argv = ["sh", "-c", _THEN_THAW, "sh", self.lxcpath, self.container,
+                *self.lxc("lxc-checkpoint", "-r", "-D", images_dir)]  # fmt: skip
         r = detached(host, self._with_criu(host, images_dir, argv), f"{images_dir}/{ERR}")
         if not r.ok:
             host.run(self.lxc("lxc-stop", "-k"))
         criu_failed(host, r, images_dir, criu.RESTORE_LOG, "restore (lxc-checkpoint -r)")
-        # CRIU restored the freezer as dumped (FROZEN) while LXC believes the container runs,
-        # so a bare lxc-unfreeze does nothing: freeze it as LXC sees it, then thaw.
-        thaw = host.run(["sh", "-c", _THAW, "sh", self.lxcpath, self.container])
-        if not thaw.ok:
-            raise MigrationError(f"lxc-unfreeze {self.container} on {host}: {thaw.error_line()}")
         return self.running_pid(host, "lxc-checkpoint -r")
 
     def resume(self, host: Host, target: Target, images_dir: str) -> None:
