@@ -89,6 +89,8 @@ class Context:
     page_port: int | None = None  # stream/post-copy: the tunnelled page server's port
     committed: bool = False  # the destination has resumed: no rollback from here on
     pages_done_at: float | None = None  # post-copy: every page has reached the destination
+    pulled_bytes: int = 0  # post-copy: memory the destination pulled after it resumed
+    transfer_seconds: float = 0.0  # time rsync spent moving images
 
     @property
     def downtime_ms(self) -> int | None:

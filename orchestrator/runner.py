@@ -104,7 +104,18 @@ def run(
     report.postcopy_tail_ms = ctx.postcopy_tail_ms
     report.total_ms = round((time.monotonic() - started) * 1000)
     report.bytes_transferred = ctx.bytes_transferred
-    report.transfer = {"bwlimit_kib_s": plan.policy.bwlimit, "compress": plan.policy.compress}
+    report.transfer = {
+        "bwlimit_kib_s": plan.policy.bwlimit,
+        "compress": plan.policy.compress,
+        "rsync_bytes": ctx.bytes_transferred,
+        "rsync_mib_s": _rate(ctx.bytes_transferred, ctx.transfer_seconds),
+    }
+    if ctx.pulled_bytes:
+        report.bytes_transferred += ctx.pulled_bytes
+        report.transfer["postcopy_bytes"] = ctx.pulled_bytes
+        report.transfer["postcopy_mib_s"] = _rate(
+            ctx.pulled_bytes, (ctx.postcopy_tail_ms or 0) / 1000
+        )
     report.restored_pid = ctx.restored_pid or None
     if ctx.target is not None and ctx.target.net is not None:
         report.network = {
@@ -225,6 +236,7 @@ def _facts(ctx: Context) -> dict[str, object]:
         "net": asdict(t.net) if t and t.net else None,
         "network_lock": t.network_lock if t else None,
         "committed": ctx.committed,
+        "page_port": ctx.page_port,
     }
 
 
@@ -232,6 +244,11 @@ def _message(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
         return "interrupted (SIGINT/SIGTERM)"
     return str(e) or type(e).__name__
+
+
+def _rate(nbytes: int, seconds: float) -> float | None:
+    """MiB/s, or None when nothing was timed."""
+    return round(nbytes / seconds / 2**20, 1) if seconds > 0 else None
 
 
 def _secs(t0: float) -> float:

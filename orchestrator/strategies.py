@@ -16,8 +16,9 @@ from orchestrator.phases.restore import Restore
 from orchestrator.phases.transfer import Transfer
 from orchestrator.phases.verify import Verify
 
+# python3: to unlock a rolled-back workload's TCP sockets (see runtimes/net.unlock_argv).
 POSTCOPY_NEEDS = Needs(dst_features=("uffd-noncoop",), pipe_max_bytes=LAZY_PIPE_BYTES,
-                       why="post-copy")  # fmt: skip
+                       src_commands=("python3",), why="post-copy")  # fmt: skip
 
 
 def stopcopy() -> list[Phase]:

@@ -14,6 +14,8 @@ NOISE = (
 )
 _ERROR = re.compile(r"\b(Error|BUG)\b|^Error|Can't |Unable to", re.IGNORECASE)
 _PREFIX = re.compile(r"^\(\s*[\d.]+\)\s*")
+_PULLED = re.compile(r"UFFD transferred pages: \((\d+)/(\d+)\)")
+PAGE_SIZE = 4096
 
 
 def error_lines(log: str, limit: int = 6) -> list[str]:
@@ -26,6 +28,15 @@ def error_lines(log: str, limit: int = 6) -> list[str]:
         if _ERROR.search(line) and not line.lower().startswith("warn"):
             found.append(line)
     return found[-limit:]
+
+
+def pages_pulled(log: str) -> tuple[int, int]:
+    """(pages pulled, pages expected) over all tasks, from a `criu lazy-pages` log."""
+    pulled = expected = 0
+    for m in _PULLED.finditer(log):
+        pulled += int(m.group(1))
+        expected += int(m.group(2))
+    return pulled, expected
 
 
 def raise_on_failure(host: Host, result: Result, images_dir: str, log: str, what: str) -> None:

@@ -16,12 +16,13 @@ import time
 
 from orchestrator.criu import background
 from orchestrator.criu import commands as criu
+from orchestrator.criu.logs import PAGE_SIZE, pages_pulled
 from orchestrator.errors import MigrationError
 from orchestrator.phases.base import Phase, settle
 from orchestrator.phases.pageserver import kill_criu
 from orchestrator.phases.restore import Restore
 from orchestrator.plan import Context
-from orchestrator.runtimes import procs
+from orchestrator.runtimes import net, procs
 
 # After an abort, CRIU needs a moment to unlock the network and let the tasks run.
 ABORT_WAIT = 30.0
@@ -39,26 +40,44 @@ class LazyDump(Phase):
 
     def undo(self, ctx: Context) -> None:
         """Before the destination resumed: make the lazy dump fail, which lets the source run
-        on (network unlocked, connections kept); a dump that already ended left it stopped."""
+        on with its connections."""
         plan, src = ctx.plan, ctx.src
         if ctx.target is None:
             return
-        if background.wait(src, plan.src_images, background.DUMP, 0) is None and ctx.page_port:
-            src.run(criu.abort_lazy_dump(ctx.page_port))
-            background.wait(src, plan.src_images, background.DUMP, ABORT_WAIT)
+        if ctx.page_port and _dump_running(ctx):
+            # A failed lazy dump resumes the tasks but not their network: unlock it first,
+            # while they are still frozen. (A dump still starting is not listening yet.)
+            _unlock_network(ctx)
+            deadline = time.monotonic() + ABORT_WAIT
+            while time.monotonic() < deadline:
+                src.run(criu.abort_lazy_dump(ctx.page_port))
+                if background.wait(src, plan.src_images, background.DUMP, 1) is not None:
+                    break
         settle(src, plan.src_images, plan.policy.command_timeout)
-        state = ctx.runtime.state(src, ctx.target.root_pid)
-        if state != procs.STOPPED:
-            return  # running again (CRIU resumed it), or gone: nothing to resume
-        if ctx.target.net is not None:
-            # Its sockets are in repair mode and only a restore brings them back; but a lazy
-            # dump's images lack the pages, so the source must not be restored from them.
-            raise MigrationError(
-                f"the lazy dump on {src.name} ended as if its pages were all pulled: the "
-                f"workload (pid {ctx.target.root_pid}) is stopped there with its connections "
-                "locked; resume it by hand (kill -CONT) once you accept that they reset"
-            )
-        ctx.runtime.resume(src, ctx.target, plan.src_images)
+        if ctx.runtime.state(src, ctx.target.root_pid) == procs.STOPPED:
+            # The dump ended as if every page had been pulled (its client went away cleanly):
+            # the tasks keep all their memory, stopped. Not resume(): that would restore from
+            # images, and a lazy dump's images lack the pages.
+            _unlock_network(ctx)
+            procs.signal(src, "CONT", procs.tree_of(src, ctx.target.root_pid))
+
+
+def _dump_running(ctx: Context) -> bool:
+    """Whether the lazy dump (or its detached wrapper) still runs on the source."""
+    images = ctx.plan.src_images
+    return any(images in p.args and " dump " in p.args for p in procs.table(ctx.src).values())
+
+
+def _unlock_network(ctx: Context) -> None:
+    """Take the workload's sockets out of TCP repair mode and drop CRIU's network lock."""
+    if ctx.target is None or ctx.target.net is None:
+        return
+    pids = procs.tree_of(ctx.src, ctx.target.root_pid)
+    r = ctx.src.run(net.unlock_argv(ctx.target.root_pid, pids))
+    if not r.ok:
+        raise MigrationError(
+            f"cannot unlock the workload's network on {ctx.src.name}: {r.error_line()}"
+        )
 
 
 class LazyRestore(Restore):
@@ -101,6 +120,10 @@ class PullPages(Phase):
         served = background.wait(ctx.src, plan.src_images, background.DUMP, max(left, 10.0))
         ctx.pages_done_at = time.monotonic()
         if pulled == 0 and served == 0:
+            log = f"{plan.dst_images}/{criu.LAZY_PAGES_LOG}"
+            r = ctx.dst.run(["grep", "-h", "--", "UFFD transferred", log], mutates=False)
+            pages, _ = pages_pulled(r.stdout)
+            ctx.pulled_bytes = pages * PAGE_SIZE
             return
         if pulled is None:
             why = f"not every page arrived within {deadline:.0f}s (policy postcopy_deadline)"

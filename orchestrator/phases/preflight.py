@@ -22,6 +22,7 @@ IMAGE_SLACK_KB = 16 * 1024
 # What later strategies and live TCP rely on, as `criu check --feature` names them.
 FEATURES = ("mem_dirty_track", "uffd-noncoop", "network_lock_nftables", "tcp_half_closed")
 _HAS = 'c=$1; shift; for f; do "$c" check --feature "$f" >/dev/null 2>&1 && echo "$f"; done; true'
+_HAS_CMD = 'for c; do command -v "$c" >/dev/null 2>&1 && echo "$c"; done; true'
 _FREE_KB = 'd=$1; while [ ! -e "$d" ]; do d=$(dirname -- "$d"); done; df -Pk -- "$d" | tail -n 1'
 
 
@@ -37,6 +38,7 @@ class Needs:
     src_features: tuple[str, ...] = ()
     dst_features: tuple[str, ...] = ()
     pipe_max_bytes: int = 0  # fs.pipe-max-size on both hosts
+    src_commands: tuple[str, ...] = ()  # programs the source must have
     why: str = ""  # shown with any refusal, e.g. "post-copy"
 
 
@@ -50,6 +52,7 @@ class HostCheck:
     free_kb: int = 0
     features: list[str] | None = None  # those of FEATURES this host's CRIU has (if asked)
     pipe_max: int = 0  # fs.pipe-max-size (if asked)
+    missing: list[str] | None = None  # of the commands asked for, those the host lacks
     error: str = ""
 
     @property
@@ -69,7 +72,9 @@ class HostCheck:
         return out
 
 
-def check_host(host: Host, features: bool = False, pipe: bool = False) -> HostCheck:
+def check_host(
+    host: Host, features: bool = False, pipe: bool = False, commands: tuple[str, ...] = ()
+) -> HostCheck:
     """The host half of pre-flight: reachable, CRIU usable, rsync present, free space; and
     with `features`, which CRIU features it has (one round trip); with `pipe`, the largest
     pipe it allows."""
@@ -95,15 +100,23 @@ def check_host(host: Host, features: bool = False, pipe: bool = False) -> HostCh
         if pipe:
             text = host.run(["cat", "/proc/sys/fs/pipe-max-size"], mutates=False).stdout.strip()
             hc.pipe_max = int(text) if text.isdigit() else 0
+        if commands:
+            have = host.run(["sh", "-c", _HAS_CMD, "sh", *commands], mutates=False).stdout.split()
+            hc.missing = [c for c in commands if c not in have]
     except HostError as e:
         hc.error = str(e)
     return hc
 
 
-def check_hosts(hosts: list[Host], features: bool = False, pipe: bool = False) -> list[HostCheck]:
-    """check_host on every host at once (one connection each)."""
+def check_hosts(
+    hosts: list[Host], features: bool = False, pipe: bool = False, needs: Needs | None = None
+) -> list[HostCheck]:
+    """check_host on every host at once (one connection each); the first host is the source."""
+    cmds = needs.src_commands if needs else ()
     with ThreadPoolExecutor(max_workers=min(8, len(hosts))) as pool:
-        return list(pool.map(lambda h: check_host(h, features, pipe), hosts))
+        return list(
+            pool.map(lambda h: check_host(h, features, pipe, cmds if h is hosts[0] else ()), hosts)
+        )
 
 
 def unmet(needs: Needs, src: HostCheck, dst: HostCheck) -> list[str]:
@@ -116,6 +129,8 @@ def unmet(needs: Needs, src: HostCheck, dst: HostCheck) -> list[str]:
                 f"{needs.why} needs CRIU feature {', '.join(missing)} on {hc.host}, which its "
                 "kernel or CRIU lacks (`criu check --feature`)"
             )
+    if src.missing:
+        out.append(f"{needs.why} needs {', '.join(src.missing)} on {src.host} (not installed)")
     for hc in (src, dst):
         if hc.pipe_max < needs.pipe_max_bytes:
             out.append(
@@ -135,7 +150,7 @@ class Preflight(Phase):
     def act(self, ctx: Context) -> None:
         needs = self.needs
         features = bool(needs.src_features or needs.dst_features)
-        checks = check_hosts([ctx.src, ctx.dst], features, pipe=needs.pipe_max_bytes > 0)
+        checks = check_hosts([ctx.src, ctx.dst], features, needs.pipe_max_bytes > 0, needs)
         problems = [p for c in checks for p in c.problems()]
         if not problems:
             problems = unmet(needs, checks[0], checks[1])

@@ -151,7 +151,7 @@ def test_stream_sends_pages_straight_to_the_destination(
     dst = lab.host("host-b").workdir / "images" / report["id"]
     assert not list(src.glob("pages-*.img")) and list(dst.glob("pages-*.img"))
     assert report["bytes_transferred"] < 1024 * 1024  # only the small images were rsynced
-    assert report["transfer"] == {"bwlimit_kib_s": 4096, "compress": True}
+    assert report["transfer"]["bwlimit_kib_s"] == 4096 and report["transfer"]["compress"]
     after = wl.count()
     wait_for(lambda: wl.count() > after + 5, what="the counter to keep counting on host-b")
     assert after >= before and running_pids(lab, "host-a", wl.count_file) == []
