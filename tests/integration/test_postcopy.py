@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from orchestrator import lab as labmod
 from tests.labkit import (
@@ -150,3 +151,29 @@ def test_postcopy_restore_failure_resumes_the_source(lab: labmod.Lab, tmp_path: 
         assert f"memwriter.py {w.log}" not in on(lab, "host-b", "ps -ww -e -o args=")
     finally:
         kill_everywhere(lab, w.log)
+
+
+def test_auto_is_postcopy_only_when_the_policy_allows(lab: labmod.Lab, tmp_path: Path) -> None:
+    config = yaml.safe_load(lab.config_path.read_text())
+    config.setdefault("policy", {})["allow_postcopy"] = True
+    allowing = tmp_path / "allow-postcopy.yaml"
+    allowing.write_text(yaml.safe_dump(config))
+    pid = on(lab, "host-a", "setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!").strip()
+    try:
+        runs = [
+            (
+                migrate(
+                    "run", f"pid:{pid}", "host-a", "host-b", "--dry-run", "--json", config=path
+                ),
+                expected,
+            )  # fmt: skip
+            for path, expected in ((lab.config_path, "stopcopy"), (allowing, "postcopy"))
+        ]
+    finally:
+        on(lab, "host-a", f"kill -KILL {pid}", check=False)
+    for r, expected in runs:
+        assert r.returncode == 0, r.stdout + r.stderr
+        report = json.loads(r.stdout)
+        assert report["strategy"] == expected, report
+        said = {"stopcopy": "auto: stop-copy", "postcopy": "auto: post-copy"}[expected]
+        assert any(n.startswith(said) for n in report["notes"]), report
