@@ -19,7 +19,7 @@ from orchestrator.config import Config, ConfigError, config_path, load
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, NullJournal
 from orchestrator.phases.preflight import check_hosts
-from orchestrator.plan import Context, make_plan
+from orchestrator.plan import Context, Plan, make_plan
 from orchestrator.recover import recover
 from orchestrator.report import PhaseResult, Report
 from orchestrator.runtimes import for_workload
@@ -149,7 +149,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     planned: list[str] = []
     src = Host(plan.source, plan.policy, dry_run=plan.dry_run, planned=planned)
     dst = Host(plan.destination, plan.policy, dry_run=plan.dry_run, planned=planned)
-    ctx = Context(plan=plan, src=src, dst=dst, runtime=for_workload(plan.workload))
+    runtime = for_workload(plan.workload)
+    auto_note = None
+    if plan.strategy == "auto":
+        plan, auto_note = _settle_auto(plan, src, dst, runtime.strategies)
+    ctx = Context(plan=plan, src=src, dst=dst, runtime=runtime)
+    if auto_note:
+        ctx.notes.append(auto_note)
     record = NullJournal() if plan.dry_run else Journal(config.state_dir, plan.id)
     listen = None if args.json else _print_phase
     if not args.json:
@@ -167,6 +173,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         _print_report(report)
     return report.exit_code
+
+
+def _settle_auto(plan: Plan, src: Host, dst: Host, runtime_can: frozenset[str]) -> tuple[Plan, str]:
+    """Pick the strategy `auto` stands for on these hosts (probing them only if it matters)."""
+    src_f: list[str] = []
+    dst_f: list[str] = []
+    if plan.policy.allow_postcopy:
+        checks = check_hosts([src, dst], features=True)
+        src_f, dst_f = checks[0].features or [], checks[1].features or []
+    name, why = strategies.choose(plan.policy, src_f, dst_f, runtime_can)
+    return dataclasses.replace(plan, strategy=name), why
 
 
 def _interrupt_on_sigterm() -> None:
@@ -205,6 +222,12 @@ def _print_report(r: Report) -> None:
             f"{n['bridge']}; {n['connections_kept']} established TCP connection(s) kept"
         )
     downtime = f"{r.downtime_ms} ms" if r.downtime_ms is not None else "-"
+    if r.postcopy_tail_ms is not None:
+        pulled = r.transfer.get("postcopy_bytes", 0)
+        downtime += (
+            f", post-copy tail {r.postcopy_tail_ms} ms ({pulled / 2**20:.0f} MiB pulled at "
+            f"{r.transfer.get('postcopy_mib_s') or '-'} MiB/s)"
+        )
     print(
         f"{r.status}: {r.workload} {r.source} -> {r.destination}; downtime {downtime}, "
         f"total {r.total_ms} ms, {r.bytes_transferred} bytes"

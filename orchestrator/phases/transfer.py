@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from orchestrator.phases.base import Phase, remove_dir
 from orchestrator.plan import Context
 from orchestrator.transport import rsync
@@ -21,8 +23,10 @@ class Transfer(Phase):
             plan.dst_images,
             plan.link_socket,
         )
+        t0 = time.monotonic()
         push(ctx, argv, f"rsync {ctx.src.name} -> {ctx.dst.name}")
         mirror_paths(ctx)
+        ctx.transfer_seconds += time.monotonic() - t0
 
 
 def mirror_paths(ctx: Context, warm: bool = False) -> None:

@@ -34,6 +34,8 @@ class Runtime(ABC):
     """How to find, checkpoint, restore, resume and remove one kind of workload."""
 
     name: str
+    #: The strategies this runtime can carry out; pre-flight refuses the others.
+    strategies: frozenset[str] = frozenset({"stopcopy"})
 
     def __init__(self, workload: WorkloadConfig) -> None:
         self.workload = workload
@@ -48,14 +50,22 @@ class Runtime(ABC):
 
     @abstractmethod
     def checkpoint(
-        self, host: Host, target: Target, images_dir: str, page_port: int | None = None
+        self,
+        host: Host,
+        target: Target,
+        images_dir: str,
+        page_port: int | None = None,
+        lazy_port: int | None = None,
     ) -> None:
         """Dump the workload into images_dir, leaving it stopped (not killed) on host; with
-        page_port, its pages go to the page server tunnelled at 127.0.0.1:page_port."""
+        page_port, its pages go to the page server tunnelled at 127.0.0.1:page_port; with
+        lazy_port (post-copy), they stay in memory and a detached dump serves them there until
+        the destination has pulled them all (its exit code: background name DUMP)."""
 
     @abstractmethod
-    def restore(self, host: Host, target: Target, images_dir: str) -> int:
-        """Restore from images_dir on host; returns the restored root pid as host sees it."""
+    def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
+        """Restore from images_dir on host; returns the restored root pid as host sees it.
+        With lazy, memory comes from the lazy-pages daemon already running for images_dir."""
 
     @abstractmethod
     def find_restored(self, host: Host, images_dir: str) -> int:
@@ -72,11 +82,6 @@ class Runtime(ABC):
     @abstractmethod
     def state(self, host: Host, root_pid: int) -> str:
         """This copy's state: procs.RUNNING, procs.STOPPED or procs.GONE."""
-
-    def refuses(self, strategy: str) -> str | None:
-        """Why this runtime cannot migrate with strategy (None: it can); asked in pre-flight,
-        before anything is frozen."""
-        return None
 
     def extra_paths(self, target: Target) -> list[str]:
         """What else must exist on the destination (same path) before the restore."""

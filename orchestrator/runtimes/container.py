@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
+from orchestrator.criu.logs import raise_on_failure
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes import procs
 from orchestrator.runtimes.base import Runtime, Target
-from orchestrator.runtimes.process import _criu_or_raise
 from orchestrator.transport.ssh import Host, Result
-
-# What the runtimes' own checkpoint commands can do here: one full dump, no page server, no
-# pre-dump (that needs soft-dirty memory tracking, which this kernel lacks).
-STRATEGIES = ("auto", "stopcopy")
 
 # Run a command detached from the ssh session (a restored container must not inherit it):
 # stdin/stdout to /dev/null, stderr to a file that is printed if the command fails.
@@ -26,6 +22,9 @@ class ContainerRuntime(Runtime):
     """A container named in the config, found, checkpointed and restored by its runtime."""
 
     tool: str  # the runtime's binary, checked on both hosts
+    # What their own checkpoint commands can do: one full dump. No page server, no lazy pages,
+    # no pre-dump (runc's --pre-dump needs soft-dirty memory tracking, which this kernel lacks).
+    strategies = frozenset({"stopcopy"})
 
     @property
     def container(self) -> str:
@@ -42,14 +41,6 @@ class ContainerRuntime(Runtime):
 
     def more_preflight(self, src: Host, dst: Host, target: Target) -> list[str]:
         return []
-
-    def refuses(self, strategy: str) -> str | None:
-        if strategy in STRATEGIES:
-            return None
-        return (
-            f"runtime {self.name} migrates with stopcopy only ({self.tool}'s checkpoint makes "
-            f"one full dump: no page server, no pre-dump), not {strategy}"
-        )
 
     def has_tool(self, host: Host) -> bool:
         return host.run(["sh", "-c", 'command -v "$1"', "sh", self.tool], mutates=False).ok
@@ -117,4 +108,4 @@ def detached(host: Host, argv: list[str], err_file: str) -> Result:
 
 def criu_failed(host: Host, result: Result, images_dir: str, log: str, what: str) -> None:
     """Raise with CRIU's error lines (from its log in images_dir) if the tool failed."""
-    _criu_or_raise(host, result, images_dir, log, what)
+    raise_on_failure(host, result, images_dir, log, what)

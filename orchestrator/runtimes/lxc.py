@@ -105,7 +105,12 @@ class LxcRuntime(ContainerRuntime):
         return ["sh", "-c", _WITH_CRIU, "sh", host.config.criu, f"{images_dir}/.criu", *argv]
 
     def checkpoint(
-        self, host: Host, target: Target, images_dir: str, page_port: int | None = None
+        self,
+        host: Host,
+        target: Target,
+        images_dir: str,
+        page_port: int | None = None,
+        lazy_port: int | None = None,
     ) -> None:
         # Freeze, then checkpoint: one round trip. A failed checkpoint leaves it frozen
         # (CRIU restores the freezer as it found it): the dump's undo thaws it.
@@ -114,7 +119,7 @@ class LxcRuntime(ContainerRuntime):
         r = detached(host, self._with_criu(host, images_dir, argv), f"{images_dir}/{ERR}")
         criu_failed(host, r, images_dir, criu.DUMP_LOG, "dump (lxc-freeze, lxc-checkpoint)")
 
-    def restore(self, host: Host, target: Target, images_dir: str) -> int:
+    def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
         # Restore, then thaw (one round trip): CRIU restored the freezer as dumped (FROZEN)
         # while LXC believes the container runs, so a bare lxc-unfreeze would do nothing.
         argv = ["sh", "-c", _THEN_THAW, "sh", self.lxcpath, self.container,

@@ -65,14 +65,19 @@ class PodmanRuntime(ContainerRuntime):
         return []
 
     def checkpoint(
-        self, host: Host, target: Target, images_dir: str, page_port: int | None = None
+        self,
+        host: Host,
+        target: Target,
+        images_dir: str,
+        page_port: int | None = None,
+        lazy_port: int | None = None,
     ) -> None:
         argv = self.podman(host, "container", "checkpoint", "--export", f"{images_dir}/{EXPORT}",
                            self.container)  # fmt: skip
         r = detached(host, argv, f"{images_dir}/{ERR}")
         criu_failed(host, r, images_dir, criu.DUMP_LOG, "dump (podman container checkpoint)")
 
-    def restore(self, host: Host, target: Target, images_dir: str) -> int:
+    def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
         argv = self.podman(host, "container", "restore", "--import", f"{images_dir}/{EXPORT}")
         r = detached(host, argv, f"{images_dir}/{ERR}")
         if not r.ok:

@@ -76,7 +76,12 @@ class RuncRuntime(ContainerRuntime):
         return problems
 
     def checkpoint(
-        self, host: Host, target: Target, images_dir: str, page_port: int | None = None
+        self,
+        host: Host,
+        target: Target,
+        images_dir: str,
+        page_port: int | None = None,
+        lazy_port: int | None = None,
     ) -> None:
         argv = [*self.runc(host), "checkpoint", "--image-path", images_dir, "--work-path",
                 images_dir, self.container]  # fmt: skip
@@ -86,7 +91,7 @@ class RuncRuntime(ContainerRuntime):
         r = detached(host, note, f"{images_dir}/{ERR}")
         criu_failed(host, r, images_dir, criu.DUMP_LOG, "dump (runc checkpoint)")
 
-    def restore(self, host: Host, target: Target, images_dir: str) -> int:
+    def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
         bundle = target.paths[0] if target.paths else self.bundle(host)
         if not bundle:
             bundle = host.run(["cat", "--", f"{images_dir}/{BUNDLE}"], mutates=False).stdout.strip()

@@ -280,7 +280,7 @@ def test_preflight_refusals(lab: labmod.Lab, container: Container, tmp_path: Pat
     r = migrate("run", container.name, "host-a", "host-b", "--strategy", "stream", "--json",
                 config=cfg)  # fmt: skip
     assert r.returncode == 1
-    assert "stopcopy only" in json.loads(r.stdout)["error"]
+    assert "runc runtime cannot migrate with strategy stream" in json.loads(r.stdout)["error"]
 
     # The same bundle, run on host-b too (host-a's /srv, seen from outside the lab hosts).
     bundle_a = lab.host("host-a").home / "root" / "srv" / container.name
