@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -48,19 +47,26 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):  # type
 
 BROKEN_CRIU = """#!/bin/sh
 # `restore` fails as a real CRIU error would (also `swrk`, the RPC mode through which runc and
-# Podman restore); everything else is the real criu, by its path (this one may be on PATH).
+# Podman restore); everything else is the real criu: the first one on PATH that is not this
+# script (which may itself be on PATH as `criu`, e.g. for LXC).
 if [ "$1" = restore ] || [ "$1" = swrk ]; then
   echo "Error (criu/cr-restore.c:1): restore refused (injected by the test)" >&2
   exit 1
 fi
-exec {criu} "$@"
+self=$(readlink -f "$0")
+IFS=:
+for d in $PATH; do
+  if [ -x "$d/criu" ] && [ "$(readlink -f "$d/criu")" != "$self" ]; then exec "$d/criu" "$@"; fi
+done
+echo "criu not found on PATH" >&2
+exit 127
 """
 
 
 def failing_restore_config(lab: labmod.Lab, tmp: Path, host: str = "host-b") -> Path:
     """The lab's config with host's criu replaced by one whose restore fails."""
     broken = tmp / "criu-fails-restore"
-    broken.write_text(BROKEN_CRIU.format(criu=shutil.which("criu") or "criu"))
+    broken.write_text(BROKEN_CRIU)
     broken.chmod(0o755)
     return config_with(lab, tmp / "failing-restore.yaml", **{host: {"criu": str(broken)}})
 
