@@ -23,6 +23,8 @@ from orchestrator.transport.ssh import Host
 
 EXPORT = "checkpoint.tar"
 ERR = "podman.err"
+# As LXC does by default: established TCP connections and file locks travel (no-ops without).
+KEEP = ("--tcp-established", "--file-locks")
 _STATES = {"running": procs.RUNNING, "paused": procs.STOPPED}
 _FORMAT = "{{.State.Status}} {{.State.Pid}} {{.ImageName}}"
 
@@ -72,13 +74,15 @@ class PodmanRuntime(ContainerRuntime):
         page_port: int | None = None,
         lazy_port: int | None = None,
     ) -> None:
-        argv = self.podman(host, "container", "checkpoint", "--export", f"{images_dir}/{EXPORT}",
+        export = f"{images_dir}/{EXPORT}"
+        argv = self.podman(host, "container", "checkpoint", *KEEP, "--export", export,
                            self.container)  # fmt: skip
         r = detached(host, argv, f"{images_dir}/{ERR}")
         criu_failed(host, r, images_dir, criu.DUMP_LOG, "dump (podman container checkpoint)")
 
     def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
-        argv = self.podman(host, "container", "restore", "--import", f"{images_dir}/{EXPORT}")
+        export = f"{images_dir}/{EXPORT}"
+        argv = self.podman(host, "container", "restore", *KEEP, "--import", export)
         r = detached(host, argv, f"{images_dir}/{ERR}")
         if not r.ok:
             host.run(self.podman(host, "rm", "--force", "--ignore", self.container))

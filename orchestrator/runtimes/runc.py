@@ -23,6 +23,8 @@ from orchestrator.transport.ssh import Host
 
 ROOT = "/run/runc"
 ERR = "runc.err"
+# As LXC does by default: established TCP connections and file locks travel (no-ops without).
+KEEP = ("--tcp-established", "--file-locks")
 BUNDLE = "bundle.path"  # in the image directory: where the bundle was
 _NOTE = 'printf "%s\\n" "$2" > "$1" && shift 2 && exec "$@"'
 _STATES = {"running": procs.RUNNING, "paused": procs.STOPPED, "created": procs.STOPPED}
@@ -83,7 +85,7 @@ class RuncRuntime(ContainerRuntime):
         page_port: int | None = None,
         lazy_port: int | None = None,
     ) -> None:
-        argv = [*self.runc(host), "checkpoint", "--image-path", images_dir, "--work-path",
+        argv = [*self.runc(host), "checkpoint", *KEEP, "--image-path", images_dir, "--work-path",
                 images_dir, self.container]  # fmt: skip
         # The bundle's path goes with the images: a recover restores from them without a journal
         # entry for it, once the checkpointed container is gone from runc.
@@ -95,7 +97,7 @@ class RuncRuntime(ContainerRuntime):
         bundle = target.paths[0] if target.paths else self.bundle(host)
         if not bundle:
             bundle = host.run(["cat", "--", f"{images_dir}/{BUNDLE}"], mutates=False).stdout.strip()
-        argv = [*self.runc(host), "restore", "-d", "--image-path", images_dir, "--work-path",
+        argv = [*self.runc(host), "restore", "-d", *KEEP, "--image-path", images_dir, "--work-path",
                 images_dir, "--bundle", bundle, self.container]  # fmt: skip
         r = detached(host, argv, f"{images_dir}/{ERR}")
         if not r.ok:
