@@ -1,0 +1,86 @@
+"""One migration end to end: its plan, its own two host connections, its journal and the runner.
+
+The one path every migration takes, whether started by `migrate run` or by `migrate evacuate`
+(several at once, one session per thread: nothing here is shared between sessions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from orchestrator import journal, runner, strategies
+from orchestrator.config import Config, WorkloadConfig
+from orchestrator.errors import MigrationError
+from orchestrator.journal import Journal, NullJournal
+from orchestrator.plan import Context, Plan, make_plan
+from orchestrator.report import Report
+from orchestrator.runtimes import for_workload
+from orchestrator.transport.ssh import Host
+
+
+class Busy(MigrationError):
+    """The workload has an unfinished migration: recover it first."""
+
+
+@dataclass
+class Session:
+    """A migration ready to run: hosts not yet connected, journal not yet written."""
+
+    ctx: Context
+    journal: Journal
+
+    @property
+    def plan(self) -> Plan:
+        return self.ctx.plan
+
+    def run(self, listen: runner.Listener | None = None) -> Report:
+        """Run the strategy's phases; the host connections are closed whatever happens."""
+        try:
+            return runner.run(self.ctx, strategies.phases(self.plan.strategy), self.journal, listen)
+        finally:
+            self.ctx.src.close()
+            self.ctx.dst.close()
+
+
+def open_session(
+    config: Config,
+    workload: str,
+    source: str,
+    destination: str,
+    *,
+    strategy: str = "auto",
+    keep_images: bool = False,
+    dry_run: bool = False,
+    workload_config: WorkloadConfig | None = None,
+) -> Session:
+    """Plan one migration (ConfigError on unknown names; Busy if one is unfinished).
+
+    `workload_config` replaces the config's entry for the workload (evacuate gives the pid it
+    found the workload under, when it moved since the config was written)."""
+    plan = make_plan(
+        config,
+        workload,
+        source,
+        destination,
+        strategy=strategies.resolve(strategy),
+        keep_images=keep_images,
+        dry_run=dry_run,
+    )
+    if workload_config is not None:
+        plan = dataclasses.replace(plan, workload=workload_config)
+    if not plan.dry_run:
+        busy = [j for j in journal.summaries(config.state_dir) if j.status is None
+                and j.workload == plan.workload.name]  # fmt: skip
+        if busy:
+            raise Busy(
+                f"workload {plan.workload.name} has an unfinished migration "
+                f"{busy[-1].id} (its controller died, or it still runs): "
+                f"run `migrate recover {busy[-1].id}` first"
+            )
+    planned: list[str] = []
+    src = Host(plan.source, plan.policy, dry_run=plan.dry_run, planned=planned)
+    dst = Host(plan.destination, plan.policy, dry_run=plan.dry_run, planned=planned)
+    ctx = Context(plan=plan, src=src, dst=dst, runtime=for_workload(plan.workload))
+    record = NullJournal() if plan.dry_run else Journal(config.state_dir, plan.id)
+    return Session(ctx, record)
