@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("source")
     e.add_argument("--to", action="append", default=[], metavar="DST",
                    help="a destination (repeat; default: all other hosts)")  # fmt: skip
+    e.add_argument("--only", action="append", default=[], metavar="WORKLOAD",
+                   help="move just this workload (repeat)")  # fmt: skip
     e.add_argument("--parallel", type=int, default=1, metavar="N", help="migrations at once")
     e.add_argument("--config")
     e.add_argument("--strategy", default="auto", choices=strategies.CHOICES)
@@ -180,7 +182,7 @@ def cmd_evacuate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--parallel must be at least 1, not {args.parallel}")
     if args.metrics_file:
         metrics.check_path(args.metrics_file)
-    s = evacuate.survey(config, args.source, args.to)
+    s = evacuate.survey(config, args.source, args.to, args.only)
     if not args.json:
         render.placement(s)
     if not s.workloads:

@@ -61,7 +61,24 @@ def workloads_on(config: Config, host: str) -> dict[str, WorkloadConfig]:
     return {n: wl for n, (h, wl) in sorted(whereabouts(config).items()) if h == host}
 
 
-def survey(config: Config, source: str, destinations: list[str]) -> Survey:
+def select(config: Config, source: str, only: list[str]) -> dict[str, WorkloadConfig]:
+    """The workloads on source, or just those named in `only` (each must be there)."""
+    here = workloads_on(config, source)
+    if not only:
+        return here
+    where = whereabouts(config)
+    for name in only:
+        if name not in config.workloads:
+            raise ConfigError(f"--only {name}: no such workload in {config.path}")
+        if name not in here:
+            now = where[name][0] if name in where else "no host"
+            raise ConfigError(f"--only {name}: it is not on {source} (it is on {now})")
+    return {n: here[n] for n in sorted(set(only))}
+
+
+def survey(
+    config: Config, source: str, destinations: list[str], only: list[str] | None = None
+) -> Survey:
     """Locate the source's workloads, read the destinations' room, and place (read-only)."""
     config.host(source)
     dests = destinations or [h for h in config.hosts if h != source]
@@ -71,7 +88,7 @@ def survey(config: Config, source: str, destinations: list[str]) -> Survey:
             raise ConfigError(f"--to {d}: the destination cannot be the host being evacuated")
     if not dests:
         raise ConfigError(f"no destination: the config has no host besides {source}")
-    s = Survey(source, list(dict.fromkeys(dests)), workloads_on(config, source))
+    s = Survey(source, list(dict.fromkeys(dests)), select(config, source, only or []))
     src = Host(config.host(source), config.policy)
     try:
         for name, wl in s.workloads.items():

@@ -142,7 +142,9 @@ def test_evacuate_splits_by_capacity_runs_two_at_once_and_comes_back(
     r = migrate("evacuate", "host-a", "--json", config=cfg)
     assert r.returncode == 0 and json.loads(r.stdout)["workloads"] == [], r.stdout + r.stderr
     for host in ("host-b", "host-c"):
-        r = migrate("evacuate", host, "--to", "host-a", "--parallel", "2", config=cfg)
+        names = [n for n, w in reports.items() if w["destination"] == host]
+        only = [a for n in names for a in ("--only", n)] if host == "host-b" else []
+        r = migrate("evacuate", host, "--to", "host-a", "--parallel", "2", *only, config=cfg)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "2 of 2 workload(s) moved" in r.stdout
     for h in holders:

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import metrics
 from orchestrator.config import ConfigError, load
-from orchestrator.evacuate import exit_code, whereabouts, workloads_on
+from orchestrator.evacuate import exit_code, select, whereabouts, workloads_on
 from orchestrator.placement import Bin, Item, mem_available_kb, place
 from orchestrator.progress import round_of
 from orchestrator.report import Report
@@ -122,6 +122,13 @@ def test_the_journal_says_where_a_workload_went(tmp_path: Path) -> None:
     assert sorted(workloads_on(cfg, "host-a")) == ["rolled", "stayed"]
     journal("m3", "moved", "host-a", "succeeded", 78)  # and back again: the last one wins
     assert workloads_on(cfg, "host-a")["moved"].pid == 78
+    assert list(select(cfg, "host-a", ["moved"])) == ["moved"]
+    with pytest.raises(
+        ConfigError, match=r"--only nowhere: it is not on host-a \(it is on no host"
+    ):
+        select(cfg, "host-a", ["nowhere"])
+    with pytest.raises(ConfigError, match="--only ghost: no such workload"):
+        select(cfg, "host-a", ["ghost"])
 
 
 def _report(name: str, status: str, downtime: int | None = 120) -> Report:
