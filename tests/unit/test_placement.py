@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,22 @@ def test_round_from_context_or_phase_name() -> None:
     assert round_of("precopy round 3", ctx) == 3  # type: ignore[arg-type]
     ctx.round = 2
     assert round_of("precopy", ctx) == 2  # type: ignore[arg-type]
+
+
+def test_live_view_shows_phase_round_bytes_and_outcome() -> None:
+    from rich.console import Console
+
+    from orchestrator.progress import Event, LiveView
+
+    view = LiveView(["w1", "w2"])
+    t = time.monotonic() - 2.0  # began two seconds ago: 1.5 MiB/s
+    view(Event("w1", "host-b", "precopy round 2", None, 3 * 2**20, round=2, t=t))
+    view(Event("w2", "host-c", "end", "rolled_back", 0, t=100.0))
+    console = Console(record=True, width=120)
+    console.print(view.render())
+    text = console.export_text()
+    row1 = next(ln for ln in text.splitlines() if ln.startswith("w1"))
+    assert "host-b" in row1 and "precopy round 2" in row1 and "3.0 MiB" in row1
+    assert "1.5 MiB/s" in row1 and "running" in row1 and " 2 " in row1
+    row2 = next(ln for ln in text.splitlines() if ln.startswith("w2"))
+    assert "rolled_back" in row2 and "0.0s" in row2
