@@ -167,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         with progress.LiveView() as view:
             report = session.run(progress.listener(ctx, view))
-    if args.metrics_file:
+    if args.metrics_file and not plan.dry_run:
         metrics.write(args.metrics_file, [report])
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -186,6 +186,8 @@ def cmd_evacuate(args: argparse.Namespace) -> int:
     if not args.json:
         render.placement(s)
     if not s.workloads:
+        if args.metrics_file and not args.dry_run:
+            metrics.write(args.metrics_file, [])  # the job ran; nothing to move
         if args.json:
             print(json.dumps(render.evacuation_dict(s, []), indent=2))
         return 0
