@@ -136,7 +136,7 @@ class Options:
     keep_images: bool = False
 
 
-def failed(config: Config, survey_: Survey, name: str, why: str, dest: str = "-") -> Report:
+def failed(survey_: Survey, name: str, why: str, dest: str = "-") -> Report:
     """The report of a workload that never started migrating."""
     return Report(id="-", workload=name, source=survey_.source, destination=dest,
                   strategy="-", error=why)  # fmt: skip
@@ -153,14 +153,14 @@ def evacuate(
     in name order. Workloads that could not be located or placed are reported as failed."""
     reports: dict[str, Report] = {}
     for name, why in s.missing.items():
-        reports[name] = failed(config, s, name, why)
+        reports[name] = failed(s, name, why)
     for name, why in s.placement.unplaced.items():
-        reports[name] = failed(config, s, name, f"not placed: {why}")
+        reports[name] = failed(s, name, f"not placed: {why}")
     stop = stop or threading.Event()
 
     def one(name: str, dest: str) -> Report:
         if stop.is_set():
-            report = failed(config, s, name, "not started: the evacuation was interrupted", dest)
+            report = failed(s, name, "not started: the evacuation was interrupted", dest)
         else:
             try:
                 session = open_session(
@@ -169,7 +169,7 @@ def evacuate(
                 )  # fmt: skip
                 report = session.run(listener(session.ctx, sink) if sink else None)
             except (MigrationError, ConfigError) as e:
-                report = failed(config, s, name, str(e), dest)
+                report = failed(s, name, str(e), dest)
         if sink:
             sink(Event(name, dest, "end", report.status, report.bytes_transferred))
         return report
@@ -186,7 +186,7 @@ def evacuate(
                 reports[name] = fut.result()
             except Exception as e:  # a bug in one worker must not take the others down
                 log.exception("evacuate %s: unexpected error (a bug)", name)
-                reports[name] = failed(config, s, name, f"unexpected error: {e}")
+                reports[name] = failed(s, name, f"unexpected error: {e}")
     return [reports[n] for n in sorted(reports)]
 
 
