@@ -201,3 +201,24 @@ def test_live_view_shows_phase_round_bytes_and_outcome() -> None:
     assert "1.5 MiB/s" in row1 and "running" in row1 and " 2 " in row1
     row2 = next(ln for ln in text.splitlines() if ln.startswith("w2"))
     assert "rolled_back" in row2 and "0.0s" in row2
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["--parallel", "0"], "--parallel must be at least 1, not 0"),
+        (["--to", "host-a"], "--to host-a: the destination cannot be the host being evacuated"),
+        (["--to", "host-x"], "unknown host 'host-x'"),
+        (["--only", "ghost"], "--only ghost: no such workload"),
+        (["--metrics-file", "/nonexistent/m.prom"], "directory /nonexistent does not exist"),
+    ],
+)
+def test_evacuate_bad_input_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], expect: str
+) -> None:
+    from orchestrator.cli import main
+
+    cfg = _config(tmp_path, {"w": {"pid": 10, "host": "host-a"}})
+    assert main(["evacuate", "host-a", "--config", str(cfg), *args]) == 2
+    err = capsys.readouterr().err
+    assert expect in err and err.count("\n") == 1, err
