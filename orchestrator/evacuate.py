@@ -10,15 +10,14 @@ with its own host connections, journal and lock. One failing workload never stop
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from orchestrator import journal
 from orchestrator.config import Config, ConfigError, WorkloadConfig
 from orchestrator.errors import MigrationError
+from orchestrator.location import whereabouts, workloads_on
 from orchestrator.placement import Bin, Item, Placement, mem_available_kb, place
 from orchestrator.progress import Event, Sink, listener
 from orchestrator.report import Report
@@ -39,26 +38,6 @@ class Survey:
     rss_kb: dict[str, int] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)  # could not be located: why
     placement: Placement = field(default_factory=Placement)
-
-
-def whereabouts(config: Config) -> dict[str, tuple[str, WorkloadConfig]]:
-    """Each configured workload's host now, and its config there.
-
-    A workload's last successful migration (the journal) says where it went, and under which
-    pid when it is found by pid; without one, the config's `host:` says where it is."""
-    where = {n: (w.host, w) for n, w in config.workloads.items() if w.host is not None}
-    for j in journal.summaries(config.state_dir):  # oldest first: the last one wins
-        wl = config.workloads.get(j.workload)
-        if wl is None or j.status != "succeeded":
-            continue
-        if wl.pid is not None and j.restored_pid:
-            wl = dataclasses.replace(wl, pid=j.restored_pid)
-        where[j.workload] = (j.destination, wl)
-    return {n: hw for n, hw in where.items() if hw[0] is not None}  # type: ignore[misc]
-
-
-def workloads_on(config: Config, host: str) -> dict[str, WorkloadConfig]:
-    return {n: wl for n, (h, wl) in sorted(whereabouts(config).items()) if h == host}
 
 
 def select(config: Config, source: str, only: list[str]) -> dict[str, WorkloadConfig]:

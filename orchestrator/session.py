@@ -13,6 +13,7 @@ from orchestrator import journal, runner, strategies
 from orchestrator.config import Config, WorkloadConfig
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, NullJournal
+from orchestrator.location import whereabouts
 from orchestrator.plan import Context, Plan, make_plan
 from orchestrator.report import Report
 from orchestrator.runtimes import for_workload
@@ -56,8 +57,9 @@ def open_session(
 ) -> Session:
     """Plan one migration (ConfigError on unknown names; Busy if one is unfinished).
 
-    `workload_config` replaces the config's entry for the workload (evacuate gives the pid it
-    found the workload under, when it moved since the config was written)."""
+    `workload_config` replaces the config's entry for the workload. Without it, a configured
+    workload that an earlier migration moved to `source` is looked for under the pid it was
+    restored with there (orchestrator.location), not the config's stale one."""
     plan = make_plan(
         config,
         workload,
@@ -67,6 +69,9 @@ def open_session(
         keep_images=keep_images,
         dry_run=dry_run,
     )
+    if workload_config is None and workload in config.workloads:
+        host, moved = whereabouts(config).get(workload, (None, None))
+        workload_config = moved if host == plan.source.name else None
     if workload_config is not None:
         plan = dataclasses.replace(plan, workload=workload_config)
     if not plan.dry_run:

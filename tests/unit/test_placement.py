@@ -14,10 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import metrics
 from orchestrator.config import ConfigError, load
-from orchestrator.evacuate import exit_code, select, whereabouts, workloads_on
+from orchestrator.evacuate import exit_code, select
+from orchestrator.location import whereabouts, workloads_on
 from orchestrator.placement import Bin, Item, mem_available_kb, place
 from orchestrator.progress import round_of
 from orchestrator.report import Report
+from orchestrator.session import open_session
 
 MiB = 1024
 
@@ -121,6 +123,9 @@ def test_the_journal_says_where_a_workload_went(tmp_path: Path) -> None:
     assert where["moved"][0] == "host-b" and where["moved"][1].pid == 77
     assert where["rolled"][0] == "host-a" and "nowhere" not in where
     assert sorted(workloads_on(cfg, "host-a")) == ["rolled", "stayed"]
+    # `run moved host-b ...` looks for it under its pid there; from host-a, under the config's.
+    assert open_session(cfg, "moved", "host-b", "host-a").plan.workload.pid == 77
+    assert open_session(cfg, "moved", "host-a", "host-c").plan.workload.pid == 10
     journal("m3", "moved", "host-a", "succeeded", 78)  # and back again: the last one wins
     assert workloads_on(cfg, "host-a")["moved"].pid == 78
     assert list(select(cfg, "host-a", ["moved"])) == ["moved"]
