@@ -243,6 +243,12 @@ def _print_report(r: Report) -> None:
             f"{n['bridge']}; {n['connections_kept']} established TCP connection(s) kept"
         )
     downtime = f"{r.downtime_ms} ms" if r.downtime_ms is not None else "-"
+    if r.postcopy_tail_ms is not None:
+        pulled = r.transfer.get("postcopy_bytes", 0)
+        downtime += (
+            f", post-copy tail {r.postcopy_tail_ms} ms ({pulled / 2**20:.0f} MiB pulled at "
+            f"{r.transfer.get('postcopy_mib_s') or '-'} MiB/s)"
+        )
     print(
         f"{r.status}: {r.workload} {r.source} -> {r.destination}; downtime {downtime}, "
         f"total {r.total_ms} ms, {r.bytes_transferred} bytes"

@@ -90,6 +90,8 @@ class Policy:
     stall_timeout: float = 30.0  # a transfer with no progress this long is abandoned and retried
     bwlimit: int | None = None  # rsync's bandwidth limit, KiB/s (None: unlimited)
     compress: bool = False  # rsync compresses what it sends
+    allow_postcopy: bool = False  # `auto` may pick post-copy (no rollback once resumed)
+    postcopy_deadline: float = 600.0  # post-copy: seconds for the destination to pull all pages
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,11 @@ def evacuate(
 
 
 def exit_code(reports: list[Report]) -> int:
-    """0 only if every workload moved; 1 if any failed; else 3 (some rolled back)."""
+    """0 only if every workload moved; else the worst: 4 if any is stranded (post-copy failed
+    after the destination ran), 1 if any failed, 3 if the rest rolled back."""
     if all(r.status == "succeeded" for r in reports):
         return 0
-    return 1 if any(r.status == "failed" for r in reports) else 3
+    for status, code in (("stranded", 4), ("failed", 1)):
+        if any(r.status == status for r in reports):
+            return code
+    return 3

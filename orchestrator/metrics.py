@@ -15,14 +15,14 @@ from pathlib import Path
 from orchestrator.config import ConfigError
 from orchestrator.report import Report
 
-OUTCOMES = ("succeeded", "rolled_back", "failed")
+OUTCOMES = ("succeeded", "rolled_back", "failed", "stranded")
 
 _METRICS = (
     ("migrate_duration_seconds", "Wall time of the migration, seconds."),
     ("migrate_downtime_seconds", "Time the workload was frozen (dump to running), seconds."),
     ("migrate_transferred_bytes", "Bytes the migration sent between the hosts (rsync)."),
     ("migrate_succeeded", "1 if the migration succeeded, else 0."),
-    ("migrate_outcome", "1 for the migration's outcome (succeeded, rolled_back, failed)."),
+    ("migrate_outcome", "1 for the migration's outcome (label outcome)."),
 )
 
 

@@ -2,8 +2,11 @@
 
 The runner calls its listener with (phase name, result or None when the phase begins);
 `listener` turns that into an Event carrying what the context knows at that moment: bytes
-moved so far and, for strategies that copy in rounds, the round number. A strategy shows its
-round either by setting `ctx.round` (an int) or by naming its phases "... round N".
+moved so far and, for strategies that copy in rounds, the round number: `ctx.round` if a
+strategy sets it, else the number of rounds in `ctx.rounds` (pre-copy appends one per round),
+else "round N" in the phase's name. A sink with a `watch(ctx)` method (the live view) is also
+handed the context, and reads bytes and rounds from it on every redraw, so a phase that runs
+many rounds shows them as they happen.
 """
 
 from __future__ import annotations
@@ -43,12 +46,18 @@ def round_of(name: str, ctx: Context) -> int | None:
     value = getattr(ctx, "round", None)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    rounds = getattr(ctx, "rounds", None)
+    if isinstance(rounds, list) and rounds:
+        return len(rounds)
     m = _ROUND.search(name)
     return int(m.group(1)) if m else None
 
 
 def listener(ctx: Context, sink: Sink) -> Callable[[str, PhaseResult | None], None]:
     """A runner listener that sends one Event per phase change to sink."""
+    watch = getattr(sink, "watch", None)
+    if watch is not None:
+        watch(ctx)
 
     def listen(name: str, result: PhaseResult | None) -> None:
         sink(
@@ -81,6 +90,7 @@ class _Row:
     bytes: int = 0
     round: int | None = None
     ended: float | None = None
+    ctx: Context | None = None  # read on every redraw while the migration runs
 
 
 def human_bytes(n: float) -> str:
@@ -99,6 +109,12 @@ class LiveView:
         self._lock = threading.Lock()
         self._live: Any = None
 
+    def watch(self, ctx: Context) -> None:
+        """Follow this migration's bytes and rounds between its phase changes."""
+        with self._lock:
+            name = ctx.plan.workload.name
+            self._rows.setdefault(name, _Row(name)).ctx = ctx
+
     def __call__(self, ev: Event) -> None:
         with self._lock:
             row = self._rows.setdefault(ev.workload, _Row(ev.workload))
@@ -108,7 +124,7 @@ class LiveView:
             row.round = ev.round if ev.round is not None else row.round
             row.state = "running" if ev.status is None else ev.status
             if ev.phase == "end":
-                row.phase, row.ended = "-", ev.t
+                row.phase, row.ended, row.ctx = "-", ev.t, None
 
     def render(self) -> Any:
         from rich.table import Table
@@ -122,6 +138,9 @@ class LiveView:
         with self._lock:
             rows = list(self._rows.values())
         for r in rows:
+            if r.ctx is not None:  # a running migration: its live numbers
+                r.bytes = max(r.bytes, r.ctx.bytes_transferred)
+                r.round = round_of(r.phase, r.ctx) or r.round
             secs = (r.ended or now) - r.started if r.started else 0.0
             rate = human_bytes(r.bytes / secs) + "/s" if secs > 0 and r.bytes else "-"
             table.add_row(

@@ -14,6 +14,7 @@ from orchestrator.config import Config, WorkloadConfig
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, NullJournal
 from orchestrator.location import whereabouts
+from orchestrator.phases.preflight import check_hosts
 from orchestrator.plan import Context, Plan, make_plan
 from orchestrator.report import Report
 from orchestrator.runtimes import for_workload
@@ -86,6 +87,23 @@ def open_session(
     planned: list[str] = []
     src = Host(plan.source, plan.policy, dry_run=plan.dry_run, planned=planned)
     dst = Host(plan.destination, plan.policy, dry_run=plan.dry_run, planned=planned)
-    ctx = Context(plan=plan, src=src, dst=dst, runtime=for_workload(plan.workload))
+    runtime = for_workload(plan.workload)
+    auto_note = None
+    if plan.strategy == "auto":
+        plan, auto_note = _settle_auto(plan, src, dst, runtime.strategies)
+    ctx = Context(plan=plan, src=src, dst=dst, runtime=runtime)
+    if auto_note:
+        ctx.notes.append(auto_note)
     record = NullJournal() if plan.dry_run else Journal(config.state_dir, plan.id)
     return Session(ctx, record)
+
+
+def _settle_auto(plan: Plan, src: Host, dst: Host, runtime_can: frozenset[str]) -> tuple[Plan, str]:
+    """Pick the strategy `auto` stands for on these hosts (probing them only if it matters)."""
+    src_f: list[str] = []
+    dst_f: list[str] = []
+    if plan.policy.allow_postcopy:
+        checks = check_hosts([src, dst], features=True)
+        src_f, dst_f = checks[0].features or [], checks[1].features or []
+    name, why = strategies.choose(plan.policy, src_f, dst_f, runtime_can)
+    return dataclasses.replace(plan, strategy=name), why

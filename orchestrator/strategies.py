@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
-from orchestrator.config import ConfigError
+from orchestrator.config import ConfigError, Policy
 from orchestrator.phases.base import Phase
 from orchestrator.phases.confirm import Confirm
 from orchestrator.phases.dump import Dump
-from orchestrator.phases.pageserver import PageServer
-from orchestrator.phases.preflight import Preflight
+from orchestrator.phases.pageserver import PageServer, PageTunnel
+from orchestrator.phases.postcopy import LazyDump, LazyRestore, PullPages
+from orchestrator.phases.preflight import LAZY_PIPE_BYTES, Needs, Preflight
 from orchestrator.phases.prepare import Prepare
 from orchestrator.phases.restore import Restore
 from orchestrator.phases.transfer import Transfer
 from orchestrator.phases.verify import Verify
+
+# python3: to unlock a rolled-back workload's TCP sockets (see runtimes/net.unlock_argv).
+POSTCOPY_NEEDS = Needs(dst_features=("uffd-noncoop",), pipe_max_bytes=LAZY_PIPE_BYTES,
+                       src_commands=("python3",), why="post-copy")  # fmt: skip
 
 
 def stopcopy() -> list[Phase]:
@@ -28,18 +33,45 @@ def stream() -> list[Phase]:
             Confirm()]  # fmt: skip
 
 
-STRATEGIES: dict[str, Callable[[], list[Phase]]] = {"stopcopy": stopcopy, "stream": stream}
+def postcopy() -> list[Phase]:
+    """Freeze, move only the small images, run on the destination at once; its memory follows
+    on demand and in the background. The freeze no longer grows with memory size; there is no
+    rollback once the destination runs (see phases/postcopy.py)."""
+    return [Preflight(POSTCOPY_NEEDS), Prepare(), PageTunnel(), LazyDump(), Transfer(),
+            LazyRestore(), PullPages(), Verify(), Confirm()]  # fmt: skip
+
+
+STRATEGIES: dict[str, Callable[[], list[Phase]]] = {
+    "stopcopy": stopcopy,
+    "stream": stream,
+    "postcopy": postcopy,
+}
 CHOICES = ("auto", *STRATEGIES)
 
 
 def resolve(name: str) -> str:
-    """The concrete strategy for a requested one (`auto` picks the best this build has)."""
-    if name == "auto":
-        return "stopcopy"
-    if name not in STRATEGIES:
+    """Check a requested strategy name (`auto` is settled later, by `choose`)."""
+    if name != "auto" and name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r} (known: {', '.join(CHOICES)})")
     return name
 
 
+def choose(policy: Policy, src_features: Collection[str], dst_features: Collection[str],
+           runtime_can: Collection[str]) -> tuple[str, str]:  # fmt: skip
+    """What `auto` means for these hosts: (strategy, why). Post-copy only when the policy
+    allows it (like libvirt's --postcopy), since it cannot roll back once the destination runs."""
+    if policy.allow_postcopy and "postcopy" in runtime_can:
+        if "uffd-noncoop" in dst_features:
+            return "postcopy", "auto: post-copy (allowed by policy; the destination has uffd)"
+        reason = "the destination's kernel has no userfaultfd (uffd-noncoop)"
+    elif policy.allow_postcopy:
+        reason = "this runtime cannot do post-copy"
+    else:
+        reason = "post-copy is not allowed by policy (allow_postcopy)"
+    return "stopcopy", f"auto: stop-copy ({reason})"
+
+
 def phases(name: str) -> list[Phase]:
+    if name == "auto":
+        raise ConfigError("strategy auto must be settled (strategies.choose) before running")
     return STRATEGIES[resolve(name)]()

@@ -20,6 +20,7 @@ class DumpOptions:
     skip_in_flight: bool = False
     network_lock: str | None = None  # nftables | iptables
     page_server_port: int | None = None  # stream pages to a page server on 127.0.0.1:PORT
+    lazy_port: int | None = None  # post-copy: serve pages lazily from 127.0.0.1:PORT
     extra: Sequence[str] = ()
 
 
@@ -33,6 +34,7 @@ class RestoreOptions:
     tcp_close: bool = False
     network_lock: str | None = None
     veths: Sequence[tuple[str, str, str]] = ()  # (inside name, host name, host bridge)
+    lazy_pages: bool = False  # post-copy: pages come from a `criu lazy-pages` daemon
     extra: Sequence[str] = ()
 
 
@@ -55,6 +57,8 @@ def dump(criu: str, o: DumpOptions) -> list[str]:
         argv.append("--skip-in-flight")
     if o.page_server_port:
         argv += ["--page-server", "--address", "127.0.0.1", "--port", str(o.page_server_port)]
+    if o.lazy_port:
+        argv += ["--lazy-pages", "--address", "127.0.0.1", "--port", str(o.lazy_port)]
     return argv + list(o.extra)
 
 
@@ -66,6 +70,27 @@ def page_server(criu: str, images_dir: str, port: int) -> list[str]:
     is listening when this returns, and exits after serving one dump."""
     return [criu, "page-server", "-D", images_dir, "--address", "127.0.0.1", "--port", str(port),
             "-d", "-o", PAGE_SERVER_LOG, "-v4"]  # fmt: skip
+
+
+LAZY_PAGES_LOG = "lazy-pages.log"
+
+
+def lazy_pages(criu: str, images_dir: str, port: int) -> list[str]:
+    """The destination's post-copy daemon: pulls pages from the source's lazy dump (at
+    127.0.0.1:port, tunnelled) into the restored tasks as they fault, and the rest behind."""
+    return [criu, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(port),
+            "-D", images_dir, "-o", LAZY_PAGES_LOG, "-v4"]  # fmt: skip
+
+
+# A lazy dump's page server takes a clean end of its one connection for "every page pulled" and
+# leaves the tasks stopped; a truncated request instead fails the dump, and CRIU then unlocks
+# the network and lets the tasks run on. Sent before any client connected, so only for undo.
+_ABORT = 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "\\0\\0\\0\\0" >&3'
+
+
+def abort_lazy_dump(port: int) -> list[str]:
+    """Make a lazy dump still waiting for its client fail, which resumes its tasks."""
+    return ["bash", "-c", _ABORT, "bash", str(port)]
 
 
 def _net(tcp_established: bool, network_lock: str | None) -> list[str]:
@@ -85,6 +110,8 @@ def restore(criu: str, o: RestoreOptions) -> list[str]:
         argv.append("--tcp-close")
     for inside, outside, bridge in o.veths:
         argv += ["--external", f"veth[{inside}]:{outside}@{bridge}"]
+    if o.lazy_pages:
+        argv.append("--lazy-pages")
     return argv + list(o.extra)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 from orchestrator.transport import rsync
@@ -23,9 +25,11 @@ class Transfer(Phase):
         )
         what = f"rsync {ctx.src.name} -> {ctx.dst.name}"
         # Only a broken or stalled link is worth another attempt (rsync resumes: --partial).
+        t0 = time.monotonic()
         for attempt in retrying(plan.policy, what, (rsync.LinkError,), ctx.notes):
             with attempt:
                 r = ctx.src.run(argv)
                 if not r.ok:
                     raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
                 ctx.bytes_transferred += rsync.bytes_sent(r.stdout)
+        ctx.transfer_seconds += time.monotonic() - t0

@@ -30,6 +30,8 @@ class Runtime(ABC):
     """How to find, checkpoint, restore, resume and remove one kind of workload."""
 
     name: str
+    #: The strategies this runtime can carry out; pre-flight refuses the others.
+    strategies: frozenset[str] = frozenset({"stopcopy"})
 
     def __init__(self, workload: WorkloadConfig) -> None:
         self.workload = workload
@@ -44,14 +46,22 @@ class Runtime(ABC):
 
     @abstractmethod
     def checkpoint(
-        self, host: Host, target: Target, images_dir: str, page_port: int | None = None
+        self,
+        host: Host,
+        target: Target,
+        images_dir: str,
+        page_port: int | None = None,
+        lazy_port: int | None = None,
     ) -> None:
         """Dump the workload into images_dir, leaving it stopped (not killed) on host; with
-        page_port, its pages go to the page server tunnelled at 127.0.0.1:page_port."""
+        page_port, its pages go to the page server tunnelled at 127.0.0.1:page_port; with
+        lazy_port (post-copy), they stay in memory and a detached dump serves them there until
+        the destination has pulled them all (its exit code: background name DUMP)."""
 
     @abstractmethod
-    def restore(self, host: Host, target: Target, images_dir: str) -> int:
-        """Restore from images_dir on host; returns the restored root pid as host sees it."""
+    def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
+        """Restore from images_dir on host; returns the restored root pid as host sees it.
+        With lazy, memory comes from the lazy-pages daemon already running for images_dir."""
 
     @abstractmethod
     def find_restored(self, host: Host, images_dir: str) -> int:

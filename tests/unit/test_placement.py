@@ -175,16 +175,20 @@ def test_exit_code_is_zero_only_if_all_moved() -> None:
     assert exit_code([_report("a", "succeeded"), _report("b", "succeeded")]) == 0
     assert exit_code([_report("a", "succeeded"), _report("b", "rolled_back")]) == 3
     assert exit_code([_report("a", "failed"), _report("b", "rolled_back")]) == 1
+    assert exit_code([_report("a", "failed"), _report("b", "stranded")]) == 4
 
 
 class _Ctx:
     round: int | None = None
+    rounds: list[object] = []
 
 
 def test_round_from_context_or_phase_name() -> None:
     ctx = _Ctx()
     assert round_of("dump", ctx) is None  # type: ignore[arg-type]
     assert round_of("precopy round 3", ctx) == 3  # type: ignore[arg-type]
+    ctx.rounds = ["r1", "r2", "r3", "r4"]  # pre-copy appends one Round per round done
+    assert round_of("precopy", ctx) == 4  # type: ignore[arg-type]
     ctx.round = 2
     assert round_of("precopy", ctx) == 2  # type: ignore[arg-type]
 
@@ -227,3 +231,25 @@ def test_evacuate_bad_input_is_one_line_exit_2(
     assert main(["evacuate", "host-a", "--config", str(cfg), *args]) == 2
     err = capsys.readouterr().err
     assert expect in err and err.count("\n") == 1, err
+
+
+def test_live_view_follows_bytes_and_rounds_between_phase_changes() -> None:
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from orchestrator.progress import LiveView, listener
+
+    ctx = SimpleNamespace(
+        plan=SimpleNamespace(workload=SimpleNamespace(name="w"),
+                             destination=SimpleNamespace(name="host-b")),
+        bytes_transferred=0, rounds=[],
+    )  # fmt: skip
+    view = LiveView()
+    listen = listener(ctx, view)  # type: ignore[arg-type]
+    listen("precopy", None)
+    ctx.bytes_transferred, ctx.rounds = 5 * 2**20, ["r1", "r2"]  # mid-phase: no event
+    console = Console(record=True, width=120)
+    console.print(view.render())
+    row = next(ln for ln in console.export_text().splitlines() if ln.startswith("w "))
+    assert "precopy" in row and " 2 " in row and "5.0 MiB" in row
