@@ -48,6 +48,7 @@ class HostConfig:
     bridge: str = "br0"  # where restored workloads' veths are plugged in on this host
     rsync_key: str | None = None
     rsync_known_hosts: str | None = None
+    capacity_mb: int | None = None  # evacuate: the RSS this host may hold from placed workloads
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class WorkloadConfig:
     criu_options: tuple[str, ...] = ()
     health: str | None = None
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    host: str | None = None  # where it runs (evacuate moves the workloads placed on a host)
     container: str | None = None  # lxc, runc, podman: the container's name
     lxcpath: str | None = None  # lxc: where containers live (default /var/lib/lxc)
     runc_root: str | None = None  # runc: its state root (default /run/runc)
@@ -168,6 +170,12 @@ def parse(data: Any, path: Path) -> Config:
     workloads = {name: _workload(v, name, raw) for name, raw in workloads_raw.items()}
     policy = _dataclass(v, Policy, top.get("policy", {}) or {}, "policy")
     state_dir = Path(v.typed(top.get("state_dir", "~/.local/state/migrate"), "state_dir", str))
+    for wl in workloads.values():
+        if wl.host is not None and wl.host not in hosts:
+            raise ConfigError(
+                f"{path}: workloads.{wl.name}.host: unknown host {wl.host!r} "
+                f"(hosts: {', '.join(sorted(hosts))})"
+            )
     return Config(path, hosts, workloads, policy, state_dir.expanduser())
 
 
@@ -190,6 +198,8 @@ def _host(v: _Validator, name: Any, raw: Any) -> HostConfig:
         raise ConfigError(f"{v.path}: hosts.{name}.bridge: bad interface name")
     if not 0 < host.port < 65536:
         raise ConfigError(f"{v.path}: hosts.{name}.port: must be 1-65535")
+    if host.capacity_mb is not None and host.capacity_mb < 1:
+        raise ConfigError(f"{v.path}: hosts.{name}.capacity_mb: must be a positive number of MiB")
     if not Path(host.workdir).is_absolute():
         raise ConfigError(f"{v.path}: hosts.{name}.workdir: must be an absolute path")
     return host
