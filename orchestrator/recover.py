@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from orchestrator.config import Config, NetworkConfig, WorkloadConfig
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, Summary
+from orchestrator.phases import precopy
 from orchestrator.phases.base import remove_dir, settle
 from orchestrator.phases.prepare import close_link
 from orchestrator.plan import Context, Plan
@@ -37,6 +38,7 @@ def recover(config: Config, summary: Summary) -> Report:
     wl_raw = dict(start["workload_config"])
     wl_raw["criu_options"] = tuple(wl_raw.get("criu_options") or ())
     wl_raw["network"] = NetworkConfig(**(wl_raw.get("network") or {}))
+    wl_raw["sync_paths"] = tuple(wl_raw.get("sync_paths") or ())
     workload = WorkloadConfig(**wl_raw)
     plan = Plan(
         id=summary.id,
@@ -56,6 +58,8 @@ def recover(config: Config, summary: Summary) -> Report:
     journal = Journal(config.state_dir, summary.id)
     src, dst = Host(plan.source, plan.policy), Host(plan.destination, plan.policy)
     ctx = Context(plan=plan, src=src, dst=dst, runtime=for_workload(workload))
+    if plan.strategy == "precopy":  # its final dump (the one restored) is in a subdir
+        ctx.images_subdir = precopy.FINAL
     t0 = time.monotonic()
     try:
         report.status = _recover(ctx, summary, report)
@@ -96,7 +100,7 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
     source = _copy(ctx, ctx.src, summary.root_pid, command)
     restored = summary.restored_pid
     try:
-        restored = restored or ctx.runtime.find_restored(ctx.dst, plan.dst_images) or None
+        restored = restored or ctx.runtime.find_restored(ctx.dst, ctx.dst_dir) or None
     except HostError:
         pass
     dest = _copy(ctx, ctx.dst, restored, command)
@@ -127,7 +131,7 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
         if dest.pid and dest.state in ("running", "stopped"):
             ctx.runtime.remove(ctx.dst, dest.pid)
         if source.state == "stopped":
-            ctx.runtime.resume(ctx.src, ctx.target, plan.src_images)
+            ctx.runtime.resume(ctx.src, ctx.target, ctx.src_dir)
         if ctx.runtime.running(ctx.src, summary.root_pid):
             report.notes.append(f"rolled back: the workload runs on {plan.source.name}")
             status = "rolled_back"

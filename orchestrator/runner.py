@@ -93,6 +93,7 @@ def run(
     report.bytes_transferred = ctx.bytes_transferred
     report.transfer = {"bwlimit_kib_s": plan.policy.bwlimit, "compress": plan.policy.compress}
     report.restored_pid = ctx.restored_pid or None
+    report.rounds, report.stopped_by = ctx.rounds, ctx.stopped_by
     if ctx.target is not None and ctx.target.net is not None:
         report.network = {
             "addresses": ctx.target.net.addresses,

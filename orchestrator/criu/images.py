@@ -73,7 +73,9 @@ def entries(data: bytes, magic: int) -> list[bytes]:
     words = [struct.unpack_from("<I", data, i)[0] for i in range(0, min(len(data), 8) - 3, 4)]
     if words[:1] == [magic]:  # inventory-style: its own magic only
         pos = 4
-    elif len(words) == 2 and words[0] in (IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC) and words[1] == magic:
+    elif (
+        len(words) == 2 and words[0] in (IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC) and words[1] == magic
+    ):
         pos = 8
     else:
         seen = " ".join(f"{w:#010x}" for w in words) or "nothing"
@@ -133,6 +135,8 @@ def dump_stats(data: bytes) -> DumpStats:
     if not isinstance(dump, bytes):
         raise ImageError("stats-dump holds no dump statistics (a restore's stats?)")
     values = {
-        _DUMP_FIELDS[n]: v for n, v in fields(dump).items() if n in _DUMP_FIELDS and isinstance(v, int)
+        _DUMP_FIELDS[n]: v
+        for n, v in fields(dump).items()
+        if n in _DUMP_FIELDS and isinstance(v, int)
     }
     return DumpStats(**values)

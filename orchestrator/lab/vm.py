@@ -209,7 +209,9 @@ def _initramfs(modules: Path) -> bytes:
     cpio.add("stage2", stat.S_IFREG | 0o644, stage2.encode())
     for mod in order:
         cpio.add(f"mods/{Path(mod).name}", stat.S_IFREG | 0o644, (modules / mod).read_bytes())
-    cpio.add("mods/order", stat.S_IFREG | 0o644, "".join(Path(m).name + "\n" for m in order).encode())
+    cpio.add(
+        "mods/order", stat.S_IFREG | 0o644, "".join(Path(m).name + "\n" for m in order).encode()
+    )
     return cpio.finish()
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import error_lines
 from orchestrator.errors import MigrationError
+from orchestrator.phases import precopy
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 from orchestrator.transport import rsync
@@ -101,6 +102,10 @@ class Preflight(Phase):
                 f"criu on {ctx.dst.name} ({_v(dst_v)}) is older than on {ctx.src.name} "
                 f"({_v(src_v)}): the destination must be at least as new"
             )
+        if ctx.plan.strategy == "precopy":
+            reason = precopy.refusal(ctx)
+            if reason:
+                raise MigrationError(reason)
         target = ctx.runtime.locate(ctx.src)
         ctx.target = target
         if not ctx.plan.dry_run:

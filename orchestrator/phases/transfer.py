@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 from orchestrator.transport import rsync
@@ -12,20 +14,37 @@ class Transfer(Phase):
     name = "transfer"
 
     def act(self, ctx: Context) -> None:
-        plan = ctx.plan
-        argv = rsync.push_argv(
-            plan.source,
-            plan.destination,
-            plan.policy,
-            plan.src_images,
-            plan.dst_images,
-            plan.link_socket,
-        )
-        what = f"rsync {ctx.src.name} -> {ctx.dst.name}"
-        # Only a broken or stalled link is worth another attempt (rsync resumes: --partial).
-        for attempt in retrying(plan.policy, what, (rsync.LinkError,), ctx.notes):
-            with attempt:
-                r = ctx.src.run(argv)
-                if not r.ok:
-                    raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
-                ctx.bytes_transferred += rsync.bytes_sent(r.stdout)
+        ctx.bytes_transferred += push(ctx, ctx.src_dir, ctx.dst_dir)
+        ctx.bytes_transferred += sync_paths(ctx)
+        ctx.transferred_at = time.monotonic()
+
+
+def push(ctx: Context, src_dir: str, dst_dir: str) -> int:
+    """rsync src_dir on the source into dst_dir on the destination; the bytes it sent."""
+    plan = ctx.plan
+    argv = rsync.push_argv(
+        plan.source, plan.destination, plan.policy, src_dir, dst_dir, plan.link_socket
+    )
+    return _rsync(ctx, argv, f"rsync {ctx.src.name} -> {ctx.dst.name}")
+
+
+def sync_paths(ctx: Context) -> int:
+    """The workload's sync_paths (files not on shared storage) to the same paths on the
+    destination; the bytes sent (0 when it has none)."""
+    plan = ctx.plan
+    if not plan.workload.sync_paths:
+        return 0
+    argv = rsync.paths_argv(plan.source, plan.destination, plan.policy,
+                            plan.workload.sync_paths, plan.link_socket)  # fmt: skip
+    return _rsync(ctx, argv, f"rsync of sync_paths {ctx.src.name} -> {ctx.dst.name}")
+
+
+def _rsync(ctx: Context, argv: list[str], what: str) -> int:
+    # Only a broken or stalled link is worth another attempt (rsync resumes: --partial).
+    for attempt in retrying(ctx.plan.policy, what, (rsync.LinkError,), ctx.notes):
+        with attempt:
+            r = ctx.src.run(argv)
+            if not r.ok:
+                raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
+            return rsync.bytes_sent(r.stdout)
+    raise AssertionError("unreachable: retrying re-raises the last error")

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from orchestrator.config import WorkloadConfig
+from orchestrator.errors import MigrationError
 from orchestrator.runtimes.net import NetInfo
 from orchestrator.transport.ssh import Host
 
@@ -44,10 +45,29 @@ class Runtime(ABC):
 
     @abstractmethod
     def checkpoint(
-        self, host: Host, target: Target, images_dir: str, page_port: int | None = None
+        self,
+        host: Host,
+        target: Target,
+        images_dir: str,
+        page_port: int | None = None,
+        prev_images_dir: str | None = None,
     ) -> None:
         """Dump the workload into images_dir, leaving it stopped (not killed) on host; with
-        page_port, its pages go to the page server tunnelled at 127.0.0.1:page_port."""
+        page_port, its pages go to the page server tunnelled at 127.0.0.1:page_port; with
+        prev_images_dir (pre-copy; relative to images_dir), only pages changed since those
+        images are written (CRIU's --track-mem --prev-images-dir)."""
+
+    def pre_dump(
+        self, host: Host, target: Target, images_dir: str, prev_images_dir: str | None
+    ) -> None:
+        """A pre-copy round: the workload's memory into images_dir while it runs on, with
+        dirty-memory tracking (after prev_images_dir, relative to images_dir, if given).
+        Runtimes that can pre-copy override this; `can_pre_dump` tells."""
+        raise MigrationError(f"runtime {self.name} cannot pre-copy (no pre-dump)")
+
+    @property
+    def can_pre_dump(self) -> bool:
+        return type(self).pre_dump is not Runtime.pre_dump
 
     @abstractmethod
     def restore(self, host: Host, target: Target, images_dir: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from orchestrator.config import HostConfig, Policy
 from orchestrator.transport.ssh import quote
@@ -69,7 +70,24 @@ def push_argv(
     dst_dir: str,
     link: str | None = None,
 ) -> list[str]:
-    """rsync argv to run ON the source: push src_dir/ into dst_dir/ on the destination."""
+    """rsync argv to run ON the source: push src_dir/ into dst_dir/ on the destination.
+    Symlinks (a pre-copy dump's `parent`) are copied as symlinks; files already there with the
+    same size and time are not sent again."""
+    return [
+        *_rsync(src, dst, policy, link),
+        src_dir.rstrip("/") + "/",
+        f"{dst.address}:{dst_dir.rstrip('/')}/",
+    ]
+
+
+def paths_argv(
+    src: HostConfig, dst: HostConfig, policy: Policy, paths: Sequence[str], link: str | None
+) -> list[str]:
+    """rsync argv to run ON the source: push each absolute path to the same path on dst."""
+    return [*_rsync(src, dst, policy, link), "--relative", *paths, f"{dst.address}:/"]
+
+
+def _rsync(src: HostConfig, dst: HostConfig, policy: Policy, link: str | None) -> list[str]:
     return [
         "rsync",
         "-a",
@@ -83,8 +101,6 @@ def push_argv(
         *(["--compress"] if policy.compress else []),
         "-e",
         quote(ssh_command(src, dst, policy, link)),
-        src_dir.rstrip("/") + "/",
-        f"{dst.address}:{dst_dir.rstrip('/')}/",
     ]
 
 
