@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import lzma
 import os
+import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -307,3 +309,31 @@ def _shq(value: str) -> str:
 
 def _tail(text: str, lines: int = 8) -> str:
     return " | ".join(text.strip().splitlines()[-lines:]) or "no console output"
+
+
+def main(argv: list[str]) -> int:
+    """scripts/vm-run CMD...: run CMD in the VM, from the same directory; its output and exit
+    code. VM_MEMORY, VM_CPUS, VM_TIMEOUT in the environment override the defaults."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: vm-run CMD [ARGS...]   (root; runs CMD in a soft-dirty qemu VM)")
+        return 2
+    script = f"cd {shlex.quote(os.getcwd())} || exit 125\nexec {shlex.join(argv)}\n"
+    env = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
+    try:
+        r = run(
+            script,
+            timeout=float(os.environ.get("VM_TIMEOUT", "900")),
+            memory=os.environ.get("VM_MEMORY", "2G"),
+            cpus=int(os.environ.get("VM_CPUS", "2")),
+            env=env,
+        )
+    except LabError as e:
+        print(f"vm-run: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(r.output)
+    print(f"vm-run: exit {r.exit_code} after {r.seconds:.1f}s", file=sys.stderr)
+    return r.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
