@@ -27,15 +27,17 @@ class RoundFacts:
     """What one pre-dump round measured."""
 
     pages_written: int
-    bytes_sent: int
+    bytes_sent: int  # by rsync (compressed, if asked): for the report, not the rate
     dump_seconds: float  # the pre-dump command, wall clock
     memwrite_seconds: float  # of which CRIU spent writing pages (its memwrite_time)
     transfer_seconds: float  # rsync of the round's dir
 
 
 def transfer_rate(rounds: list[RoundFacts]) -> float | None:
-    """Bytes/s the link was seen to carry: the best round (small rounds are mostly overhead)."""
-    rates = [r.bytes_sent / r.transfer_seconds for r in rounds if r.transfer_seconds > 0]
+    """Bytes of pages per second the link was seen to move (compression included): the best
+    round (small rounds are mostly overhead)."""
+    rates = [r.pages_written * PAGE_SIZE / r.transfer_seconds
+             for r in rounds if r.transfer_seconds > 0 and r.pages_written]  # fmt: skip
     return max(rates) if rates else None
 
 

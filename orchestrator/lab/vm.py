@@ -44,7 +44,7 @@ for m in $(cat /mods/order); do insmod "/mods/$m" || echo "init: insmod $m faile
 o=trans=virtio,version=9p2000.L,msize=524288
 # The host's / does not change under the guest: let it cache (cache=none: imports take 10x).
 mount -t 9p -o "ro,$o,cache=loose" root /newroot || { echo "init: cannot mount /"; poweroff -f; }
-for d in @WRITABLE@; do mount -t tmpfs -o mode=0755 tmp "/newroot$d"; done
+for d in @WRITABLE@; do mount -t tmpfs -o mode=0755,size=75% tmp "/newroot$d"; done
 chmod 1777 /newroot/tmp /newroot/var/tmp
 mkdir -p "/newroot@OUT@" && mount -t 9p -o "$o,cache=none" out "/newroot@OUT@"
 # Module autoload with the host's own modprobe, from this kernel's modules (on the host).

@@ -51,3 +51,8 @@ def test_downtime_wins_over_the_others_and_a_slow_link_does_not_stop_early() -> 
 def test_no_rate_without_a_timed_transfer() -> None:
     assert stoprule.transfer_rate([RoundFacts(10, 0, 0.1, 0.0, 0.0)]) is None
     assert stoprule.decide(LIMITS, [RoundFacts(10, 0, 0.1, 0.0, 0.0)], 1) is None
+
+
+def test_rate_counts_pages_moved_not_compressed_bytes() -> None:
+    # 256 MiB of pages in 2 s, sent as 1 MiB compressed: the link moves 128 MiB/s of pages.
+    assert stoprule.transfer_rate([RoundFacts(65536, MIB, 1, 0, 2)]) == 128 * MIB

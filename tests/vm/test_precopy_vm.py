@@ -34,7 +34,7 @@ def test_precopy_in_a_soft_dirty_vm(out: Path, record_property: pytest.RecordPro
             GUEST_TEST]  # fmt: skip
     script = f"cd {shlex.quote(str(REPO))}\n{shlex.join(argv)}\n"
     env = {"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
-    r = vm.run(script, timeout=1200, env=env, keep=out)
+    r = vm.run(script, timeout=1200, memory="3G", env=env, keep=out)
     assert r.exit_code == 0, f"guest test failed (exit {r.exit_code}):\n{r.output[-4000:]}"
     assert "1 passed" in r.output, r.output[-2000:]
     result = json.loads((out / "result.json").read_text())

@@ -1,8 +1,9 @@
-"""A workload for pre-copy: SIZE MiB of memory, 1 MiB of it rewritten every 100 ms, and a
-count of ticks written to STATE each tick. It checks its own memory as it goes (one chunk a
-tick, against the value it last wrote there) and writes CORRUPT and exits on a mismatch.
+"""A workload for pre-copy: SIZE MiB of memory, 1 MiB of it rewritten every 100 ms (within
+its first HOT MiB: a hot working set, the rest is written once), and a count of ticks written
+to STATE each tick. It checks its own memory as it goes (one chunk a tick, over all of it,
+against the value it last wrote there) and writes CORRUPT and exits on a mismatch.
 
-usage: writer.py STATE SIZE_MIB
+usage: writer.py STATE SIZE_MIB HOT_MIB
 """
 
 import os
@@ -13,13 +14,13 @@ MIB = 1 << 20
 
 
 def main() -> None:
-    state, size = sys.argv[1], int(sys.argv[2])
+    state, size, hot = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     buf = bytearray(b"\x01") * (size * MIB)  # every page touched: all of it is resident
     expect = [1] * size
     tick = 0
     while True:
         tick += 1
-        chunk = (tick * 7) % size  # walk the buffer (7 is prime to any size but 7's multiples)
+        chunk = (tick * 7) % hot  # walk the hot set (7 is prime to any size but 7's multiples)
         value = tick % 251 + 2
         buf[chunk * MIB : (chunk + 1) * MIB] = bytes([value]) * MIB
         expect[chunk] = value
