@@ -151,3 +151,25 @@ def test_pre_dump_and_final_dump_argv() -> None:
     d = criu.dump("criu", dataclasses.replace(o, images_dir="/i/final", prev_images_dir="../2"))
     assert d[-3:] == ["--track-mem", "--prev-images-dir", "../2"] and "--leave-stopped" in d
     assert "--track-mem" not in criu.dump("criu", criu.DumpOptions(pid=7, images_dir="/i"))
+
+
+def test_rounds_table_and_json(capsys: object) -> None:
+    from orchestrator import cli
+    from orchestrator.report import Report, Round
+
+    r = Report("ID", "w", "a", "b", "precopy", status="succeeded", downtime_ms=1200)
+    r.rounds = [
+        Round(1, "pre-dump", 65536, 0, 3 << 20, 12.5, 10.0, 2.5, None, 400.0),
+        Round(2, "pre-dump", 6000, 59536, 1 << 20, 2.0, 1.5, 0.5, 480.0, 90.0),
+        Round(3, "dump", 900, 64636, 1 << 19, 1.0, 0.6, 0.4, 450.0, 600.0),
+    ]
+    r.stopped_by = "goal"
+    cli._print_report(r)
+    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    lines = out.splitlines()
+    assert lines[0].split() == ["round", "kind", "pages", "skipped", "MiB", "sent", "seconds",
+                                "dirty", "pages/s", "frozen", "ms"]  # fmt: skip
+    assert lines[1].split() == ["1", "pre-dump", "65536", "0", "3.0", "12.50", "-", "400"]
+    assert lines[3].split() == ["3", "dump", "900", "64636", "0.5", "1.00", "450", "600"]
+    assert "pre-copy stopped by: goal" in out and "downtime 1200 ms" in out
+    assert r.to_dict()["rounds"][1]["dirty_rate"] == 480.0
