@@ -60,48 +60,62 @@ class Precopy(Phase):
         self.last_start: float | None = None  # when the last round's pre-dump began
 
     def act(self, ctx: Context) -> None:
-        assert ctx.target is not None
-        plan, policy = ctx.plan, ctx.plan.policy
+        policy = ctx.plan.policy
         limits = stoprule.Limits(policy.max_downtime_ms, policy.goal, policy.max_iterations,
                                  policy.max_precopy_seconds)  # fmt: skip
         facts: list[stoprule.RoundFacts] = []
         started = time.monotonic()
         reason: str | None = None
         while reason is None:
-            n = self.rounds = self.rounds + 1
-            src_dir = f"{plan.src_images}/{n}"
-            make_private_dir(ctx.src, src_dir)
-            t0 = time.monotonic()
-            prev = f"../{n - 1}" if n > 1 else None
-            ctx.runtime.pre_dump(ctx.src, ctx.target, src_dir, prev)
-            t1 = time.monotonic()
-            stats = images.DumpStats() if plan.dry_run else read_stats(ctx.src, src_dir)
-            t2 = time.monotonic()
-            sent = push(ctx, src_dir, f"{plan.dst_images}/{n}") + sync_paths(ctx)
-            t3 = time.monotonic()
-            ctx.bytes_transferred += sent
-            rate = stats.pages_written / (t0 - self.last_start) if self.last_start else None
-            self.last_start = t0
-            ctx.rounds.append(Round(
-                number=n, kind="pre-dump", pages_written=stats.pages_written,
-                pages_skipped_parent=stats.pages_skipped_parent, bytes_sent=sent,
-                seconds=round(t3 - t0, 3), dump_seconds=round(t1 - t0, 3),
-                transfer_seconds=round(t3 - t2, 3), dirty_rate=_round(rate),
-                frozen_ms=stats.frozen_ms,
-            ))  # fmt: skip
-            facts.append(stoprule.RoundFacts(
-                pages_written=stats.pages_written, bytes_sent=sent, dump_seconds=t1 - t0,
-                memwrite_seconds=stats.memwrite_time_us / 1e6, transfer_seconds=t3 - t2,
-            ))  # fmt: skip
-            reason = "dry-run" if plan.dry_run else stoprule.decide(limits, facts, t3 - started)
+            fact = self._round(ctx)
+            if fact is None:  # dry run: one round, planned, nothing measured
+                reason = "dry-run"
+                break
+            facts.append(fact)
+            reason = stoprule.decide(limits, facts, time.monotonic() - started)
         ctx.stopped_by = reason
         estimate = stoprule.estimated_freeze_ms(facts)
         ctx.notes.append(
-            f"pre-copy: {n} round(s), stopped by {reason}"
+            f"pre-copy: {self.rounds} round(s), stopped by {reason}"
             + (f" (estimated freeze {estimate:.0f} ms)" if estimate is not None else "")
         )
-        ctx.images_subdir, ctx.prev_images_dir = FINAL, f"../{n}"
+        ctx.images_subdir, ctx.prev_images_dir = FINAL, f"../{self.rounds}"
         make_private_dir(ctx.src, ctx.src_dir)
+
+    def _round(self, ctx: Context) -> stoprule.RoundFacts | None:
+        """One round: pre-dump into IMAGES/N on top of N-1, read its stats, rsync it (and the
+        sync_paths) while the workload runs; its row in ctx.rounds."""
+        assert ctx.target is not None
+        plan = ctx.plan
+        n = self.rounds = self.rounds + 1
+        src_dir = f"{plan.src_images}/{n}"
+        make_private_dir(ctx.src, src_dir)
+        t0 = time.monotonic()
+        ctx.runtime.pre_dump(ctx.src, ctx.target, src_dir, f"../{n - 1}" if n > 1 else None)
+        t1 = time.monotonic()
+        stats = images.DumpStats() if plan.dry_run else read_stats(ctx.src, src_dir)
+        t2 = time.monotonic()
+        sent = push(ctx, src_dir, f"{plan.dst_images}/{n}") + sync_paths(ctx)
+        t3 = time.monotonic()
+        ctx.bytes_transferred += sent
+        rate = stats.pages_written / (t0 - self.last_start) if self.last_start else None
+        self.last_start = t0
+        if plan.dry_run:
+            return None
+        ctx.rounds.append(Round(
+            number=n, kind="pre-dump", pages_written=stats.pages_written,
+            pages_skipped_parent=stats.pages_skipped_parent, bytes_sent=sent,
+            seconds=round(t3 - t0, 3), dump_seconds=round(t1 - t0, 3),
+            transfer_seconds=round(t3 - t2, 3), dirty_rate=_round(rate),
+            frozen_ms=stats.frozen_ms,
+        ))  # fmt: skip
+        return stoprule.RoundFacts(
+            pages_written=stats.pages_written,
+            bytes_sent=sent,
+            dump_seconds=t1 - t0,
+            memwrite_seconds=stats.memwrite_time_us / 1e6,
+            transfer_seconds=t3 - t2,
+        )
 
     def undo(self, ctx: Context) -> None:
         """Wipe the round dirs (and the final one) on both hosts."""

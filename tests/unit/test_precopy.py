@@ -173,3 +173,15 @@ def test_rounds_table_and_json(capsys: object) -> None:
     assert lines[3].split() == ["3", "dump", "900", "64636", "0.5", "1.00", "450", "600"]
     assert "pre-copy stopped by: goal" in out and "downtime 1200 ms" in out
     assert r.to_dict()["rounds"][1]["dirty_rate"] == 480.0
+
+
+def test_dry_run_plans_one_round_and_the_final_dump(tmp_path: Path) -> None:
+    ctx, journal, _ = make(tmp_path, dry_run=True)
+    ctx.plan = dataclasses.replace(ctx.plan, strategy="precopy")
+    precopy_host(ctx.src)  # type: ignore[arg-type]
+    report = runner.run(ctx, strategies.phases("precopy"), journal)  # type: ignore[arg-type]
+    assert report.status == "succeeded" and report.rounds == [] and report.stopped_by == "dry-run"
+    planned = [c.split(" -o ")[0] for c in report.planned_commands if "criu" in c]
+    assert planned[:2] == ["a$ criu pre-dump -t 100 -D /wa/images/ID/1",
+                           "a$ criu dump -t 100 -D /wa/images/ID/final"]  # fmt: skip
+    assert "--prev-images-dir ../1" in next(c for c in report.planned_commands if "criu dump" in c)

@@ -44,6 +44,7 @@ def test_precopy_in_a_soft_dirty_vm(out: Path, record_property: pytest.RecordPro
     assert rounds[-1]["pages_written"] * 4 < rounds[0]["pages_written"]
     assert pre["downtime_ms"] < stop["downtime_ms"]
     table = ", ".join(f"{x['kind']} {x['pages_written']}p {x['seconds']:.1f}s" for x in rounds)
+    print(json.dumps(result, indent=1))  # the whole of it, with -rA
     record_property(
         "measured",
         f"VM {r.seconds:.0f}s; precopy freeze {pre['downtime_ms']} ms (stopped by "
