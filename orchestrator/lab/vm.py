@@ -257,6 +257,61 @@ def qemu_argv(assets: Assets, out: Path, memory: str, cpus: int) -> list[str]:
     ]  # fmt: skip
 
 
+@dataclass
+class Machine:
+    """One VM run at a time; close() kills a qemu still running (by its pid) and removes the
+    results share unless it was given (`keep`). For test fixtures' finalizers."""
+
+    memory: str = "2G"
+    cpus: int = 2
+    keep: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def run(self, script: str, timeout: float = 600, env: dict[str, str] | None = None) -> Result:
+        """Boot, run `script` (sh) as root in the guest, power off: its exit code and output.
+        Files the script writes to $VM_OUT stay in `keep` (if given)."""
+        assets = prepare()
+        out = self.out = self.keep or Path(tempfile.mkdtemp(prefix="migrate-vm-"))
+        out.mkdir(parents=True, exist_ok=True)
+        for f in ("rc", "output"):
+            (out / f).unlink(missing_ok=True)
+        env = {"PATH": os.environ.get("PATH", ""), **(env or {})}  # the host's tools, the same
+        exports = "".join(f"export {k}={_shq(v)}\n" for k, v in env.items())
+        (out / "cmd.sh").write_text(exports + script)
+        t0 = time.monotonic()
+        argv = qemu_argv(assets, out, self.memory, self.cpus)
+        self.proc = proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            raw, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raw, _ = proc.communicate()
+            raise LabError(f"VM timed out after {timeout:.0f}s: {_tail(raw.decode())}") from None
+        finally:
+            self.kill()
+        console = raw.decode(errors="replace")
+        try:
+            rc_text = (out / "rc").read_text().strip()
+            output = (out / "output").read_text(errors="replace")
+        except FileNotFoundError:
+            raise LabError(f"VM ended without a result (qemu exit {proc.returncode}): "
+                           f"{_tail(console)}") from None  # fmt: skip
+        code = int(rc_text) if rc_text.lstrip("-").isdigit() else -1
+        return Result(code, output, console, time.monotonic() - t0)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        if self.keep is None and getattr(self, "out", None):
+            shutil.rmtree(self.out, ignore_errors=True)
+
+
 def run(
     script: str,
     timeout: float = 600,
@@ -265,46 +320,12 @@ def run(
     env: dict[str, str] | None = None,
     keep: Path | None = None,
 ) -> Result:
-    """Boot the VM, run `script` (sh) as root in the guest, power off; its exit code and
-    output. qemu is killed (by its pid) whatever happens. With `keep`, the results share is
-    that dir (files the command writes to $VM_OUT stay there)."""
-    assets = prepare()
-    out = keep or Path(tempfile.mkdtemp(prefix="migrate-vm-"))
-    out.mkdir(parents=True, exist_ok=True)
-    for f in ("rc", "output"):
-        (out / f).unlink(missing_ok=True)
-    env = {"PATH": os.environ.get("PATH", ""), **(env or {})}  # the host's tools, the same
-    exports = "".join(f"export {k}={_shq(v)}\n" for k, v in env.items())
-    (out / "cmd.sh").write_text(exports + script)
-    t0 = time.monotonic()
-    argv = qemu_argv(assets, out, memory, cpus)
-    console = ""
-    with subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    ) as proc:
-        try:
-            raw, _ = proc.communicate(timeout=timeout)
-            console = raw.decode(errors="replace")
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raw, _ = proc.communicate()
-            console = raw.decode(errors="replace")
-            raise LabError(f"VM timed out after {timeout:.0f}s: {_tail(console)}") from None
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    seconds = time.monotonic() - t0
+    """Machine(...).run(...), and close it whatever happens."""
+    machine = Machine(memory, cpus, keep)
     try:
-        rc_text = (out / "rc").read_text().strip()
-        output = (out / "output").read_text(errors="replace")
-    except FileNotFoundError:
-        raise LabError(f"VM ended without a result (qemu exit {proc.returncode}): "
-                       f"{_tail(console)}") from None  # fmt: skip
+        return machine.run(script, timeout, env)
     finally:
-        if keep is None:
-            shutil.rmtree(out, ignore_errors=True)
-    return Result(int(rc_text) if rc_text.lstrip("-").isdigit() else -1, output, console, seconds)
+        machine.close()
 
 
 def _shq(value: str) -> str:

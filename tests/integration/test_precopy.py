@@ -9,9 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator import lab as labmod
-from tests.labkit import migrate, running_pids, start
+from tests.labkit import migrate, running_pids, start, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -74,3 +75,26 @@ def test_bad_stop_rule_flags(lab: labmod.Lab, flag: str, value: str, error: str)
     r = migrate("run", "pid:2", "host-a", "host-b", "--strategy", "precopy", flag, value,
                 config=lab.config_path)  # fmt: skip
     assert r.returncode == 2 and error in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_sync_paths_travel_while_frozen(
+    lab: labmod.Lab, cleanup: list[Path], tmp_path: Path
+) -> None:
+    """A workload's sync_paths are rsynced to the same paths on the destination (here with
+    stop-copy: once, while frozen). The lab's hosts share one filesystem, so what this shows
+    is the real rsync of them succeeding inside the migration, as the log of commands says."""
+    wl = start(lab, "host-a", "counter-sync", container=False)
+    cleanup.append(wl.count_file)
+    extra = lab.dir / "workloads" / "counter-sync.conf"
+    extra.write_text("not on shared storage\n")
+    config = yaml.safe_load(lab.config_path.read_text())
+    config["workloads"] = {"syncer": {"pidfile": f"{wl.count_file}.pid",
+                                      "sync_paths": [str(extra), str(wl.count_file)]}}  # fmt: skip
+    path = tmp_path / "migrate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    r = migrate("-v", "run", "syncer", "host-a", "host-b", "--json", config=path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    synced = [ln for ln in r.stderr.splitlines() if "rsync" in ln and "--relative" in ln]
+    assert len(synced) == 1 and synced[0].endswith(f"{extra} {wl.count_file} 198.18.0.2:/")
+    after = wl.count()
+    wait_for(lambda: wl.count() > after + 5, what="the counter to keep counting on host-b")

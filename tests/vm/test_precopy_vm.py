@@ -19,25 +19,31 @@ GUEST_TEST = "tests/vm/guest_precopy.py"
 
 
 @pytest.fixture
-def out(tmp_path: Path) -> Iterator[Path]:
-    """The VM's results share. (vm.run kills qemu by its pid whatever happens; this removes
-    what the guest left behind.)"""
+def machine(tmp_path: Path) -> Iterator[vm.Machine]:
+    """A VM with 3 GiB (the writer, and its images on both lab hosts, live in its RAM), torn
+    down (qemu killed by its pid) in the finalizer whatever happened."""
     reason = vm.missing()
     if reason:
         pytest.skip(f"no soft-dirty VM here: {reason}")
-    d = tmp_path / "vm-out"
-    yield d
+    m = vm.Machine(memory="3G", keep=tmp_path / "vm-out")
+    try:
+        yield m
+    finally:
+        m.close()
 
 
-def test_precopy_in_a_soft_dirty_vm(out: Path, record_property: pytest.RecordProperty) -> None:
+def test_precopy_in_a_soft_dirty_vm(
+    machine: vm.Machine, record_property: pytest.RecordProperty
+) -> None:
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "-rA",
             GUEST_TEST]  # fmt: skip
     script = f"cd {shlex.quote(str(REPO))}\n{shlex.join(argv)}\n"
     env = {"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
-    r = vm.run(script, timeout=1200, memory="3G", env=env, keep=out)
+    r = machine.run(script, timeout=1200, env=env)
+    assert machine.keep is not None
     assert r.exit_code == 0, f"guest test failed (exit {r.exit_code}):\n{r.output[-4000:]}"
     assert "1 passed" in r.output, r.output[-2000:]
-    result = json.loads((out / "result.json").read_text())
+    result = json.loads((machine.keep / "result.json").read_text())
     pre, stop = result["precopy"], result["stopcopy"]
     rounds = pre["rounds"]
     assert sum(x["kind"] == "pre-dump" for x in rounds) >= 2
