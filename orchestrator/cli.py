@@ -18,8 +18,9 @@ from orchestrator import __version__, journal, runner, strategies
 from orchestrator.config import Config, ConfigError, check_policy, config_path, load
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, NullJournal
+from orchestrator.phases import precopy
 from orchestrator.phases.preflight import check_hosts
-from orchestrator.plan import Context, make_plan
+from orchestrator.plan import Context, Plan, make_plan
 from orchestrator.recover import recover
 from orchestrator.report import PhaseResult, Report
 from orchestrator.runtimes import for_workload
@@ -165,11 +166,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     planned: list[str] = []
     src = Host(plan.source, plan.policy, dry_run=plan.dry_run, planned=planned)
     dst = Host(plan.destination, plan.policy, dry_run=plan.dry_run, planned=planned)
+    runtime = for_workload(plan.workload)
     auto_note = None
-    if args.strategy == "auto":  # ask the source what it can do
-        chosen, auto_note = strategies.choose_auto(src)
-        plan = dataclasses.replace(plan, strategy=chosen)
-    ctx = Context(plan=plan, src=src, dst=dst, runtime=for_workload(plan.workload))
+    if plan.strategy == "auto":
+        plan, auto_note = _settle_auto(plan, src, dst, runtime.strategies)
+    ctx = Context(plan=plan, src=src, dst=dst, runtime=runtime)
     if auto_note:
         ctx.notes.append(auto_note)
     record = NullJournal() if plan.dry_run else Journal(config.state_dir, plan.id)
@@ -191,6 +192,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         _print_report(report)
     return report.exit_code
+
+
+def _settle_auto(plan: Plan, src: Host, dst: Host, runtime_can: frozenset[str]) -> tuple[Plan, str]:
+    """Pick the strategy `auto` stands for on these hosts (probing them only if it matters)."""
+    src_f: list[str] = []
+    dst_f: list[str] = []
+    if plan.policy.allow_postcopy:
+        checks = check_hosts([src, dst], features=True)
+        src_f, dst_f = checks[0].features or [], checks[1].features or []
+    elif "precopy" in runtime_can:  # one question to the source (unreachable: pre-flight says)
+        src_f = [precopy.FEATURE] if precopy.dirty_tracking(src) else []
+    name, why = strategies.choose(plan.policy, src_f, dst_f, runtime_can)
+    return dataclasses.replace(plan, strategy=name), why
 
 
 def _interrupt_on_sigterm() -> None:
@@ -231,6 +245,12 @@ def _print_report(r: Report) -> None:
     if r.rounds:
         _print_rounds(r)
     downtime = f"{r.downtime_ms} ms" if r.downtime_ms is not None else "-"
+    if r.postcopy_tail_ms is not None:
+        pulled = r.transfer.get("postcopy_bytes", 0)
+        downtime += (
+            f", post-copy tail {r.postcopy_tail_ms} ms ({pulled / 2**20:.0f} MiB pulled at "
+            f"{r.transfer.get('postcopy_mib_s') or '-'} MiB/s)"
+        )
     print(
         f"{r.status}: {r.workload} {r.source} -> {r.destination}; downtime {downtime}, "
         f"total {r.total_ms} ms, {r.bytes_transferred} bytes"

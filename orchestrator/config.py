@@ -91,6 +91,8 @@ class Policy:
     stall_timeout: float = 30.0  # a transfer with no progress this long is abandoned and retried
     bwlimit: int | None = None  # rsync's bandwidth limit, KiB/s (None: unlimited)
     compress: bool = False  # rsync compresses what it sends
+    allow_postcopy: bool = False  # `auto` may pick post-copy (no rollback once resumed)
+    postcopy_deadline: float = 600.0  # post-copy: seconds for the destination to pull all pages
     # Pre-copy's stop rule: freeze once the estimated freeze fits max_downtime_ms, or a round
     # wrote <= goal percent of the previous round's pages, or pages stop shrinking, or after
     # max_iterations rounds or max_precopy_seconds.

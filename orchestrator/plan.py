@@ -89,7 +89,11 @@ class Context:
     notes: list[str] = field(default_factory=list)
     lock: RemoteLock | None = None  # held on the source from pre-flight to the end
     connections_kept: int | None = None  # established TCP connections in the images
-    page_port: int | None = None  # stream: the page server's port (tunnelled source -> dest)
+    page_port: int | None = None  # stream/post-copy: the tunnelled page server's port
+    committed: bool = False  # the destination has resumed: no rollback from here on
+    pages_done_at: float | None = None  # post-copy: every page has reached the destination
+    pulled_bytes: int = 0  # post-copy: memory the destination pulled after it resumed
+    transfer_seconds: float = 0.0  # time rsync spent moving images
     # Pre-copy: the final dump goes into this subdir of the image dirs (after the rounds in
     # 1, 2, ... N), on top of prev_images_dir (relative to it); restore reads it from there.
     images_subdir: str = ""
@@ -112,6 +116,13 @@ class Context:
         if self.frozen_at is None or self.running_at is None:
             return None
         return round((self.running_at - self.frozen_at) * 1000)
+
+    @property
+    def postcopy_tail_ms(self) -> int | None:
+        """Post-copy: from running on the destination to every page pulled."""
+        if self.running_at is None or self.pages_done_at is None:
+            return None
+        return round((self.pages_done_at - self.running_at) * 1000)
 
 
 def _join(root: str, sub: str) -> str:

@@ -12,10 +12,13 @@ import time
 from dataclasses import dataclass
 
 from orchestrator.config import Config, NetworkConfig, WorkloadConfig
+from orchestrator.criu import background
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, Summary
 from orchestrator.phases import precopy
 from orchestrator.phases.base import remove_dir, settle
+from orchestrator.phases.pageserver import kill_criu
+from orchestrator.phases.postcopy import LazyDump
 from orchestrator.phases.prepare import close_link
 from orchestrator.plan import Context, Plan
 from orchestrator.report import PhaseResult, Report
@@ -92,6 +95,10 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
         ),  # fmt: skip
     )
     ctx.src.connect()  # the source must answer: without it nothing can be decided
+    if plan.strategy == "postcopy":
+        stranded = _postcopy(ctx, summary, report)
+        if stranded:
+            return stranded
     for host, images in ((ctx.src, plan.src_images), (ctx.dst, plan.dst_images)):
         try:
             settle(host, images, plan.policy.command_timeout)
@@ -140,6 +147,30 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
             status = "failed"
     _wipe(ctx, report)
     return status
+
+
+def _postcopy(ctx: Context, summary: Summary, report: Report) -> str | None:
+    """Settle a post-copy migration before the usual rule can judge it: before the destination
+    resumed, end its lazy-pages daemon and make the lazy dump let the source run on; after,
+    wait for every page (up to the deadline). Returns `stranded` if the pages cannot all come."""
+    plan = ctx.plan
+    ctx.page_port = next((e["page_port"] for e in summary.events if e.get("page_port")), None)
+    resumed = any(e.get("committed") for e in summary.events)
+    if not resumed and not ctx.runtime.find_restored(ctx.dst, plan.dst_images):
+        kill_criu(ctx.dst, "lazy-pages", plan.dst_images)
+        LazyDump().undo(ctx)
+        return None
+    deadline = plan.policy.postcopy_deadline
+    pulled = background.wait(ctx.dst, plan.dst_images, background.LAZY_PAGES, deadline)
+    if pulled == 0:
+        report.notes.append(f"post-copy: every page had reached {plan.destination.name}")
+        return None
+    report.error = (
+        f"POST-COPY INCOMPLETE: {plan.destination.name} resumed the workload but its pages did "
+        f"not all arrive ({'still pulling' if pulled is None else f'exit {pulled}'}); nothing "
+        f"was changed: the source copy stays frozen on {plan.source.name}. Decide by hand."
+    )
+    return "stranded"
 
 
 def _copy(ctx: Context, host: Host, pid: int | None, command: str | None) -> Copy:

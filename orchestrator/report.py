@@ -37,9 +37,10 @@ class Report:
     source: str
     destination: str
     strategy: str
-    status: str = "failed"  # succeeded | rolled_back | failed
+    status: str = "failed"  # succeeded | rolled_back | failed | stranded
     phases: list[PhaseResult] = field(default_factory=list)
     downtime_ms: int | None = None
+    postcopy_tail_ms: int | None = None  # post-copy: running on destination -> all pages there
     total_ms: int = 0
     bytes_transferred: int = 0
     restored_pid: int | None = None
@@ -52,7 +53,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     planned_commands: list[str] = field(default_factory=list)
 
-    EXIT_CODES = {"succeeded": 0, "rolled_back": 3, "failed": 1}
+    # stranded: failed past the point of no return (post-copy), nothing undone: see the notes.
+    EXIT_CODES = {"succeeded": 0, "rolled_back": 3, "failed": 1, "stranded": 4}
 
     @property
     def exit_code(self) -> int:

@@ -54,6 +54,7 @@ def run(
     )
     done: list[Phase] = []
     failure: BaseException | None = None
+    stranded: BaseException | None = None
     for phase in phases:
         journal.write("phase", name=phase.name, state="begin", **_facts(ctx))
         emit(phase.name, None)
@@ -73,6 +74,9 @@ def run(
                     f"{plan.destination.name}; clean up {plan.source.name})"
                 )
                 continue
+            if ctx.committed:  # the destination has resumed: stop, undo nothing, alarm
+                stranded = e
+                break
             failure = e
             done.append(phase)  # a failed phase may have acted in part: undo it too
             break
@@ -82,16 +86,36 @@ def run(
         emit(phase.name, result)
         done.append(phase)
 
-    if failure is None:
+    if stranded is not None:
+        report.status = "stranded"
+        report.error = _message(stranded)
+        report.criu_errors = getattr(stranded, "details", [])
+        report.notes.append(
+            f"NO ROLLBACK: {plan.destination.name} had resumed the workload; nothing was undone "
+            f"and {plan.source.name} was not confirmed. Journal {journal_path(journal)}"
+        )
+    elif failure is None:
         report.status = "succeeded"
     else:
         report.error = _message(failure)
         report.criu_errors = getattr(failure, "details", [])
         report.status = _rollback(ctx, done, done[-1].name, journal, report, emit)
     report.downtime_ms = None if plan.dry_run else ctx.downtime_ms
+    report.postcopy_tail_ms = ctx.postcopy_tail_ms
     report.total_ms = round((time.monotonic() - started) * 1000)
     report.bytes_transferred = ctx.bytes_transferred
-    report.transfer = {"bwlimit_kib_s": plan.policy.bwlimit, "compress": plan.policy.compress}
+    report.transfer = {
+        "bwlimit_kib_s": plan.policy.bwlimit,
+        "compress": plan.policy.compress,
+        "rsync_bytes": ctx.bytes_transferred,
+        "rsync_mib_s": _rate(ctx.bytes_transferred, ctx.transfer_seconds),
+    }
+    if ctx.pulled_bytes:
+        report.bytes_transferred += ctx.pulled_bytes
+        report.transfer["postcopy_bytes"] = ctx.pulled_bytes
+        report.transfer["postcopy_mib_s"] = _rate(
+            ctx.pulled_bytes, (ctx.postcopy_tail_ms or 0) / 1000
+        )
     report.restored_pid = ctx.restored_pid or None
     report.rounds, report.stopped_by = ctx.rounds, ctx.stopped_by
     if ctx.target is not None and ctx.target.net is not None:
@@ -212,6 +236,8 @@ def _facts(ctx: Context) -> dict[str, object]:
         "restored_pid": ctx.restored_pid or None,
         "net": asdict(t.net) if t and t.net else None,
         "network_lock": t.network_lock if t else None,
+        "committed": ctx.committed,
+        "page_port": ctx.page_port,
     }
 
 
@@ -219,6 +245,11 @@ def _message(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
         return "interrupted (SIGINT/SIGTERM)"
     return str(e) or type(e).__name__
+
+
+def _rate(nbytes: int, seconds: float) -> float | None:
+    """MiB/s, or None when nothing was timed."""
+    return round(nbytes / seconds / 2**20, 1) if seconds > 0 else None
 
 
 def _secs(t0: float) -> float:

@@ -23,6 +23,7 @@ class DumpOptions:
     page_server_port: int | None = None  # stream pages to a page server on 127.0.0.1:PORT
     track_mem: bool = False  # soft-dirty tracking: the next dump writes only changed pages
     prev_images_dir: str | None = None  # relative to images_dir: pages already there are skipped
+    lazy_port: int | None = None  # post-copy: serve pages lazily from 127.0.0.1:PORT
     extra: Sequence[str] = ()
 
 
@@ -36,6 +37,7 @@ class RestoreOptions:
     tcp_close: bool = False
     network_lock: str | None = None
     veths: Sequence[tuple[str, str, str]] = ()  # (inside name, host name, host bridge)
+    lazy_pages: bool = False  # post-copy: pages come from a `criu lazy-pages` daemon
     extra: Sequence[str] = ()
 
 
@@ -58,6 +60,8 @@ def dump(criu: str, o: DumpOptions) -> list[str]:
         argv.append("--skip-in-flight")
     if o.page_server_port:
         argv += ["--page-server", "--address", "127.0.0.1", "--port", str(o.page_server_port)]
+    if o.lazy_port:
+        argv += ["--lazy-pages", "--address", "127.0.0.1", "--port", str(o.lazy_port)]
     return argv + _track(o) + list(o.extra)
 
 
@@ -84,6 +88,27 @@ def page_server(criu: str, images_dir: str, port: int) -> list[str]:
             "-d", "-o", PAGE_SERVER_LOG, "-v4"]  # fmt: skip
 
 
+LAZY_PAGES_LOG = "lazy-pages.log"
+
+
+def lazy_pages(criu: str, images_dir: str, port: int) -> list[str]:
+    """The destination's post-copy daemon: pulls pages from the source's lazy dump (at
+    127.0.0.1:port, tunnelled) into the restored tasks as they fault, and the rest behind."""
+    return [criu, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(port),
+            "-D", images_dir, "-o", LAZY_PAGES_LOG, "-v4"]  # fmt: skip
+
+
+# A lazy dump's page server takes a clean end of its one connection for "every page pulled" and
+# leaves the tasks stopped; a truncated request instead fails the dump, and CRIU then unlocks
+# the network and lets the tasks run on. Sent before any client connected, so only for undo.
+_ABORT = 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "\\0\\0\\0\\0" >&3'
+
+
+def abort_lazy_dump(port: int) -> list[str]:
+    """Make a lazy dump still waiting for its client fail, which resumes its tasks."""
+    return ["bash", "-c", _ABORT, "bash", str(port)]
+
+
 def _net(tcp_established: bool, network_lock: str | None) -> list[str]:
     argv = ["--tcp-established"] if tcp_established else []
     return argv + (["--network-lock", network_lock] if network_lock else [])
@@ -101,6 +126,8 @@ def restore(criu: str, o: RestoreOptions) -> list[str]:
         argv.append("--tcp-close")
     for inside, outside, bridge in o.veths:
         argv += ["--external", f"veth[{inside}]:{outside}@{bridge}"]
+    if o.lazy_pages:
+        argv.append("--lazy-pages")
     return argv + list(o.extra)
 
 

@@ -25,7 +25,9 @@ from .state import (
 
 
 def link_exists(name: str) -> bool:
-    return os.path.exists(f"/sys/class/net/{name}")
+    """In this process's network namespace (/proc/net is; /sys/class/net is the mounter's)."""
+    with open("/proc/self/net/dev") as dev:
+        return any(line.split(":", 1)[0].strip() == name for line in dev.readlines()[2:])
 
 
 def netns_exists(name: str) -> bool:

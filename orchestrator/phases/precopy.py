@@ -17,27 +17,18 @@ from orchestrator.phases.base import Phase, make_private_dir, remove_dir, settle
 from orchestrator.phases.transfer import push, sync_paths
 from orchestrator.plan import Context
 from orchestrator.report import Round
-from orchestrator.transport.ssh import Host
+from orchestrator.transport.ssh import Host, HostError
 
 FINAL = "final"  # the final dump's subdir of the image dirs
 FEATURE = "mem_dirty_track"
 
 
-def refusal(ctx: Context) -> str | None:
-    """Why this workload cannot pre-copy from its source (None: it can); read-only."""
-    if not ctx.runtime.can_pre_dump:
-        return f"strategy precopy: runtime {ctx.runtime.name} cannot pre-dump"
-    if not has_dirty_tracking(ctx.src):
-        return (
-            f"strategy precopy needs dirty-memory tracking on {ctx.src.name}, and its kernel has "
-            f"none (`criu check --feature {FEATURE}` fails: no soft-dirty, "
-            "CONFIG_MEM_SOFT_DIRTY); use --strategy stopcopy or stream"
-        )
-    return None
-
-
-def has_dirty_tracking(host: Host) -> bool:
-    return host.run(criu.feature(host.config.criu, FEATURE), mutates=False).ok
+def dirty_tracking(host: Host) -> bool:
+    """Whether host's kernel and CRIU track dirty memory (False if it cannot be asked)."""
+    try:
+        return host.run(criu.feature(host.config.criu, FEATURE), mutates=False).ok
+    except HostError:
+        return False
 
 
 def read_stats(host: Host, images_dir: str) -> images.DumpStats:

@@ -41,10 +41,14 @@ def sync_paths(ctx: Context) -> int:
 
 def _rsync(ctx: Context, argv: list[str], what: str) -> int:
     # Only a broken or stalled link is worth another attempt (rsync resumes: --partial).
-    for attempt in retrying(ctx.plan.policy, what, (rsync.LinkError,), ctx.notes):
-        with attempt:
-            r = ctx.src.run(argv)
-            if not r.ok:
-                raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
-            return rsync.bytes_sent(r.stdout)
+    t0 = time.monotonic()
+    try:
+        for attempt in retrying(ctx.plan.policy, what, (rsync.LinkError,), ctx.notes):
+            with attempt:
+                r = ctx.src.run(argv)
+                if not r.ok:
+                    raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
+                return rsync.bytes_sent(r.stdout)
+    finally:
+        ctx.transfer_seconds += time.monotonic() - t0
     raise AssertionError("unreachable: retrying re-raises the last error")

@@ -31,6 +31,8 @@ class Runtime(ABC):
     """How to find, checkpoint, restore, resume and remove one kind of workload."""
 
     name: str
+    #: The strategies this runtime can carry out; pre-flight refuses the others.
+    strategies: frozenset[str] = frozenset({"stopcopy"})
 
     def __init__(self, workload: WorkloadConfig) -> None:
         self.workload = workload
@@ -50,10 +52,13 @@ class Runtime(ABC):
         target: Target,
         images_dir: str,
         page_port: int | None = None,
+        lazy_port: int | None = None,
         prev_images_dir: str | None = None,
     ) -> None:
         """Dump the workload into images_dir, leaving it stopped (not killed) on host; with
         page_port, its pages go to the page server tunnelled at 127.0.0.1:page_port; with
+        lazy_port (post-copy), they stay in memory and a detached dump serves them there until
+        the destination has pulled them all (its exit code: background name DUMP); with
         prev_images_dir (pre-copy; relative to images_dir), only pages changed since those
         images are written (CRIU's --track-mem --prev-images-dir)."""
 
@@ -62,16 +67,13 @@ class Runtime(ABC):
     ) -> None:
         """A pre-copy round: the workload's memory into images_dir while it runs on, with
         dirty-memory tracking (after prev_images_dir, relative to images_dir, if given).
-        Runtimes that can pre-copy override this; `can_pre_dump` tells."""
+        Runtimes with "precopy" in `strategies` override this."""
         raise MigrationError(f"runtime {self.name} cannot pre-copy (no pre-dump)")
 
-    @property
-    def can_pre_dump(self) -> bool:
-        return type(self).pre_dump is not Runtime.pre_dump
-
     @abstractmethod
-    def restore(self, host: Host, target: Target, images_dir: str) -> int:
-        """Restore from images_dir on host; returns the restored root pid as host sees it."""
+    def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
+        """Restore from images_dir on host; returns the restored root pid as host sees it.
+        With lazy, memory comes from the lazy-pages daemon already running for images_dir."""
 
     @abstractmethod
     def find_restored(self, host: Host, images_dir: str) -> int:

@@ -113,3 +113,44 @@ def wait_veth_gone(host: Host, veth: str, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise MigrationError(f"{veth} still exists on {host} after {timeout:.0f}s")
         time.sleep(0.1)
+
+
+# Take every TCP socket of the tree out of repair mode (as CRIU does when a dump fails), via
+# pidfd_getfd(2): a copy of each socket fd, on which TCP_REPAIR is switched off.
+_REPAIR_OFF = r"""
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+PIDFD_GETFD, TCP_REPAIR = 438, 19
+for pid in map(int, sys.argv[1:]):
+    pidfd = os.pidfd_open(pid)
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                continue
+        except OSError:
+            continue
+        n = libc.syscall(PIDFD_GETFD, pidfd, int(fd), 0)
+        if n < 0:
+            continue
+        s = socket.socket(fileno=n)
+        try:
+            if s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6):
+                s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+        except OSError:
+            pass
+        finally:
+            s.close()
+"""
+# Then drop the network lock CRIU left in the workload's namespace (its nftables table).
+_UNLOCK = (
+    'pid=$1 awk=$2; shift 2; python3 -c "$0" "$@" || exit 1; '
+    'for t in $(nsenter -t "$pid" -n nft list tables 2>/dev/null | awk "$awk"); '
+    'do nsenter -t "$pid" -n nft delete table inet "$t" || exit 1; done'
+)
+_CRIU_TABLES = "$3 ~ /^CRIU-/ {print $3}"
+
+
+def unlock_argv(root_pid: int, pids: list[int]) -> list[str]:
+    """Run on the host: undo what a dump left on a workload it let run on, without unlocking
+    it (CRIU's failed lazy dump): TCP repair mode on its sockets, then its network lock."""
+    return ["sh", "-c", _UNLOCK, _REPAIR_OFF, str(root_pid), _CRIU_TABLES, *map(str, pids)]

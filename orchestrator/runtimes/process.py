@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 
+from orchestrator.criu import background
 from orchestrator.criu import commands as criu
-from orchestrator.criu.logs import error_lines
+from orchestrator.criu.logs import raise_on_failure
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes import net, procs
 from orchestrator.runtimes.base import Runtime, Target
-from orchestrator.transport.ssh import Host, Result
+from orchestrator.transport.ssh import Host
 
 PIDFILE = "restored.pid"
 _THEN_CAT = 'pf=$1; shift; "$@" || exit $?; cat -- "$pf"'
@@ -17,6 +18,7 @@ _THEN_CAT = 'pf=$1; shift; "$@" || exit $?; cat -- "$pf"'
 
 class ProcessRuntime(Runtime):
     name = "process"
+    strategies = frozenset({"stopcopy", "stream", "postcopy", "precopy", "hybrid"})
 
     def locate(self, host: Host) -> Target:
         pid = self._root_pid(host)
@@ -115,6 +117,7 @@ class ProcessRuntime(Runtime):
         target: Target,
         images_dir: str,
         page_port: int | None = None,
+        lazy_port: int | None = None,
         prev_images_dir: str | None = None,
     ) -> None:
         argv = criu.dump(
@@ -130,10 +133,14 @@ class ProcessRuntime(Runtime):
                 page_server_port=page_port,
                 track_mem=prev_images_dir is not None,
                 prev_images_dir=prev_images_dir,
+                lazy_port=lazy_port,
                 extra=self.workload.criu_options,
             ),
         )
-        _criu_or_raise(host, host.run(argv), images_dir, criu.DUMP_LOG, "dump")
+        if lazy_port:
+            background.start(host, images_dir, background.DUMP, argv, criu.DUMP_LOG, "dump")
+            return
+        raise_on_failure(host, host.run(argv), images_dir, criu.DUMP_LOG, "dump")
 
     def pre_dump(
         self, host: Host, target: Target, images_dir: str, prev_images_dir: str | None
@@ -150,15 +157,17 @@ class ProcessRuntime(Runtime):
                 extra=self.workload.criu_options,
             ),
         )
-        _criu_or_raise(host, host.run(argv), images_dir, criu.PRE_DUMP_LOG, "pre-dump")
+        raise_on_failure(host, host.run(argv), images_dir, criu.PRE_DUMP_LOG, "pre-dump")
 
-    def restore(self, host: Host, target: Target, images_dir: str) -> int:
-        pid = self._restore(host, target, images_dir, host.config.bridge)
+    def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
+        pid = self._restore(host, target, images_dir, host.config.bridge, lazy)
         if target.net and pid:
             host.run(net.announce_argv(pid, target.net))
         return pid
 
-    def _restore(self, host: Host, target: Target, images_dir: str, bridge: str) -> int:
+    def _restore(
+        self, host: Host, target: Target, images_dir: str, bridge: str, lazy: bool = False
+    ) -> int:
         pidfile = f"{images_dir}/{PIDFILE}"
         veths = [(target.net.interface, target.net.veth, bridge)] if target.net else []
         argv = criu.restore(
@@ -172,12 +181,13 @@ class ProcessRuntime(Runtime):
                 tcp_close=target.net is not None and self.workload.network.tcp == "close",
                 network_lock=target.network_lock,
                 veths=veths,
+                lazy_pages=lazy,
                 extra=self.workload.criu_options,
             ),
         )
         # One round trip inside the freeze: restore, then print the pid CRIU wrote.
         r = host.run(["sh", "-c", _THEN_CAT, "sh", pidfile, *argv])
-        _criu_or_raise(host, r, images_dir, criu.RESTORE_LOG, "restore")
+        raise_on_failure(host, r, images_dir, criu.RESTORE_LOG, "restore")
         if host.dry_run:
             return 0
         last = r.stdout.strip().rsplit("\n", 1)[-1]
@@ -209,14 +219,3 @@ class ProcessRuntime(Runtime):
 
     def state(self, host: Host, root_pid: int) -> str:
         return procs.state(host, root_pid)
-
-
-def _criu_or_raise(host: Host, result: Result, images_dir: str, log: str, what: str) -> None:
-    """Raise with CRIU's own error lines from its log on that host when a CRIU run failed."""
-    if result.ok:
-        return
-    text = host.run(["cat", "--", f"{images_dir}/{log}"], mutates=False).stdout
-    lines = error_lines(text) or error_lines(result.stderr) or [result.error_line()]
-    raise MigrationError(
-        f"criu {what} failed on {host} (exit {result.exit_code}): {lines[-1]}", details=lines
-    )

@@ -124,13 +124,21 @@ def open_link_argv(
 
 
 def forward_argv(
-    src: HostConfig, dst: HostConfig, policy: Policy, link: str, port: int, cancel: bool = False
+    src: HostConfig,
+    dst: HostConfig,
+    policy: Policy,
+    link: str,
+    port: int,
+    cancel: bool = False,
+    reverse: bool = False,
 ) -> list[str]:
-    """Run on the source: (stop) forwarding its 127.0.0.1:port to the destination's, inside the
-    ssh link, so that page traffic is encrypted and the page server listens on loopback only."""
+    """Run on the source: (stop) forwarding its 127.0.0.1:port to the destination's (with
+    reverse, the destination's to the source's), inside the ssh link, so that page traffic is
+    encrypted and page servers listen on loopback only."""
     spec = f"127.0.0.1:{port}:127.0.0.1:{port}"
     op = "cancel" if cancel else "forward"
-    return [*ssh_command(src, dst, policy, link), "-O", op, "-L", spec, dst.address]
+    way = "-R" if reverse else "-L"
+    return [*ssh_command(src, dst, policy, link), "-O", op, way, spec, dst.address]
 
 
 def close_link_argv(src: HostConfig, dst: HostConfig, policy: Policy, link: str) -> list[str]:

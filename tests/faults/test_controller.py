@@ -40,8 +40,22 @@ def journal_dir(config: Path) -> Path:
     return jdir
 
 
-def run_in_background(wl: Workload, dst: str, config: Path) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "orchestrator.cli", "run", wl.spec, "host-a", dst, "--json"]
+# Post-copy: once the destination has resumed (pull-pages on), recover must confirm.
+EXPECTED_POSTCOPY = {
+    "page-tunnel": "rolled_back",
+    "dump": "rolled_back",
+    "transfer": None,
+    "restore": None,
+    "pull-pages": "succeeded",
+    "verify": "succeeded",
+}
+
+
+def run_in_background(
+    wl: Workload, dst: str, config: Path, strategy: str = "stopcopy"
+) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "orchestrator.cli", "run", wl.spec, "host-a", dst, "--json",
+            "--strategy", strategy]  # fmt: skip
     return subprocess.Popen(
         [*argv, "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -77,14 +91,32 @@ def copies(lab: labmod.Lab, wl: Workload) -> dict[str, str]:
 def test_controller_killed_then_recover(
     lab: labmod.Lab, cleanup: list[Path], case: Case, phase: str
 ) -> None:
-    case.fault = f"controller SIGKILLed at {phase} begin, then recover"
-    wl = start(lab, "host-a", f"counter-kill-{phase}", container=False)
+    killed_then_recovered(lab, cleanup, case, phase, "stopcopy", EXPECTED[phase])
+
+
+@pytest.mark.parametrize("phase", EXPECTED_POSTCOPY)
+def test_postcopy_controller_killed_then_recover(
+    lab: labmod.Lab, cleanup: list[Path], case: Case, phase: str
+) -> None:
+    killed_then_recovered(lab, cleanup, case, phase, "postcopy", EXPECTED_POSTCOPY[phase])
+
+
+def killed_then_recovered(
+    lab: labmod.Lab,
+    cleanup: list[Path],
+    case: Case,
+    phase: str,
+    strategy: str,
+    expected: str | None,
+) -> None:
+    case.fault = f"{strategy}: controller SIGKILLed at {phase} begin, then recover"
+    wl = start(lab, "host-a", f"counter-kill-{strategy}-{phase}", container=False)
     cleanup.append(wl.count_file)
     jdir = journal_dir(lab.config_path)
     before_files = set(jdir.glob("*.jsonl"))
     before = wl.count()
 
-    proc = run_in_background(wl, "host-b", lab.config_path)
+    proc = run_in_background(wl, "host-b", lab.config_path, strategy)
     path = wait_for_phase(jdir, before_files, phase, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -97,7 +129,7 @@ def test_controller_killed_then_recover(
     r = migrate("recover", migration, "--json", config=lab.config_path)
     report = json.loads(r.stdout)
     assert r.returncode in (0, 3), r.stdout + r.stderr
-    assert EXPECTED[phase] in (None, report["status"]), report
+    assert expected in (None, report["status"]), report
     expected_host = "host-b" if report["status"] == "succeeded" else "host-a"
     case.outcome = f"recover: {report['status']} (exit {r.returncode})"
     found = copies(lab, wl)

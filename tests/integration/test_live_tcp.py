@@ -57,8 +57,16 @@ def echo_server(lab: labmod.Lab, container: list[str], port: int) -> int:
     return pid
 
 
-def run(lab: labmod.Lab, pid: int, src: str, dst: str, config: Path | None = None) -> dict:
-    r = migrate("run", f"pid:{pid}", src, dst, "--json", config=config or lab.config_path)
+def run(
+    lab: labmod.Lab,
+    pid: int,
+    src: str,
+    dst: str,
+    config: Path | None = None,
+    strategy: str = "auto",
+) -> dict:
+    r = migrate("run", f"pid:{pid}", src, dst, "--strategy", strategy, "--json",
+                config=config or lab.config_path)  # fmt: skip
     report: dict = json.loads(r.stdout)
     report["exit"] = r.returncode
     return report
@@ -102,6 +110,44 @@ def test_rollback_keeps_the_connection(
     client = net_client(lab, "echo_client", ADDRESS, 7001, tmp_path)
     time.sleep(1)
     report = run(lab, pid, "host-a", "host-b", cfg)
+    assert report["exit"] == 3 and report["status"] == "rolled_back", report
+    time.sleep(1)
+    result = client.stop()
+    assert result["error"] is None and result["lost"] == 0, result
+    assert find(lab, "host-a", "echo_server.py") and not find(lab, "host-b", "echo_server.py")
+
+
+def test_tcp_connection_survives_postcopy(
+    lab: labmod.Lab, container: list[str], tmp_path: Path, record_property: Any
+) -> None:
+    pid = echo_server(lab, container, 7002)
+    client = net_client(lab, "echo_client", ADDRESS, 7002, tmp_path)
+    time.sleep(1)
+    report = run(lab, pid, "host-a", "host-b", strategy="postcopy")
+    assert report["exit"] == 0 and report["strategy"] == "postcopy", report
+    assert report["network"]["connections_kept"] >= 1
+    time.sleep(1)
+    result = client.stop()
+    record_property(
+        "measured",
+        f"echo over TCP, post-copy a -> b: {result['received']} replies, largest reply gap "
+        f"{result['max_gap_ms']} ms; freeze {report['downtime_ms']} ms, post-copy tail "
+        f"{report['postcopy_tail_ms']} ms",
+    )
+    assert result["error"] is None, result
+    assert result["lost"] == 0 and result["duplicated"] == 0 and result["out_of_order"] == 0
+    assert find(lab, "host-b", "echo_server.py") and not find(lab, "host-a", "echo_server.py")
+
+
+def test_postcopy_rollback_keeps_the_connection(
+    lab: labmod.Lab, container: list[str], tmp_path: Path
+) -> None:
+    """The lazy dump is made to fail (not to finish), so CRIU itself unlocks the source."""
+    pid = echo_server(lab, container, 7003)
+    cfg = failing_restore_config(lab, tmp_path)
+    client = net_client(lab, "echo_client", ADDRESS, 7003, tmp_path)
+    time.sleep(1)
+    report = run(lab, pid, "host-a", "host-b", cfg, strategy="postcopy")
     assert report["exit"] == 3 and report["status"] == "rolled_back", report
     time.sleep(1)
     result = client.stop()

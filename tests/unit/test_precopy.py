@@ -9,10 +9,13 @@ import struct
 import time
 from pathlib import Path
 
+import pytest
+
 from orchestrator import runner, strategies
 from orchestrator.config import Policy, WorkloadConfig
 from orchestrator.criu import commands as criu
 from orchestrator.criu import images
+from orchestrator.phases import precopy
 from orchestrator.plan import Context
 from orchestrator.transport.ssh import Result
 from tests.unit.fakehost import FakeHost
@@ -40,6 +43,9 @@ def precopy_host(host: FakeHost, dirty_tracking: bool = True, fail: str | None =
             return Result(host.name, argv, 1, "", "Error (criu/mem.c:1): it broke")
         if "--feature mem_dirty_track" in line:
             return Result(host.name, argv, 0 if dirty_tracking else 1)
+        if argv[0] == "sh" and "check --feature" in argv[2]:  # pre-flight's feature probe
+            has = [f for f in argv[5:] if f != "mem_dirty_track" or dirty_tracking]
+            return Result(host.name, argv, 0, "\n".join(has) + "\n")
         if argv[0] == "base64":
             sub = argv[-1].split("/")[-2]
             return Result(host.name, argv, 0, base64.b64encode(stats_image(PAGES[sub])).decode())
@@ -130,16 +136,35 @@ def test_refused_in_preflight_without_dirty_tracking(tmp_path: Path) -> None:
     ctx, journal, log = make_precopy(tmp_path, dirty_tracking=False)
     report = runner.run(ctx, strategies.phases("precopy"), journal)  # type: ignore[arg-type]
     assert report.status == "failed" and [p.name for p in report.phases] == ["preflight"]
-    assert "mem_dirty_track" in (report.error or "") and "stopcopy" in (report.error or "")
-    assert mutating(log) == [] and not any("lock" in c for _, c in log)
+    assert report.error == (
+        "pre-copy needs CRIU feature mem_dirty_track on a, which its kernel or CRIU lacks "
+        "(`criu check --feature`)"
+    )
+    assert mutating(log) == [] and not any(c.startswith("lock ") for _, c in log)
 
 
-def test_auto_picks_precopy_only_with_dirty_tracking(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("src", "can", "expected"),
+    [
+        (["mem_dirty_track"], frozenset(strategies.STRATEGIES), "precopy"),
+        ([], frozenset(strategies.STRATEGIES), "stopcopy"),  # no soft-dirty on the source
+        (["mem_dirty_track"], frozenset({"stopcopy"}), "stopcopy"),  # runtime cannot
+    ],
+)
+def test_auto_picks_precopy_where_the_source_tracks_dirty_memory(
+    src: list[str], can: frozenset[str], expected: str
+) -> None:
+    name, why = strategies.choose(Policy(), src, [], can)
+    assert name == expected and why.startswith(f"auto: {expected[:3]}")
+    if expected == "stopcopy":
+        assert "pre-copy" in why
+
+
+def test_dirty_tracking_probe(tmp_path: Path) -> None:
     ctx, _, _ = make_precopy(tmp_path)
-    assert strategies.choose_auto(ctx.src) == ("precopy", None)
+    assert precopy.dirty_tracking(ctx.src)  # type: ignore[arg-type]
     ctx, _, _ = make_precopy(tmp_path, dirty_tracking=False)
-    chosen, note = strategies.choose_auto(ctx.src)
-    assert chosen == "stopcopy" and note and "mem_dirty_track" in note
+    assert not precopy.dirty_tracking(ctx.src)  # type: ignore[arg-type]
 
 
 def test_pre_dump_and_final_dump_argv() -> None:

@@ -1,0 +1,118 @@
+"""Post-copy's pure pieces: strategy choice, pre-flight needs, CRIU's readiness and logs, and
+the runner's rule that nothing is undone once the destination has resumed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator import runner, strategies
+from orchestrator.config import Policy
+from orchestrator.criu import background
+from orchestrator.criu import commands as criu
+from orchestrator.criu.logs import pages_pulled
+from orchestrator.errors import MigrationError
+from orchestrator.phases.base import Phase
+from orchestrator.phases.preflight import HostCheck, unmet
+from orchestrator.plan import Context
+from tests.unit.test_runner import make
+
+ALL = frozenset(strategies.STRATEGIES)
+
+
+@pytest.mark.parametrize(
+    ("allow", "dst", "can", "expected"),
+    [
+        (False, ["uffd-noncoop"], ALL, "stopcopy"),  # never without the policy's consent
+        (True, ["uffd-noncoop"], ALL, "postcopy"),
+        (True, [], ALL, "stopcopy"),  # no userfaultfd on the destination
+        (True, ["uffd-noncoop"], frozenset({"stopcopy"}), "stopcopy"),  # runtime cannot
+    ],
+)
+def test_auto_picks_postcopy_only_when_allowed_and_possible(
+    allow: bool, dst: list[str], can: frozenset[str], expected: str
+) -> None:
+    name, why = strategies.choose(Policy(allow_postcopy=allow), [], dst, can)
+    assert name == expected and why.startswith("auto: ")
+
+
+def test_unknown_strategy_is_refused() -> None:
+    with pytest.raises(Exception, match="unknown strategy 'fast'"):
+        strategies.resolve("fast")
+
+
+def test_postcopy_needs_name_what_is_missing() -> None:
+    needs = strategies.POSTCOPY_NEEDS
+    src = HostCheck("a", features=["uffd-noncoop"], pipe_max=1 << 20, missing=["python3"])
+    dst = HostCheck("b", features=[], pipe_max=4 << 20)
+    problems = unmet(needs, src, dst)
+    assert any("uffd-noncoop on b" in p for p in problems)
+    assert any("fs.pipe-max-size >= 4194304 on a (it is 1048576)" in p for p in problems)
+    assert any("python3 on a" in p for p in problems)
+    ok_src = HostCheck("a", features=[], pipe_max=4 << 20, missing=[])
+    assert unmet(needs, ok_src, HostCheck("b", features=["uffd-noncoop"], pipe_max=8 << 20)) == []
+
+
+def test_lazy_command_lines() -> None:
+    dump = criu.dump("criu", criu.DumpOptions(pid=7, images_dir="/i", lazy_port=4242))
+    assert dump[-5:] == ["--lazy-pages", "--address", "127.0.0.1", "--port", "4242"]
+    rest = criu.restore(
+        "criu", criu.RestoreOptions(images_dir="/i", pidfile="/i/p", lazy_pages=True)
+    )
+    assert "--lazy-pages" in rest
+    daemon = criu.lazy_pages("criu", "/i", 4242)
+    assert daemon[:3] == ["criu", "lazy-pages", "--page-server"] and "127.0.0.1" in daemon
+
+
+def test_background_readiness_and_exit_codes() -> None:
+    assert background.parse_start("ready\n") == background.Started(True)
+    assert background.parse_start("exited 1\n") == background.Started(False, "1")
+    with pytest.raises(MigrationError):
+        background.parse_start("")
+    assert background.parse_wait("0\n") == 0 and background.parse_wait("running\n") is None
+    argv = background.start_argv("/i", "dump", 30, ["criu", "dump"])
+    assert argv[:2] == ["sh", "-c"] and argv[3:] == ["sh", "/i", "dump", "30", "criu", "dump"]
+
+
+def test_pages_pulled_sums_every_task() -> None:
+    log = (
+        "(03.1) uffd: 7-11: UFFD transferred pages: (100/100)\n"
+        "(03.2) uffd: 8-12: UFFD transferred pages: (20/25)\n"
+    )
+    assert pages_pulled(log) == (120, 125)
+
+
+class Resumes(Phase):
+    """Stands for LazyRestore: the destination runs from here."""
+
+    name = "restore"
+
+    def act(self, ctx: Context) -> None:
+        ctx.committed = True
+
+    def undo(self, ctx: Context) -> None:
+        raise AssertionError("never undone")
+
+
+class Breaks(Phase):
+    name = "pull-pages"
+
+    def act(self, ctx: Context) -> None:
+        raise MigrationError("POST-COPY INCOMPLETE: the link broke")
+
+
+class Never(Phase):
+    name = "confirm"
+
+    def act(self, ctx: Context) -> None:
+        raise AssertionError("no confirm after a broken post-copy")
+
+
+def test_failure_after_resume_is_stranded_not_rolled_back(tmp_path: Path) -> None:
+    ctx, journal, _ = make(tmp_path)
+    report = runner.run(ctx, [Resumes(), Breaks(), Never()], journal)
+    assert report.status == "stranded" and report.exit_code == 4
+    assert "POST-COPY INCOMPLETE" in (report.error or "")
+    assert any(n.startswith("NO ROLLBACK") for n in report.notes)
+    assert [p.name for p in report.phases] == ["restore", "pull-pages"]
