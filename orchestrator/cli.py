@@ -14,16 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator import __version__, journal, runner, strategies
+from orchestrator import __version__, evacuate, journal, metrics, progress, render, strategies
 from orchestrator.config import Config, ConfigError, check_policy, config_path, load
 from orchestrator.errors import MigrationError
-from orchestrator.journal import Journal, NullJournal
-from orchestrator.phases import precopy
 from orchestrator.phases.preflight import check_hosts
-from orchestrator.plan import Context, Plan, make_plan
 from orchestrator.recover import recover
 from orchestrator.report import PhaseResult, Report
-from orchestrator.runtimes import for_workload
+from orchestrator.session import Busy, open_session
 from orchestrator.transport.ssh import Host, HostError
 
 EXIT_USAGE = 2
@@ -66,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--max-iterations", type=int, metavar="N", help="at most N rounds")
     pre.add_argument("--max-precopy-seconds", type=float, metavar="S",
                      help="freeze after S seconds of rounds")  # fmt: skip
+    r.add_argument("--metrics-file", metavar="PATH", help="write Prometheus metrics (textfile)")
+
+    e = sub.add_parser("evacuate", help="migrate every workload on SRC to other hosts")
+    e.add_argument("source")
+    e.add_argument("--to", action="append", default=[], metavar="DST",
+                   help="a destination (repeat; default: all other hosts)")  # fmt: skip
+    e.add_argument("--only", action="append", default=[], metavar="WORKLOAD",
+                   help="move just this workload (repeat)")  # fmt: skip
+    e.add_argument("--parallel", type=int, default=1, metavar="N", help="migrations at once")
+    e.add_argument("--config")
+    e.add_argument("--strategy", default="auto", choices=strategies.CHOICES)
+    e.add_argument("--dry-run", action="store_true", help="print placement and commands")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--metrics-file", metavar="PATH", help="write Prometheus metrics (textfile)")
 
     c = sub.add_parser("check", help="the host half of pre-flight, as a table")
     c.add_argument("hosts", nargs="+")
@@ -113,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "evacuate":
+            return cmd_evacuate(args)
         if args.command == "check":
             return cmd_check(args)
         if args.command == "history":
@@ -143,50 +156,37 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides[key] = getattr(args, key)
     config = dataclasses.replace(config, policy=dataclasses.replace(config.policy, **overrides))
     check_policy(config.policy, "", flags=True)
-    plan = make_plan(
-        config,
-        args.workload,
-        args.source,
-        args.destination,
-        strategy=strategies.resolve(args.strategy),
-        keep_images=args.keep_images,
-        dry_run=args.dry_run,
-    )
-    if not plan.dry_run:
-        busy = [j for j in journal.summaries(config.state_dir) if j.status is None
-                and j.workload == plan.workload.name]  # fmt: skip
-        if busy:
-            print(
-                f"migrate: error: workload {plan.workload.name} has an unfinished migration "
-                f"{busy[-1].id} (its controller died, or it still runs): "
-                f"run `migrate recover {busy[-1].id}` first",
-                file=sys.stderr,
-            )
-            return 1
-    planned: list[str] = []
-    src = Host(plan.source, plan.policy, dry_run=plan.dry_run, planned=planned)
-    dst = Host(plan.destination, plan.policy, dry_run=plan.dry_run, planned=planned)
-    runtime = for_workload(plan.workload)
-    auto_note = None
-    if plan.strategy == "auto":
-        plan, auto_note = _settle_auto(plan, src, dst, runtime.strategies)
-    ctx = Context(plan=plan, src=src, dst=dst, runtime=runtime)
-    if auto_note:
-        ctx.notes.append(auto_note)
-    record = NullJournal() if plan.dry_run else Journal(config.state_dir, plan.id)
-    listen = None if args.json else _print_phase
+    if args.metrics_file:
+        metrics.check_path(args.metrics_file)
+    try:
+        session = open_session(
+            config,
+            args.workload,
+            args.source,
+            args.destination,
+            strategy=args.strategy,
+            keep_images=args.keep_images,
+            dry_run=args.dry_run,
+        )
+    except Busy as e:
+        print(f"migrate: error: {e}", file=sys.stderr)
+        return 1
+    plan, ctx = session.plan, session.ctx
     if not args.json:
         print(
-            f"migrate {plan.workload.name}: {src} -> {dst}, strategy {plan.strategy}, id {plan.id}"
+            f"migrate {plan.workload.name}: {ctx.src} -> {ctx.dst}, strategy {plan.strategy}, "
+            f"id {plan.id}"
         )
-        if auto_note:
-            print(f"  note: {auto_note}")
+        for note in (n for n in ctx.notes if n.startswith("auto: ")):
+            print(f"  note: {note}")
     _interrupt_on_sigterm()
-    try:
-        report = runner.run(ctx, strategies.phases(plan.strategy), record, listen)
-    finally:
-        src.close()
-        dst.close()
+    if args.json or not progress.interactive():
+        report = session.run(None if args.json else _print_phase)
+    else:
+        with progress.LiveView() as view:
+            report = session.run(progress.listener(ctx, view))
+    if args.metrics_file and not plan.dry_run:
+        metrics.write(args.metrics_file, [report])
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -194,17 +194,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-def _settle_auto(plan: Plan, src: Host, dst: Host, runtime_can: frozenset[str]) -> tuple[Plan, str]:
-    """Pick the strategy `auto` stands for on these hosts (probing them only if it matters)."""
-    src_f: list[str] = []
-    dst_f: list[str] = []
-    if plan.policy.allow_postcopy:
-        checks = check_hosts([src, dst], features=True)
-        src_f, dst_f = checks[0].features or [], checks[1].features or []
-    elif "precopy" in runtime_can:  # one question to the source (unreachable: pre-flight says)
-        src_f = [precopy.FEATURE] if precopy.dirty_tracking(src) else []
-    name, why = strategies.choose(plan.policy, src_f, dst_f, runtime_can)
-    return dataclasses.replace(plan, strategy=name), why
+def cmd_evacuate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel must be at least 1, not {args.parallel}")
+    if args.metrics_file:
+        metrics.check_path(args.metrics_file)
+    s = evacuate.survey(config, args.source, args.to, args.only)
+    if not args.json:
+        render.placement(s)
+    if not s.workloads:
+        if args.metrics_file and not args.dry_run:
+            metrics.write(args.metrics_file, [])  # the job ran; nothing to move
+        if args.json:
+            print(json.dumps(render.evacuation_dict(s, []), indent=2))
+        return 0
+    opts = evacuate.Options(parallel=args.parallel, strategy=args.strategy, dry_run=args.dry_run)
+    _interrupt_on_sigterm()
+    if args.json or not progress.interactive():
+        reports = evacuate.evacuate(config, s, opts)
+    else:
+        with progress.LiveView(sorted(s.placement.assigned)) as view:
+            reports = evacuate.evacuate(config, s, opts, sink=view)
+    if args.metrics_file and not args.dry_run:
+        metrics.write(args.metrics_file, reports)
+    if args.json:
+        print(json.dumps(render.evacuation_dict(s, reports), indent=2))
+    else:
+        render.outcomes(reports, dry_run=args.dry_run)
+    return evacuate.exit_code(reports)
 
 
 def _interrupt_on_sigterm() -> None:

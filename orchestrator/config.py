@@ -42,6 +42,7 @@ class HostConfig:
     bridge: str = "br0"  # where restored workloads' veths are plugged in on this host
     rsync_key: str | None = None
     rsync_known_hosts: str | None = None
+    capacity_mb: int | None = None  # evacuate: the RSS this host may hold from placed workloads
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class WorkloadConfig:
     # Files not on shared storage, rsynced to the same paths on the destination: while the
     # workload runs (each pre-copy round) and a last pass while it is frozen.
     sync_paths: tuple[str, ...] = ()
+    host: str | None = None  # where it runs (evacuate moves the workloads placed on a host)
 
     @property
     def locator(self) -> tuple[str, str]:
@@ -187,6 +189,12 @@ def parse(data: Any, path: Path) -> Config:
     policy = _dataclass(v, Policy, top.get("policy", {}) or {}, "policy")
     check_policy(policy, f"{path}: policy.")
     state_dir = Path(v.typed(top.get("state_dir", "~/.local/state/migrate"), "state_dir", str))
+    for wl in workloads.values():
+        if wl.host is not None and wl.host not in hosts:
+            raise ConfigError(
+                f"{path}: workloads.{wl.name}.host: unknown host {wl.host!r} "
+                f"(hosts: {', '.join(sorted(hosts))})"
+            )
     return Config(path, hosts, workloads, policy, state_dir.expanduser())
 
 
@@ -209,6 +217,8 @@ def _host(v: _Validator, name: Any, raw: Any) -> HostConfig:
         raise ConfigError(f"{v.path}: hosts.{name}.bridge: bad interface name")
     if not 0 < host.port < 65536:
         raise ConfigError(f"{v.path}: hosts.{name}.port: must be 1-65535")
+    if host.capacity_mb is not None and host.capacity_mb < 1:
+        raise ConfigError(f"{v.path}: hosts.{name}.capacity_mb: must be a positive number of MiB")
     if not Path(host.workdir).is_absolute():
         raise ConfigError(f"{v.path}: hosts.{name}.workdir: must be an absolute path")
     return host

@@ -1,0 +1,180 @@
+"""Evacuate a host: move every workload placed on it to other hosts, a few at a time.
+
+Which workloads: those whose last successful migration ended on the host, and those the
+config places there (`host:`) that have not been moved since. Each one is located on the
+source (its RSS), the destinations are asked for their free memory (/proc/meminfo
+MemAvailable), and placement (orchestrator.placement) picks a destination for each. Then each
+workload takes the ordinary single-migration path (orchestrator.session) in its own thread,
+with its own host connections, journal and lock. One failing workload never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from orchestrator.config import Config, ConfigError, WorkloadConfig
+from orchestrator.errors import MigrationError
+from orchestrator.location import whereabouts, workloads_on
+from orchestrator.placement import Bin, Item, Placement, mem_available_kb, place
+from orchestrator.progress import Event, Sink, listener
+from orchestrator.report import Report
+from orchestrator.runtimes import for_workload
+from orchestrator.session import open_session
+from orchestrator.transport.ssh import Host, HostError
+
+log = logging.getLogger("migrate")
+
+
+@dataclass
+class Survey:
+    """What evacuating source means now: the workloads, their sizes, and where each goes."""
+
+    source: str
+    destinations: list[str]
+    workloads: dict[str, WorkloadConfig]  # as found on the source (pid as it is now)
+    rss_kb: dict[str, int] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)  # could not be located: why
+    placement: Placement = field(default_factory=Placement)
+
+
+def select(config: Config, source: str, only: list[str]) -> dict[str, WorkloadConfig]:
+    """The workloads on source, or just those named in `only` (each must be there)."""
+    here = workloads_on(config, source)
+    if not only:
+        return here
+    where = whereabouts(config)
+    for name in only:
+        if name not in config.workloads:
+            raise ConfigError(f"--only {name}: no such workload in {config.path}")
+        if name not in here:
+            now = where[name][0] if name in where else "no host"
+            raise ConfigError(f"--only {name}: it is not on {source} (it is on {now})")
+    return {n: here[n] for n in sorted(set(only))}
+
+
+def survey(
+    config: Config, source: str, destinations: list[str], only: list[str] | None = None
+) -> Survey:
+    """Locate the source's workloads, read the destinations' room, and place (read-only)."""
+    config.host(source)
+    dests = destinations or [h for h in config.hosts if h != source]
+    for d in dests:
+        config.host(d)
+        if d == source:
+            raise ConfigError(f"--to {d}: the destination cannot be the host being evacuated")
+    if not dests:
+        raise ConfigError(f"no destination: the config has no host besides {source}")
+    s = Survey(source, list(dict.fromkeys(dests)), select(config, source, only or []))
+    src = Host(config.host(source), config.policy)
+    try:
+        for name, wl in s.workloads.items():
+            try:
+                s.rss_kb[name] = for_workload(wl).locate(src).rss_kb
+            except (MigrationError, HostError) as e:
+                s.missing[name] = str(e)
+    finally:
+        src.close()
+    bins = [_bin(config, d) for d in s.destinations]
+    items = [Item(n, kb) for n, kb in s.rss_kb.items()]
+    s.placement = place(items, [b for b in bins if b is not None])
+    return s
+
+
+def _bin(config: Config, name: str) -> Bin | None:
+    """A destination's room: MemAvailable, its capacity, and the RSS of what already runs there."""
+    hc = config.host(name)
+    host = Host(hc, config.policy)
+    try:
+        meminfo = host.run(["cat", "/proc/meminfo"], mutates=False)
+        if not meminfo.ok:
+            log.warning("%s: cannot read /proc/meminfo: %s", name, meminfo.error_line())
+            return None
+        used = 0
+        for wl in workloads_on(config, name).values():
+            try:
+                used += for_workload(wl).locate(host).rss_kb
+            except (MigrationError, HostError):
+                continue  # not running there: it takes no room
+        capacity = hc.capacity_mb * 1024 if hc.capacity_mb is not None else None
+        return Bin(name, mem_available_kb(meminfo.stdout), capacity, used)
+    except HostError as e:
+        log.warning("%s: unreachable, not a destination: %s", name, e)
+        return None
+    finally:
+        host.close()
+
+
+@dataclass(frozen=True)
+class Options:
+    parallel: int = 1
+    strategy: str = "auto"
+    dry_run: bool = False
+    keep_images: bool = False
+
+
+def failed(survey_: Survey, name: str, why: str, dest: str = "-") -> Report:
+    """The report of a workload that never started migrating."""
+    return Report(id="-", workload=name, source=survey_.source, destination=dest,
+                  strategy="-", error=why)  # fmt: skip
+
+
+def evacuate(
+    config: Config,
+    s: Survey,
+    opts: Options,
+    sink: Sink | None = None,
+    stop: threading.Event | None = None,
+) -> list[Report]:
+    """Migrate each placed workload (at most opts.parallel at once); one report per workload,
+    in name order. Workloads that could not be located or placed are reported as failed."""
+    reports: dict[str, Report] = {}
+    for name, why in s.missing.items():
+        reports[name] = failed(s, name, why)
+    for name, why in s.placement.unplaced.items():
+        reports[name] = failed(s, name, f"not placed: {why}")
+    stop = stop or threading.Event()
+
+    def one(name: str, dest: str) -> Report:
+        if stop.is_set():
+            report = failed(s, name, "not started: the evacuation was interrupted", dest)
+        else:
+            try:
+                session = open_session(
+                    config, name, s.source, dest, strategy=opts.strategy, dry_run=opts.dry_run,
+                    keep_images=opts.keep_images, workload_config=s.workloads[name],
+                )  # fmt: skip
+                report = session.run(listener(session.ctx, sink) if sink else None)
+            except (MigrationError, ConfigError) as e:
+                report = failed(s, name, str(e), dest)
+        if sink:
+            sink(Event(name, dest, "end", report.status, report.bytes_transferred))
+        return report
+
+    with ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
+        futures: dict[str, Future[Report]] = {
+            name: pool.submit(one, name, dest) for name, dest in s.placement.assigned.items()
+        }
+        for name, fut in futures.items():
+            try:
+                reports[name] = fut.result()
+            except KeyboardInterrupt:
+                stop.set()  # no new migration starts; those running finish (or roll back)
+                reports[name] = fut.result()
+            except Exception as e:  # a bug in one worker must not take the others down
+                log.exception("evacuate %s: unexpected error (a bug)", name)
+                reports[name] = failed(s, name, f"unexpected error: {e}")
+    return [reports[n] for n in sorted(reports)]
+
+
+def exit_code(reports: list[Report]) -> int:
+    """0 only if every workload moved; else the worst: 4 if any is stranded (post-copy failed
+    after the destination ran), 1 if any failed, 3 if the rest rolled back."""
+    if all(r.status == "succeeded" for r in reports):
+        return 0
+    for status, code in (("stranded", 4), ("failed", 1)):
+        if any(r.status == status for r in reports):
+            return code
+    return 3
