@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import __version__, evacuate, journal, metrics, progress, render, strategies
-from orchestrator.config import Config, ConfigError, config_path, load
+from orchestrator.config import Config, ConfigError, check_policy, config_path, load
 from orchestrator.errors import MigrationError
 from orchestrator.phases.preflight import check_hosts
 from orchestrator.recover import recover
@@ -51,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-images", action="store_true", help="keep image dirs (they hold memory)")
     r.add_argument("--bwlimit", type=int, metavar="KIB_S", help="limit rsync's bandwidth")
     r.add_argument("--compress", action="store_true", help="compress what rsync sends")
+    pre = r.add_argument_group("pre-copy stop rule (policy in the config; these override it)")
+    pre.add_argument("--max-downtime-ms", type=int, metavar="MS",
+                     help="freeze once the estimated freeze fits in MS")  # fmt: skip
+    pre.add_argument(
+        "--goal",
+        type=int,
+        metavar="PERCENT",
+        help="freeze once a round writes <= PERCENT of the previous round's pages",
+    )
+    pre.add_argument("--max-iterations", type=int, metavar="N", help="at most N rounds")
+    pre.add_argument("--max-precopy-seconds", type=float, metavar="S",
+                     help="freeze after S seconds of rounds")  # fmt: skip
     r.add_argument("--metrics-file", metavar="PATH", help="write Prometheus metrics (textfile)")
 
     e = sub.add_parser("evacuate", help="migrate every workload on SRC to other hosts")
@@ -139,7 +151,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {"bwlimit": args.bwlimit} if args.bwlimit else {}
     if args.compress:
         overrides["compress"] = True
+    for key in ("max_downtime_ms", "goal", "max_iterations", "max_precopy_seconds"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
     config = dataclasses.replace(config, policy=dataclasses.replace(config.policy, **overrides))
+    check_policy(config.policy, "", flags=True)
     if args.metrics_file:
         metrics.check_path(args.metrics_file)
     try:
@@ -161,6 +177,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"migrate {plan.workload.name}: {ctx.src} -> {ctx.dst}, strategy {plan.strategy}, "
             f"id {plan.id}"
         )
+        for note in (n for n in ctx.notes if n.startswith("auto: ")):
+            print(f"  note: {note}")
     _interrupt_on_sigterm()
     if args.json or not progress.interactive():
         report = session.run(None if args.json else _print_phase)
@@ -242,6 +260,8 @@ def _print_report(r: Report) -> None:
             f"  network: {', '.join(n['addresses'])} ({n['mac']}) on {r.destination}'s "
             f"{n['bridge']}; {n['connections_kept']} established TCP connection(s) kept"
         )
+    if r.rounds:
+        _print_rounds(r)
     downtime = f"{r.downtime_ms} ms" if r.downtime_ms is not None else "-"
     if r.postcopy_tail_ms is not None:
         pulled = r.transfer.get("postcopy_bytes", 0)
@@ -262,6 +282,19 @@ def _print_report(r: Report) -> None:
     )
     if r.error:
         print(f"error: {r.error}", file=sys.stderr)
+
+
+def _print_rounds(r: Report) -> None:
+    """Pre-copy's rounds as a table, and what stopped them."""
+    print(f"  {'round':>5} {'kind':<8} {'pages':>9} {'skipped':>9} {'MiB sent':>9} "
+          f"{'seconds':>8} {'dirty pages/s':>13} {'frozen ms':>9}")  # fmt: skip
+    for x in r.rounds:
+        rate = f"{x.dirty_rate:.0f}" if x.dirty_rate is not None else "-"
+        print(f"  {x.number:>5} {x.kind:<8} {x.pages_written:>9} {x.pages_skipped_parent:>9} "
+              f"{x.bytes_sent / 2**20:>9.1f} {x.seconds:>8.2f} {rate:>13} "
+              f"{x.frozen_ms:>9.0f}")  # fmt: skip
+    if r.stopped_by:
+        print(f"  pre-copy stopped by: {r.stopped_by}")
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -75,6 +75,9 @@ class WorkloadConfig:
     criu_options: tuple[str, ...] = ()
     health: str | None = None
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    # Files not on shared storage, rsynced to the same paths on the destination: while the
+    # workload runs (each pre-copy round) and a last pass while it is frozen.
+    sync_paths: tuple[str, ...] = ()
     host: str | None = None  # where it runs (evacuate moves the workloads placed on a host)
     container: str | None = None  # lxc, runc, podman: the container's name
     lxcpath: str | None = None  # lxc: where containers live (default /var/lib/lxc)
@@ -104,6 +107,33 @@ class Policy:
     compress: bool = False  # rsync compresses what it sends
     allow_postcopy: bool = False  # `auto` may pick post-copy (no rollback once resumed)
     postcopy_deadline: float = 600.0  # post-copy: seconds for the destination to pull all pages
+    # Pre-copy's stop rule: freeze once the estimated freeze fits max_downtime_ms, or a round
+    # wrote <= goal percent of the previous round's pages, or pages stop shrinking, or after
+    # max_iterations rounds or max_precopy_seconds.
+    max_downtime_ms: int = 500
+    goal: int = 20
+    max_iterations: int = 8
+    max_precopy_seconds: float = 120.0
+
+
+# (key, lowest allowed, highest allowed) for the policy's numbers
+POLICY_RANGES: tuple[tuple[str, float, float | None], ...] = (
+    ("max_downtime_ms", 1, None),
+    ("goal", 0, 100),
+    ("max_iterations", 1, 100),
+    ("max_precopy_seconds", 0.001, None),
+)
+
+
+def check_policy(policy: Policy, where: str, flags: bool = False) -> None:
+    """ConfigError naming the key (or with `flags`, the command-line option) when a policy
+    number is out of range."""
+    for key, low, high in POLICY_RANGES:
+        value = getattr(policy, key)
+        if value < low or (high is not None and value > high):
+            span = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            name = "--" + key.replace("_", "-") if flags else where + key
+            raise ConfigError(f"{name}: must be {span}, not {value}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +199,7 @@ def parse(data: Any, path: Path) -> Config:
     workloads_raw = v.mapping(top.get("workloads", {}) or {}, "workloads")
     workloads = {name: _workload(v, name, raw) for name, raw in workloads_raw.items()}
     policy = _dataclass(v, Policy, top.get("policy", {}) or {}, "policy")
+    check_policy(policy, f"{path}: policy.")
     state_dir = Path(v.typed(top.get("state_dir", "~/.local/state/migrate"), "state_dir", str))
     for wl in workloads.values():
         if wl.host is not None and wl.host not in hosts:
@@ -221,6 +252,17 @@ def _workload(v: _Validator, name: Any, raw: Any) -> WorkloadConfig:
                 "(or runs commands) and cannot be given"
             )
     raw["criu_options"] = tuple(opts)
+    sync = raw.get("sync_paths", [])
+    if not isinstance(sync, list) or not all(isinstance(p, str) for p in sync):
+        raise ConfigError(f"{v.path}: workloads.{name}.sync_paths: must be a list of paths")
+    for p in sync:
+        _check_path(p, f"{v.path}: workloads.{name}.sync_paths")
+        if not p.startswith("/") or "/../" in p + "/" or p.rstrip("/") == "":
+            raise ConfigError(
+                f"{v.path}: workloads.{name}.sync_paths: {p[:60]!r} must be an absolute path "
+                "below / (no ..)"
+            )
+    raw["sync_paths"] = tuple(sync)
     net = _dataclass(v, NetworkConfig, raw.pop("network", {}) or {}, f"workloads.{name}.network")
     if net.tcp not in TCP_MODES:
         raise ConfigError(f"{v.path}: workloads.{name}.network.tcp: must be keep or close")

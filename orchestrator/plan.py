@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator.config import Config, ConfigError, HostConfig, Policy, WorkloadConfig
+from orchestrator.report import Round
 from orchestrator.runtimes.base import Runtime, Target
 from orchestrator.transport.ssh import Host, RemoteLock
 
@@ -82,6 +83,8 @@ class Context:
     restored_pid: int = 0
     bytes_transferred: int = 0
     frozen_at: float | None = None
+    dumped_at: float | None = None  # the final dump is done (the freeze goes on)
+    transferred_at: float | None = None
     running_at: float | None = None
     notes: list[str] = field(default_factory=list)
     lock: RemoteLock | None = None  # held on the source from pre-flight to the end
@@ -91,6 +94,22 @@ class Context:
     pages_done_at: float | None = None  # post-copy: every page has reached the destination
     pulled_bytes: int = 0  # post-copy: memory the destination pulled after it resumed
     transfer_seconds: float = 0.0  # time rsync spent moving images
+    # Pre-copy: the final dump goes into this subdir of the image dirs (after the rounds in
+    # 1, 2, ... N), on top of prev_images_dir (relative to it); restore reads it from there.
+    images_subdir: str = ""
+    prev_images_dir: str | None = None
+    rounds: list[Round] = field(default_factory=list)
+    stopped_by: str | None = None  # which stop rule ended pre-copy
+
+    @property
+    def src_dir(self) -> str:
+        """Where the final dump writes on the source (the image root, or its subdir)."""
+        return _join(self.plan.src_images, self.images_subdir)
+
+    @property
+    def dst_dir(self) -> str:
+        """Where restore reads on the destination."""
+        return _join(self.plan.dst_images, self.images_subdir)
 
     @property
     def downtime_ms(self) -> int | None:
@@ -104,3 +123,7 @@ class Context:
         if self.running_at is None or self.pages_done_at is None:
             return None
         return round((self.pages_done_at - self.running_at) * 1000)
+
+
+def _join(root: str, sub: str) -> str:
+    return f"{root}/{sub}" if sub else root

@@ -15,6 +15,7 @@ from orchestrator.config import Config, NetworkConfig, WorkloadConfig
 from orchestrator.criu import background
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, Summary
+from orchestrator.phases import precopy
 from orchestrator.phases.base import remove_dir, settle
 from orchestrator.phases.pageserver import kill_criu
 from orchestrator.phases.postcopy import LazyDump
@@ -40,6 +41,7 @@ def recover(config: Config, summary: Summary) -> Report:
     wl_raw = dict(start["workload_config"])
     wl_raw["criu_options"] = tuple(wl_raw.get("criu_options") or ())
     wl_raw["network"] = NetworkConfig(**(wl_raw.get("network") or {}))
+    wl_raw["sync_paths"] = tuple(wl_raw.get("sync_paths") or ())
     workload = WorkloadConfig(**wl_raw)
     plan = Plan(
         id=summary.id,
@@ -59,6 +61,8 @@ def recover(config: Config, summary: Summary) -> Report:
     journal = Journal(config.state_dir, summary.id)
     src, dst = Host(plan.source, plan.policy), Host(plan.destination, plan.policy)
     ctx = Context(plan=plan, src=src, dst=dst, runtime=for_workload(workload))
+    if plan.strategy == "precopy":  # its final dump (the one restored) is in a subdir
+        ctx.images_subdir = precopy.FINAL
     t0 = time.monotonic()
     try:
         report.status = _recover(ctx, summary, report)
@@ -105,7 +109,7 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
         source = Copy(summary.root_pid, "stopped")  # its images are the source copy now
     restored = summary.restored_pid
     try:
-        restored = restored or ctx.runtime.find_restored(ctx.dst, plan.dst_images) or None
+        restored = restored or ctx.runtime.find_restored(ctx.dst, ctx.dst_dir) or None
     except HostError:
         pass
     dest = _copy(ctx, ctx.dst, restored, command)
@@ -136,7 +140,7 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
         if dest.pid and dest.state in ("running", "stopped"):
             ctx.runtime.remove(ctx.dst, dest.pid)
         if source.state == "stopped":
-            ctx.runtime.resume(ctx.src, ctx.target, plan.src_images)
+            ctx.runtime.resume(ctx.src, ctx.target, ctx.src_dir)
         if ctx.runtime.running(ctx.src, ctx.target.root_pid):  # resume may have moved it
             report.notes.append(f"rolled back: the workload runs on {plan.source.name}")
             status = "rolled_back"

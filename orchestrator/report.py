@@ -15,6 +15,22 @@ class PhaseResult:
 
 
 @dataclass
+class Round:
+    """One pre-copy round (kind pre-dump), or the final dump under the freeze (kind dump)."""
+
+    number: int
+    kind: str  # pre-dump | dump
+    pages_written: int
+    pages_skipped_parent: int
+    bytes_sent: int  # by rsync for this round (the final dump's bytes: its transfer phase)
+    seconds: float  # dump + transfer
+    dump_seconds: float
+    transfer_seconds: float
+    dirty_rate: float | None  # pages/s dirtied since the previous round (None for the first)
+    frozen_ms: float  # CRIU's own frozen time in this dump
+
+
+@dataclass
 class Report:
     id: str
     workload: str
@@ -30,6 +46,8 @@ class Report:
     restored_pid: int | None = None
     network: dict[str, Any] | None = None  # address, bridge, connections kept, freeze
     transfer: dict[str, Any] = field(default_factory=dict)  # bwlimit, compress
+    rounds: list[Round] = field(default_factory=list)  # pre-copy rounds, then the final dump
+    stopped_by: str | None = None  # which stop rule ended pre-copy
     error: str | None = None
     criu_errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

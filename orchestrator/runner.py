@@ -117,6 +117,7 @@ def run(
             ctx.pulled_bytes, (ctx.postcopy_tail_ms or 0) / 1000
         )
     report.restored_pid = ctx.restored_pid or None
+    report.rounds, report.stopped_by = ctx.rounds, ctx.stopped_by
     if ctx.target is not None and ctx.target.net is not None:
         report.network = {
             "addresses": ctx.target.net.addresses,

@@ -14,6 +14,7 @@ from orchestrator.config import Config, WorkloadConfig
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, NullJournal
 from orchestrator.location import whereabouts
+from orchestrator.phases import precopy
 from orchestrator.phases.preflight import check_hosts
 from orchestrator.plan import Context, Plan, make_plan
 from orchestrator.report import Report
@@ -105,5 +106,7 @@ def _settle_auto(plan: Plan, src: Host, dst: Host, runtime_can: frozenset[str]) 
     if plan.policy.allow_postcopy:
         checks = check_hosts([src, dst], features=True)
         src_f, dst_f = checks[0].features or [], checks[1].features or []
+    elif "precopy" in runtime_can:  # one question to the source (unreachable: pre-flight says)
+        src_f = [precopy.FEATURE] if precopy.dirty_tracking(src) else []
     name, why = strategies.choose(plan.policy, src_f, dst_f, runtime_can)
     return dataclasses.replace(plan, strategy=name), why

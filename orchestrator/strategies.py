@@ -10,6 +10,7 @@ from orchestrator.phases.confirm import Confirm
 from orchestrator.phases.dump import Dump
 from orchestrator.phases.pageserver import PageServer, PageTunnel
 from orchestrator.phases.postcopy import LazyDump, LazyRestore, PullPages
+from orchestrator.phases.precopy import FinalRound, Precopy
 from orchestrator.phases.preflight import LAZY_PIPE_BYTES, Needs, Preflight
 from orchestrator.phases.prepare import Prepare
 from orchestrator.phases.restore import Restore
@@ -19,6 +20,7 @@ from orchestrator.phases.verify import Verify
 # python3: to unlock a rolled-back workload's TCP sockets (see runtimes/net.unlock_argv).
 POSTCOPY_NEEDS = Needs(dst_features=("uffd-noncoop",), pipe_max_bytes=LAZY_PIPE_BYTES,
                        src_commands=("python3",), why="post-copy")  # fmt: skip
+PRECOPY_NEEDS = Needs(src_features=("mem_dirty_track",), why="pre-copy")  # soft-dirty tracking
 
 
 def stopcopy() -> list[Phase]:
@@ -33,6 +35,14 @@ def stream() -> list[Phase]:
             Confirm()]  # fmt: skip
 
 
+def precopy() -> list[Phase]:
+    """Rounds of pre-dumps while the workload runs (each sends only the pages dirtied since
+    the one before), until the stop rule says freeze; the final dump is then small."""
+    rounds = Precopy()
+    return [Preflight(PRECOPY_NEEDS), Prepare(), rounds, Dump(), Transfer(), Restore(), Verify(),
+            FinalRound(rounds), Confirm()]  # fmt: skip
+
+
 def postcopy() -> list[Phase]:
     """Freeze, move only the small images, run on the destination at once; its memory follows
     on demand and in the background. The freeze no longer grows with memory size; there is no
@@ -44,6 +54,7 @@ def postcopy() -> list[Phase]:
 STRATEGIES: dict[str, Callable[[], list[Phase]]] = {
     "stopcopy": stopcopy,
     "stream": stream,
+    "precopy": precopy,
     "postcopy": postcopy,
 }
 CHOICES = ("auto", *STRATEGIES)
@@ -59,7 +70,8 @@ def resolve(name: str) -> str:
 def choose(policy: Policy, src_features: Collection[str], dst_features: Collection[str],
            runtime_can: Collection[str]) -> tuple[str, str]:  # fmt: skip
     """What `auto` means for these hosts: (strategy, why). Post-copy only when the policy
-    allows it (like libvirt's --postcopy), since it cannot roll back once the destination runs."""
+    allows it (like libvirt's --postcopy), since it cannot roll back once the destination runs;
+    else pre-copy where the source tracks dirty memory; else stop-copy."""
     if policy.allow_postcopy and "postcopy" in runtime_can:
         if "uffd-noncoop" in dst_features:
             return "postcopy", "auto: post-copy (allowed by policy; the destination has uffd)"
@@ -68,7 +80,15 @@ def choose(policy: Policy, src_features: Collection[str], dst_features: Collecti
         reason = "this runtime cannot do post-copy"
     else:
         reason = "post-copy is not allowed by policy (allow_postcopy)"
-    return "stopcopy", f"auto: stop-copy ({reason})"
+    # Pre-copy next: it can still roll back, and its freeze moves only the last dirty pages.
+    if "precopy" not in runtime_can:
+        return "stopcopy", f"auto: stop-copy ({reason}; this runtime cannot do pre-copy)"
+    if "mem_dirty_track" in src_features:
+        return "precopy", "auto: pre-copy (the source's kernel tracks dirty memory)"
+    return "stopcopy", (
+        f"auto: stop-copy ({reason}; the source's kernel has no dirty-memory tracking "
+        "for pre-copy: mem_dirty_track)"
+    )
 
 
 def phases(name: str) -> list[Phase]:

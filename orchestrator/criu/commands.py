@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 DUMP_LOG = "dump.log"
+PRE_DUMP_LOG = "pre-dump.log"
 RESTORE_LOG = "restore.log"
 
 
@@ -20,6 +21,8 @@ class DumpOptions:
     skip_in_flight: bool = False
     network_lock: str | None = None  # nftables | iptables
     page_server_port: int | None = None  # stream pages to a page server on 127.0.0.1:PORT
+    track_mem: bool = False  # soft-dirty tracking: the next dump writes only changed pages
+    prev_images_dir: str | None = None  # relative to images_dir: pages already there are skipped
     lazy_port: int | None = None  # post-copy: serve pages lazily from 127.0.0.1:PORT
     extra: Sequence[str] = ()
 
@@ -59,7 +62,20 @@ def dump(criu: str, o: DumpOptions) -> list[str]:
         argv += ["--page-server", "--address", "127.0.0.1", "--port", str(o.page_server_port)]
     if o.lazy_port:
         argv += ["--lazy-pages", "--address", "127.0.0.1", "--port", str(o.lazy_port)]
-    return argv + list(o.extra)
+    return argv + _track(o) + list(o.extra)
+
+
+def pre_dump(criu: str, o: DumpOptions) -> list[str]:
+    """A pre-copy round: the tree's memory into images_dir while it runs on (never stopped)."""
+    argv = [criu, "pre-dump", "-t", str(o.pid), "-D", o.images_dir, "-o", PRE_DUMP_LOG, "-v4"]
+    if o.ext_mount_map_auto:
+        argv += ["--ext-mount-map", "auto"]
+    return argv + _track(o) + list(o.extra)
+
+
+def _track(o: DumpOptions) -> list[str]:
+    argv = ["--track-mem"] if o.track_mem else []
+    return argv + (["--prev-images-dir", o.prev_images_dir] if o.prev_images_dir else [])
 
 
 PAGE_SERVER_LOG = "page-server.log"

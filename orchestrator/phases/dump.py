@@ -14,9 +14,12 @@ class Dump(Phase):
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None
         ctx.frozen_at = time.monotonic()
-        ctx.runtime.checkpoint(ctx.src, ctx.target, ctx.plan.src_images, ctx.page_port)
+        ctx.runtime.checkpoint(
+            ctx.src, ctx.target, ctx.src_dir, ctx.page_port, prev_images_dir=ctx.prev_images_dir
+        )
+        ctx.dumped_at = time.monotonic()
 
     def undo(self, ctx: Context) -> None:
         settle(ctx.src, ctx.plan.src_images, ctx.plan.policy.command_timeout)
         if ctx.target is not None:
-            ctx.runtime.resume(ctx.src, ctx.target, ctx.plan.src_images)
+            ctx.runtime.resume(ctx.src, ctx.target, ctx.src_dir)

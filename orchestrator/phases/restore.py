@@ -13,12 +13,12 @@ class Restore(Phase):
 
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None
-        ctx.restored_pid = ctx.runtime.restore(ctx.dst, ctx.target, ctx.plan.dst_images)
+        ctx.restored_pid = ctx.runtime.restore(ctx.dst, ctx.target, ctx.dst_dir)
         ctx.running_at = time.monotonic()
 
     def undo(self, ctx: Context) -> None:
         settle(ctx.dst, ctx.plan.dst_images, ctx.plan.policy.command_timeout)
-        pid = ctx.restored_pid or ctx.runtime.find_restored(ctx.dst, ctx.plan.dst_images)
+        pid = ctx.restored_pid or ctx.runtime.find_restored(ctx.dst, ctx.dst_dir)
         if pid:
             ctx.runtime.remove(ctx.dst, pid)
             ctx.restored_pid = 0

@@ -14,19 +14,30 @@ class Transfer(Phase):
     name = "transfer"
 
     def act(self, ctx: Context) -> None:
-        plan = ctx.plan
-        argv = rsync.push_argv(
-            plan.source,
-            plan.destination,
-            plan.policy,
-            plan.src_images,
-            plan.dst_images,
-            plan.link_socket,
-        )
-        t0 = time.monotonic()
-        push(ctx, argv, f"rsync {ctx.src.name} -> {ctx.dst.name}")
+        ctx.bytes_transferred += push(ctx, ctx.src_dir, ctx.dst_dir)
+        ctx.bytes_transferred += sync_paths(ctx)
         mirror_paths(ctx)
-        ctx.transfer_seconds += time.monotonic() - t0
+        ctx.transferred_at = time.monotonic()
+
+
+def push(ctx: Context, src_dir: str, dst_dir: str) -> int:
+    """rsync src_dir on the source into dst_dir on the destination; the bytes it sent."""
+    plan = ctx.plan
+    argv = rsync.push_argv(
+        plan.source, plan.destination, plan.policy, src_dir, dst_dir, plan.link_socket
+    )
+    return _rsync(ctx, argv, f"rsync {ctx.src.name} -> {ctx.dst.name}")
+
+
+def sync_paths(ctx: Context) -> int:
+    """The workload's sync_paths (files not on shared storage) to the same paths on the
+    destination; the bytes sent (0 when it has none)."""
+    plan = ctx.plan
+    if not plan.workload.sync_paths:
+        return 0
+    argv = rsync.paths_argv(plan.source, plan.destination, plan.policy,
+                            plan.workload.sync_paths, plan.link_socket)  # fmt: skip
+    return _rsync(ctx, argv, f"rsync of sync_paths {ctx.src.name} -> {ctx.dst.name}")
 
 
 def mirror_paths(ctx: Context, warm: bool = False) -> None:
@@ -42,21 +53,27 @@ def mirror_paths(ctx: Context, warm: bool = False) -> None:
     for path in paths:
         argv = rsync.push_argv(plan.source, plan.destination, plan.policy, path, path,
                                plan.link_socket, mirror=True)  # fmt: skip
-        push(ctx, argv, f"rsync {path} {ctx.src.name} -> {ctx.dst.name}")
-
-
-def push(ctx: Context, argv: list[str], what: str) -> None:
-    """Run one rsync on the source, retried while the link is what failed."""
-    # Only a broken or stalled link is worth another attempt (rsync resumes: --partial).
-    for attempt in retrying(ctx.plan.policy, what, (rsync.LinkError,), ctx.notes):
-        with attempt:
-            r = ctx.src.run(argv)
-            if not r.ok:
-                raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
-            ctx.bytes_transferred += rsync.bytes_sent(r.stdout)
+        what = f"rsync {path} {ctx.src.name} -> {ctx.dst.name}"
+        ctx.bytes_transferred += _rsync(ctx, argv, what)
 
 
 def unmirror(ctx: Context) -> None:
     """Undo the warm copy: remove what it made on the destination (never what was there)."""
     for path in ctx.target.new_paths if ctx.target else []:
         remove_dir(ctx.dst, path)
+
+
+def _rsync(ctx: Context, argv: list[str], what: str) -> int:
+    """Run one rsync on the source, retried while the link is what failed; the bytes sent."""
+    # Only a broken or stalled link is worth another attempt (rsync resumes: --partial).
+    t0 = time.monotonic()
+    try:
+        for attempt in retrying(ctx.plan.policy, what, (rsync.LinkError,), ctx.notes):
+            with attempt:
+                r = ctx.src.run(argv)
+                if not r.ok:
+                    raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
+                return rsync.bytes_sent(r.stdout)
+    finally:
+        ctx.transfer_seconds += time.monotonic() - t0
+    raise AssertionError("unreachable: retrying re-raises the last error")

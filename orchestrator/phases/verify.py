@@ -17,7 +17,7 @@ class Verify(Phase):
         if not pid or not ctx.runtime.running(ctx.dst, pid):
             raise MigrationError(f"restored workload (pid {pid}) is not running on {ctx.dst}")
         if ctx.target and ctx.target.net:  # CRIU writes one image per established connection
-            images = ctx.dst.run(["ls", "--", ctx.plan.dst_images], mutates=False).stdout.split()
+            images = ctx.dst.run(["ls", "--", ctx.dst_dir], mutates=False).stdout.split()
             ctx.connections_kept = sum(1 for f in images if f.startswith("tcp-stream-"))
         health = ctx.plan.workload.health
         if health:

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from orchestrator.config import WorkloadConfig
+from orchestrator.errors import MigrationError
 from orchestrator.runtimes.net import NetInfo
 from orchestrator.transport.ssh import Host
 
@@ -56,11 +57,22 @@ class Runtime(ABC):
         images_dir: str,
         page_port: int | None = None,
         lazy_port: int | None = None,
+        prev_images_dir: str | None = None,
     ) -> None:
         """Dump the workload into images_dir, leaving it stopped (not killed) on host; with
         page_port, its pages go to the page server tunnelled at 127.0.0.1:page_port; with
         lazy_port (post-copy), they stay in memory and a detached dump serves them there until
-        the destination has pulled them all (its exit code: background name DUMP)."""
+        the destination has pulled them all (its exit code: background name DUMP); with
+        prev_images_dir (pre-copy; relative to images_dir), only pages changed since those
+        images are written (CRIU's --track-mem --prev-images-dir)."""
+
+    def pre_dump(
+        self, host: Host, target: Target, images_dir: str, prev_images_dir: str | None
+    ) -> None:
+        """A pre-copy round: the workload's memory into images_dir while it runs on, with
+        dirty-memory tracking (after prev_images_dir, relative to images_dir, if given).
+        Runtimes with "precopy" in `strategies` override this."""
+        raise MigrationError(f"runtime {self.name} cannot pre-copy (no pre-dump)")
 
     @abstractmethod
     def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:

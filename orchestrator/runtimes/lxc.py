@@ -111,6 +111,7 @@ class LxcRuntime(ContainerRuntime):
         images_dir: str,
         page_port: int | None = None,
         lazy_port: int | None = None,
+        prev_images_dir: str | None = None,
     ) -> None:
         # Freeze, then checkpoint: one round trip. A failed checkpoint leaves it frozen
         # (CRIU restores the freezer as it found it): the dump's undo thaws it.

@@ -73,6 +73,7 @@ class PodmanRuntime(ContainerRuntime):
         images_dir: str,
         page_port: int | None = None,
         lazy_port: int | None = None,
+        prev_images_dir: str | None = None,
     ) -> None:
         export = f"{images_dir}/{EXPORT}"
         argv = self.podman(host, "container", "checkpoint", *KEEP, "--export", export,

@@ -118,6 +118,7 @@ class ProcessRuntime(Runtime):
         images_dir: str,
         page_port: int | None = None,
         lazy_port: int | None = None,
+        prev_images_dir: str | None = None,
     ) -> None:
         argv = criu.dump(
             host.config.criu,
@@ -130,6 +131,8 @@ class ProcessRuntime(Runtime):
                 skip_in_flight=self.workload.network.skip_in_flight,
                 network_lock=target.network_lock,
                 page_server_port=page_port,
+                track_mem=prev_images_dir is not None,
+                prev_images_dir=prev_images_dir,
                 lazy_port=lazy_port,
                 extra=self.workload.criu_options,
             ),
@@ -138,6 +141,23 @@ class ProcessRuntime(Runtime):
             background.start(host, images_dir, background.DUMP, argv, criu.DUMP_LOG, "dump")
             return
         raise_on_failure(host, host.run(argv), images_dir, criu.DUMP_LOG, "dump")
+
+    def pre_dump(
+        self, host: Host, target: Target, images_dir: str, prev_images_dir: str | None
+    ) -> None:
+        argv = criu.pre_dump(
+            host.config.criu,
+            criu.DumpOptions(
+                pid=target.root_pid,
+                images_dir=images_dir,
+                leave_stopped=False,
+                ext_mount_map_auto=target.own_mntns,
+                track_mem=True,
+                prev_images_dir=prev_images_dir,
+                extra=self.workload.criu_options,
+            ),
+        )
+        raise_on_failure(host, host.run(argv), images_dir, criu.PRE_DUMP_LOG, "pre-dump")
 
     def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
         pid = self._restore(host, target, images_dir, host.config.bridge, lazy)

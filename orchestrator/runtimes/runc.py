@@ -84,6 +84,7 @@ class RuncRuntime(ContainerRuntime):
         images_dir: str,
         page_port: int | None = None,
         lazy_port: int | None = None,
+        prev_images_dir: str | None = None,
     ) -> None:
         argv = [*self.runc(host), "checkpoint", *KEEP, "--image-path", images_dir, "--work-path",
                 images_dir, self.container]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from orchestrator.config import HostConfig, Policy
 from orchestrator.transport.ssh import quote
@@ -71,12 +72,29 @@ def push_argv(
     mirror: bool = False,
 ) -> list[str]:
     """rsync argv to run ON the source: push src_dir/ into dst_dir/ on the destination.
-    With mirror, dst_dir becomes an exact copy (made if missing, files not in src_dir deleted):
-    for what travels with a container's images (its bundle, config, rootfs)."""
+    Symlinks (a pre-copy dump's `parent`) are copied as symlinks; files already there with the
+    same size and time are not sent again. With mirror, dst_dir becomes an exact copy (made if
+    missing, files not in src_dir deleted): for what travels with a container's images (its
+    bundle, config, rootfs)."""
+    return [
+        *_rsync(src, dst, policy, link),
+        *(["--mkpath", "--delete", "-HAX"] if mirror else []),
+        src_dir.rstrip("/") + "/",
+        f"{dst.address}:{dst_dir.rstrip('/')}/",
+    ]
+
+
+def paths_argv(
+    src: HostConfig, dst: HostConfig, policy: Policy, paths: Sequence[str], link: str | None
+) -> list[str]:
+    """rsync argv to run ON the source: push each absolute path to the same path on dst."""
+    return [*_rsync(src, dst, policy, link), "--relative", *paths, f"{dst.address}:/"]
+
+
+def _rsync(src: HostConfig, dst: HostConfig, policy: Policy, link: str | None) -> list[str]:
     return [
         "rsync",
         "-a",
-        *(["--mkpath", "--delete", "-HAX"] if mirror else []),
         "--partial",
         "--stats",
         "--numeric-ids",
@@ -87,8 +105,6 @@ def push_argv(
         *(["--compress"] if policy.compress else []),
         "-e",
         quote(ssh_command(src, dst, policy, link)),
-        src_dir.rstrip("/") + "/",
-        f"{dst.address}:{dst_dir.rstrip('/')}/",
     ]
 
 

@@ -45,6 +45,8 @@ def test_good_config_loads(tmp_path: Path, keys: dict[str, str]) -> None:
     assert cfg.policy.retries == 5 and cfg.policy.command_timeout == 30.0
     assert cfg.workload("pid:1234").pid == 1234
     assert cfg.workload("pidfile:/run/x.pid").pidfile == "/run/x.pid"
+    assert (cfg.policy.max_downtime_ms, cfg.policy.goal, cfg.policy.max_iterations) == (500, 20, 8)
+    assert cfg.workload("counter").sync_paths == ()
 
 
 @pytest.mark.parametrize(
@@ -78,6 +80,14 @@ def test_good_config_loads(tmp_path: Path, keys: dict[str, str]) -> None:
         (lambda d: d["workloads"]["counter"].update(network={"tcp": "maybe"}), "keep or close"),
         (lambda d: d["workloads"]["counter"].update(network={"veth": "a b"}), "bad interface"),
         (lambda d: d["workloads"]["counter"].update(network={"vet": "x"}), "network.vet: unknown"),
+        (lambda d: d["policy"].update(goal=101), "policy.goal: must be between 0 and 100"),
+        (lambda d: d["policy"].update(max_iterations=0), "policy.max_iterations: must be between"),
+        (lambda d: d["policy"].update(max_downtime_ms=0), "policy.max_downtime_ms: must be at"),
+        (lambda d: d["policy"].update(max_precopy_seconds=-1), "max_precopy_seconds: must be at"),
+        (lambda d: d["policy"].update(max_downtime_ms=1.5), "max_downtime_ms: must be an integer"),
+        (lambda d: d["workloads"]["counter"].update(sync_paths="/x"), "sync_paths: must be a list"),
+        (lambda d: d["workloads"]["counter"].update(sync_paths=["rel"]), "must be an absolute"),
+        (lambda d: d["workloads"]["counter"].update(sync_paths=["/a/../etc"]), "(no ..)"),
     ],
 )
 def test_each_error_names_key_and_file(tmp_path, keys, mutate, expect) -> None:
