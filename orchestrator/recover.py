@@ -61,7 +61,7 @@ def recover(config: Config, summary: Summary) -> Report:
     journal = Journal(config.state_dir, summary.id)
     src, dst = Host(plan.source, plan.policy), Host(plan.destination, plan.policy)
     ctx = Context(plan=plan, src=src, dst=dst, runtime=for_workload(workload))
-    if plan.strategy == "precopy":  # its final dump (the one restored) is in a subdir
+    if plan.strategy in ("precopy", "hybrid"):  # its final dump (the one restored): a subdir
         ctx.images_subdir = precopy.FINAL
     t0 = time.monotonic()
     try:
@@ -95,7 +95,7 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
         ),  # fmt: skip
     )
     ctx.src.connect()  # the source must answer: without it nothing can be decided
-    if plan.strategy == "postcopy":
+    if plan.strategy in ("postcopy", "hybrid"):
         stranded = _postcopy(ctx, summary, report)
         if stranded:
             return stranded
@@ -158,12 +158,12 @@ def _postcopy(ctx: Context, summary: Summary, report: Report) -> str | None:
     plan = ctx.plan
     ctx.page_port = next((e["page_port"] for e in summary.events if e.get("page_port")), None)
     resumed = any(e.get("committed") for e in summary.events)
-    if not resumed and not ctx.runtime.find_restored(ctx.dst, plan.dst_images):
+    if not resumed and not ctx.runtime.find_restored(ctx.dst, ctx.dst_dir):
         kill_criu(ctx.dst, "lazy-pages", plan.dst_images)
         LazyDump().undo(ctx)
         return None
     deadline = plan.policy.postcopy_deadline
-    pulled = background.wait(ctx.dst, plan.dst_images, background.LAZY_PAGES, deadline)
+    pulled = background.wait(ctx.dst, ctx.dst_dir, background.LAZY_PAGES, deadline)
     if pulled == 0:
         report.notes.append(f"post-copy: every page had reached {plan.destination.name}")
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection
 
 from orchestrator.config import ConfigError, Policy
@@ -21,6 +22,8 @@ from orchestrator.phases.verify import Verify
 POSTCOPY_NEEDS = Needs(dst_features=("uffd-noncoop",), pipe_max_bytes=LAZY_PIPE_BYTES,
                        src_commands=("python3",), why="post-copy")  # fmt: skip
 PRECOPY_NEEDS = Needs(src_features=("mem_dirty_track",), why="pre-copy")  # soft-dirty tracking
+HYBRID_NEEDS = dataclasses.replace(POSTCOPY_NEEDS, src_features=PRECOPY_NEEDS.src_features,
+                                   why="hybrid (pre-copy, then post-copy)")  # fmt: skip
 
 
 def stopcopy() -> list[Phase]:
@@ -51,11 +54,21 @@ def postcopy() -> list[Phase]:
             LazyRestore(), PullPages(), Verify(), Confirm()]  # fmt: skip
 
 
+def hybrid() -> list[Phase]:
+    """Pre-copy rounds while the workload runs, then post-copy for what they left: the freeze
+    moves no pages, and fewer pages are left to pull after the destination resumes. No
+    rollback once the destination runs, as for post-copy."""
+    rounds = Precopy()
+    return [Preflight(HYBRID_NEEDS), Prepare(), rounds, PageTunnel(), LazyDump(), Transfer(),
+            LazyRestore(), PullPages(), Verify(), FinalRound(rounds), Confirm()]  # fmt: skip
+
+
 STRATEGIES: dict[str, Callable[[], list[Phase]]] = {
     "stopcopy": stopcopy,
     "stream": stream,
     "precopy": precopy,
     "postcopy": postcopy,
+    "hybrid": hybrid,
 }
 CHOICES = ("auto", *STRATEGIES)
 
@@ -74,6 +87,11 @@ def choose(policy: Policy, src_features: Collection[str], dst_features: Collecti
     else pre-copy where the source tracks dirty memory; else stop-copy."""
     if policy.allow_postcopy and "postcopy" in runtime_can:
         if "uffd-noncoop" in dst_features:
+            if "hybrid" in runtime_can and "mem_dirty_track" in src_features:
+                return "hybrid", (
+                    "auto: hybrid (post-copy allowed by policy, the destination has uffd, the "
+                    "source tracks dirty memory: pre-copy rounds, then post-copy for the rest)"
+                )
             return "postcopy", "auto: post-copy (allowed by policy; the destination has uffd)"
         reason = "the destination's kernel has no userfaultfd (uffd-noncoop)"
     elif policy.allow_postcopy:

@@ -36,7 +36,9 @@ class LazyDump(Phase):
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None and ctx.page_port is not None
         ctx.frozen_at = time.monotonic()
-        ctx.runtime.checkpoint(ctx.src, ctx.target, ctx.plan.src_images, lazy_port=ctx.page_port)
+        ctx.runtime.checkpoint(ctx.src, ctx.target, ctx.src_dir, lazy_port=ctx.page_port,
+                               prev_images_dir=ctx.prev_images_dir)  # fmt: skip
+        ctx.dumped_at = time.monotonic()
 
     def undo(self, ctx: Context) -> None:
         """Before the destination resumed: make the lazy dump fail, which lets the source run
@@ -51,7 +53,7 @@ class LazyDump(Phase):
             deadline = time.monotonic() + ABORT_WAIT
             while time.monotonic() < deadline:
                 src.run(criu.abort_lazy_dump(ctx.page_port))
-                if background.wait(src, plan.src_images, background.DUMP, 1) is not None:
+                if background.wait(src, ctx.src_dir, background.DUMP, 1) is not None:
                     break
         settle(src, plan.src_images, plan.policy.command_timeout)
         if ctx.runtime.state(src, ctx.target.root_pid) == procs.STOPPED:
@@ -88,10 +90,10 @@ class LazyRestore(Restore):
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None and ctx.page_port is not None
         plan, dst = ctx.plan, ctx.dst
-        argv = criu.lazy_pages(plan.destination.criu, plan.dst_images, ctx.page_port)
-        background.start(dst, plan.dst_images, background.LAZY_PAGES, argv,
+        argv = criu.lazy_pages(plan.destination.criu, ctx.dst_dir, ctx.page_port)
+        background.start(dst, ctx.dst_dir, background.LAZY_PAGES, argv,
                          criu.LAZY_PAGES_LOG, "lazy-pages")  # fmt: skip
-        ctx.restored_pid = ctx.runtime.restore(dst, ctx.target, plan.dst_images, lazy=True)
+        ctx.restored_pid = ctx.runtime.restore(dst, ctx.target, ctx.dst_dir, lazy=True)
         ctx.running_at = time.monotonic()
         ctx.committed = True
         ctx.notes.append(
@@ -115,12 +117,12 @@ class PullPages(Phase):
             return
         deadline = plan.policy.postcopy_deadline
         t0 = time.monotonic()
-        pulled = background.wait(ctx.dst, plan.dst_images, background.LAZY_PAGES, deadline)
+        pulled = background.wait(ctx.dst, ctx.dst_dir, background.LAZY_PAGES, deadline)
         left = max(0.0, deadline - (time.monotonic() - t0))
-        served = background.wait(ctx.src, plan.src_images, background.DUMP, max(left, 10.0))
+        served = background.wait(ctx.src, ctx.src_dir, background.DUMP, max(left, 10.0))
         ctx.pages_done_at = time.monotonic()
         if pulled == 0 and served == 0:
-            log = f"{plan.dst_images}/{criu.LAZY_PAGES_LOG}"
+            log = f"{ctx.dst_dir}/{criu.LAZY_PAGES_LOG}"
             r = ctx.dst.run(["grep", "-h", "--", "UFFD transferred", log], mutates=False)
             pages, _ = pages_pulled(r.stdout)
             ctx.pulled_bytes = pages * PAGE_SIZE

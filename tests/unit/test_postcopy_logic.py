@@ -21,19 +21,25 @@ from tests.unit.test_runner import make
 ALL = frozenset(strategies.STRATEGIES)
 
 
+SOFT_DIRTY = ["mem_dirty_track"]
+
+
 @pytest.mark.parametrize(
-    ("allow", "dst", "can", "expected"),
+    ("allow", "src", "dst", "can", "expected"),
     [
-        (False, ["uffd-noncoop"], ALL, "stopcopy"),  # never without the policy's consent
-        (True, ["uffd-noncoop"], ALL, "postcopy"),
-        (True, [], ALL, "stopcopy"),  # no userfaultfd on the destination
-        (True, ["uffd-noncoop"], frozenset({"stopcopy"}), "stopcopy"),  # runtime cannot
+        (False, [], ["uffd-noncoop"], ALL, "stopcopy"),  # never without the policy's consent
+        (False, SOFT_DIRTY, ["uffd-noncoop"], ALL, "precopy"),
+        (True, [], ["uffd-noncoop"], ALL, "postcopy"),
+        (True, SOFT_DIRTY, ["uffd-noncoop"], ALL, "hybrid"),  # rounds, then post-copy
+        (True, [], [], ALL, "stopcopy"),  # no userfaultfd on the destination
+        (True, SOFT_DIRTY, [], ALL, "precopy"),
+        (True, [], ["uffd-noncoop"], frozenset({"stopcopy"}), "stopcopy"),  # runtime cannot
     ],
 )
 def test_auto_picks_postcopy_only_when_allowed_and_possible(
-    allow: bool, dst: list[str], can: frozenset[str], expected: str
+    allow: bool, src: list[str], dst: list[str], can: frozenset[str], expected: str
 ) -> None:
-    name, why = strategies.choose(Policy(allow_postcopy=allow), [], dst, can)
+    name, why = strategies.choose(Policy(allow_postcopy=allow), src, dst, can)
     assert name == expected and why.startswith("auto: ")
 
 

@@ -1,5 +1,6 @@
 """Runs INSIDE the soft-dirty VM (tests/vm/test_precopy_vm.py boots it): the two-host lab,
-a 256 MiB writer, `migrate run --strategy precopy` host-a -> host-b, then stop-copy back.
+a 256 MiB writer, `migrate run --strategy precopy` host-a -> host-b, then stop-copy back,
+then `--strategy hybrid` (pre-copy rounds, then post-copy) host-a -> host-b again.
 
 Not collected on the host (its name is not test_*.py): the host's kernel has no soft-dirty.
 Writes what it measured to $VM_OUT/result.json for the host-side test.
@@ -29,6 +30,8 @@ OPTIONS = ("--compress", "--json")
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[labmod.Lab]:
+    # The guest's own kernel: CRIU's lazy transfer (hybrid) wants big pipes, as setup-host sets.
+    Path("/proc/sys/fs/pipe-max-size").write_text("4194304")
     base = Path(tempfile.mkdtemp(prefix="migrate-lab-", dir="/run"))
     try:
         yield labmod.up(base / "lab", hosts=2)
@@ -66,6 +69,13 @@ def test_precopy_converges_and_freezes_shorter_than_stopcopy(lab: labmod.Lab) ->
         stop = json.loads(back.stdout)
         last = tick(state)
         wait_for(lambda: tick(state) > last + 5, timeout=60, what="the writer on host-a")
+        # And the hybrid: rounds while it runs, then post-copy for what they left.
+        hyb = migrate("run", f"pid:{stop['restored_pid']}", "host-a", "host-b", "--strategy",
+                      "hybrid", *OPTIONS, config=lab.config_path, timeout=900)  # fmt: skip
+        assert hyb.returncode == 0, hyb.stdout + hyb.stderr
+        hybrid = json.loads(hyb.stdout)
+        final = tick(state)
+        wait_for(lambda: tick(state) > final + 5, timeout=60, what="the writer on host-b again")
     finally:
         for host in lab.names:  # whichever copy is left, by pid
             pids = counter_pids(lab, host, state)
@@ -75,7 +85,9 @@ def test_precopy_converges_and_freezes_shorter_than_stopcopy(lab: labmod.Lab) ->
         "precopy": {k: pre[k] for k in ("rounds", "stopped_by", "downtime_ms", "total_ms",
                                         "bytes_transferred", "phases", "notes")},
         "stopcopy": {k: stop[k] for k in ("downtime_ms", "total_ms", "bytes_transferred")},
-        "ticks": [before, after, last],
+        "hybrid": {k: hybrid[k] for k in ("rounds", "stopped_by", "downtime_ms", "total_ms",
+                                          "postcopy_tail_ms", "transfer", "notes")},
+        "ticks": [before, after, last, final],
     }  # fmt: skip
     Path(os.environ.get("VM_OUT", lab.dir), "result.json").write_text(json.dumps(result))
     rounds = pre["rounds"]
@@ -83,3 +95,6 @@ def test_precopy_converges_and_freezes_shorter_than_stopcopy(lab: labmod.Lab) ->
     assert len(pre_rounds) >= 2 and rounds[-1]["kind"] == "dump"
     assert rounds[-1]["pages_written"] * 4 < rounds[0]["pages_written"]
     assert pre["downtime_ms"] < stop["downtime_ms"]
+    assert hybrid["strategy"] == "hybrid" and hybrid["postcopy_tail_ms"] is not None
+    assert any(x["kind"] == "pre-dump" for x in hybrid["rounds"])
+    assert hybrid["downtime_ms"] < stop["downtime_ms"]

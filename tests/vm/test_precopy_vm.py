@@ -44,15 +44,17 @@ def test_precopy_in_a_soft_dirty_vm(
     assert r.exit_code == 0, f"guest test failed (exit {r.exit_code}):\n{r.output[-4000:]}"
     assert "1 passed" in r.output, r.output[-2000:]
     result = json.loads((machine.keep / "result.json").read_text())
-    pre, stop = result["precopy"], result["stopcopy"]
+    pre, stop, hyb = result["precopy"], result["stopcopy"], result["hybrid"]
     rounds = pre["rounds"]
     assert sum(x["kind"] == "pre-dump" for x in rounds) >= 2
     assert rounds[-1]["pages_written"] * 4 < rounds[0]["pages_written"]
     assert pre["downtime_ms"] < stop["downtime_ms"]
+    assert hyb["postcopy_tail_ms"] is not None and hyb["downtime_ms"] < stop["downtime_ms"]
     table = ", ".join(f"{x['kind']} {x['pages_written']}p {x['seconds']:.1f}s" for x in rounds)
     print(json.dumps(result, indent=1))  # the whole of it, with -rA
     record_property(
         "measured",
         f"VM {r.seconds:.0f}s; precopy freeze {pre['downtime_ms']} ms (stopped by "
-        f"{pre['stopped_by']}; {table}) vs stopcopy freeze {stop['downtime_ms']} ms",
+        f"{pre['stopped_by']}; {table}) vs stopcopy freeze {stop['downtime_ms']} ms; hybrid "
+        f"freeze {hyb['downtime_ms']} ms, post-copy tail {hyb['postcopy_tail_ms']} ms",
     )
