@@ -27,7 +27,9 @@ from pathlib import Path
 from .state import LabError
 
 CACHE = Path(os.environ.get("MIGRATE_VM_CACHE", "/var/cache/migrate-vm"))
-PACKAGE_GLOB = "linux-image-6.1.0-*-amd64-unsigned_*.deb"
+# Debian 12's 6.1 (the one proven here), else any stock amd64 kernel (e.g. Debian 13's 6.12;
+# Debian's configs all have CONFIG_MEM_SOFT_DIRTY=y and 9p as modules).
+PACKAGE_GLOBS = ("linux-image-6.1.0-*-amd64-unsigned_*.deb", "linux-image-*-amd64-unsigned_*.deb")
 QEMU = "qemu-system-x86_64"
 BUSYBOX = "/bin/busybox"  # busybox-static: runs without any library
 # What the initramfs loads (with their dependencies) to mount the host's / over 9p.
@@ -110,7 +112,7 @@ def missing() -> str | None:
     if shutil.which("depmod") is None:
         return "depmod not found (apt-get install kmod)"
     if not _package():
-        return f"no {PACKAGE_GLOB} in {CACHE} (scripts/setup-host fetches it)"
+        return f"no {PACKAGE_GLOBS[-1]} in {CACHE} (scripts/setup-host fetches it)"
     return None
 
 
@@ -119,8 +121,11 @@ def _is_dynamic(path: Path) -> bool:
 
 
 def _package() -> Path | None:
-    debs = sorted(CACHE.glob(PACKAGE_GLOB))
-    return debs[-1] if debs else None
+    for pattern in PACKAGE_GLOBS:
+        debs = sorted(CACHE.glob(pattern))
+        if debs:
+            return debs[-1]
+    return None
 
 
 def prepare(cache: Path = CACHE) -> Assets:
