@@ -19,7 +19,7 @@ class Round:
     """One pre-copy round (kind pre-dump), or the final dump under the freeze (kind dump)."""
 
     number: int
-    kind: str  # pre-dump | dump
+    kind: str  # pre-dump | dump | lazy-dump (hybrid: pages_written = pages pulled after)
     pages_written: int
     pages_skipped_parent: int
     bytes_sent: int  # by rsync for this round (the final dump's bytes: its transfer phase)

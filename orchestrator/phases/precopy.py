@@ -12,6 +12,7 @@ import time
 from orchestrator import stoprule
 from orchestrator.criu import commands as criu
 from orchestrator.criu import images
+from orchestrator.criu.logs import PAGE_SIZE
 from orchestrator.errors import MigrationError
 from orchestrator.phases.base import Phase, make_private_dir, remove_dir, settle
 from orchestrator.phases.transfer import push, sync_paths
@@ -139,15 +140,19 @@ class FinalRound(Phase):
             return
         frozen, dumped = ctx.frozen_at or 0.0, ctx.dumped_at or 0.0
         sent = ctx.bytes_transferred - sum(r.bytes_sent for r in ctx.rounds)
+        kind, pages, frozen_ms = "dump", stats.pages_written, stats.frozen_ms
+        if ctx.pages_done_at is not None:  # hybrid: a lazy dump; its pages were pulled after
+            kind, pages = "lazy-dump", ctx.pulled_bytes // PAGE_SIZE
+            sent -= ctx.pulled_bytes  # (its stats count the serving time as frozen)
+            frozen_ms = float(ctx.downtime_ms or 0)
         last = self.precopy.last_start
-        rate = stats.pages_written / (frozen - last) if last and frozen > last else None
+        rate = pages / (frozen - last) if last and frozen > last else None
         dump_s, xfer_s = dumped - frozen, (ctx.transferred_at or dumped) - dumped
         ctx.rounds.append(Round(
-            number=self.precopy.rounds + 1, kind="dump", pages_written=stats.pages_written,
+            number=self.precopy.rounds + 1, kind=kind, pages_written=pages,
             pages_skipped_parent=stats.pages_skipped_parent, bytes_sent=sent,
             seconds=round(dump_s + xfer_s, 3), dump_seconds=round(dump_s, 3),
-            transfer_seconds=round(xfer_s, 3), dirty_rate=_round(rate),
-            frozen_ms=stats.frozen_ms,
+            transfer_seconds=round(xfer_s, 3), dirty_rate=_round(rate), frozen_ms=frozen_ms,
         ))  # fmt: skip
 
 

@@ -97,4 +97,6 @@ def test_precopy_converges_and_freezes_shorter_than_stopcopy(lab: labmod.Lab) ->
     assert pre["downtime_ms"] < stop["downtime_ms"]
     assert hybrid["strategy"] == "hybrid" and hybrid["postcopy_tail_ms"] is not None
     assert any(x["kind"] == "pre-dump" for x in hybrid["rounds"])
+    lazy = hybrid["rounds"][-1]  # what was left for post-copy: far less than the first round
+    assert lazy["kind"] == "lazy-dump" and lazy["pages_written"] * 4 < rounds[0]["pages_written"]
     assert hybrid["downtime_ms"] < stop["downtime_ms"]
