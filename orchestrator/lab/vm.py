@@ -49,6 +49,12 @@ mount -t 9p -o "ro,$o,cache=loose" root /newroot || { echo "init: cannot mount /
 for d in @WRITABLE@; do mount -t tmpfs -o mode=0755,size=75% tmp "/newroot$d"; done
 chmod 1777 /newroot/tmp /newroot/var/tmp
 mkdir -p "/newroot@OUT@" && mount -t 9p -o "$o,cache=none" out "/newroot@OUT@"
+# A directory the tmpfs mounts above would hide (e.g. a checkout under /tmp), shared again.
+share=$(sed -n 's/.*migrate_share=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$share" ]; then
+  mkdir -p "/newroot$share" && mount -t 9p -o "ro,$o,cache=loose" share "/newroot$share" \
+    || echo "init: cannot mount $share"
+fi
 # Module autoload with the host's own modprobe, from this kernel's modules (on the host).
 printf '#!/bin/sh\nexec /sbin/modprobe -d "@TREE@" "$@"\n' > /newroot/run/vm-modprobe
 chmod 755 /newroot/run/vm-modprobe
@@ -248,17 +254,29 @@ def _pad(b: bytes) -> bytes:
     return b + b"\0" * (-len(b) % 4)
 
 
-def qemu_argv(assets: Assets, out: Path, memory: str, cpus: int) -> list[str]:
-    """qemu under TCG, no network device, the host's / read-only and `out` writable."""
+def qemu_argv(
+    assets: Assets, out: Path, memory: str, cpus: int, share: Path | None = None
+) -> list[str]:
+    """qemu under TCG, no network device, the host's / read-only and `out` writable; `share`
+    (read-only) is mounted at its own path again, over the guest's tmpfs dirs."""
     root = "local,path=/,mount_tag=root,security_model=none,readonly=on,multidevs=remap"
+    append = "console=ttyS0 panic=-1 rdinit=/init loglevel=4 tsc=reliable"
+    extra: list[str] = []
+    if share is not None:
+        if any(c.isspace() or c in ",\\'\"" for c in str(share)):
+            raise LabError(f"cannot share {share} with the VM: whitespace or quotes in the path")
+        append += f" migrate_share={share}"
+        extra = ["-virtfs", f"local,path={share},mount_tag=share,security_model=none,"
+                            "readonly=on,multidevs=remap"]  # fmt: skip
     return [
         QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-m", memory, "-smp", str(cpus),
         "-M", "pc", "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
         "-no-reboot", "-serial", "stdio",
         "-kernel", str(assets.kernel), "-initrd", str(assets.initramfs),
-        "-append", "console=ttyS0 panic=-1 rdinit=/init loglevel=4 tsc=reliable",
+        "-append", append,
         "-virtfs", root,
         "-virtfs", f"local,path={out},mount_tag=out,security_model=none",
+        *extra,
     ]  # fmt: skip
 
 
@@ -270,6 +288,7 @@ class Machine:
     memory: str = "2G"
     cpus: int = 2
     keep: Path | None = None
+    share: Path | None = None  # e.g. the checkout under test, wherever it is
     proc: subprocess.Popen[bytes] | None = None
 
     def run(self, script: str, timeout: float = 600, env: dict[str, str] | None = None) -> Result:
@@ -284,7 +303,7 @@ class Machine:
         exports = "".join(f"export {k}={_shq(v)}\n" for k, v in env.items())
         (out / "cmd.sh").write_text(exports + script)
         t0 = time.monotonic()
-        argv = qemu_argv(assets, out, self.memory, self.cpus)
+        argv = qemu_argv(assets, out, self.memory, self.cpus, self.share)
         self.proc = proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )

@@ -25,7 +25,7 @@ def machine(tmp_path: Path) -> Iterator[vm.Machine]:
     reason = vm.missing()
     if reason:
         pytest.skip(f"no soft-dirty VM here: {reason}")
-    m = vm.Machine(memory="3G", keep=tmp_path / "vm-out")
+    m = vm.Machine(memory="3G", keep=tmp_path / "vm-out", share=REPO)  # (a clone under /tmp)
     try:
         yield m
     finally:
