@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,8 +233,16 @@ class Host:
         self.connect()
         assert self._conn is not None
         log.debug("%s$ %s", self.name, line)
+        # Past its timeout, a command on a peer that vanished silently can still block (the
+        # channel waits on TCP): then its socket is dropped, which ends every wait on it.
+        dropped = threading.Event()
+        watchdog = threading.Timer(timeout + WEDGED_GRACE, _drop, (self._conn, dropped))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             r = self._conn.run(line, hide=True, warn=True, timeout=timeout)
+            if dropped.is_set():
+                raise CommandTimedOut(r, int(timeout))
         except CommandTimedOut:
             # The connection may be wedged (a peer that vanished): start afresh next time.
             self.close()
@@ -241,6 +250,8 @@ class Host:
         except (OSError, EOFError, paramiko.SSHException) as e:
             self.close()
             raise _Lost(f"{self}: connection lost running {_short(line)}: {e}") from None
+        finally:
+            watchdog.cancel()
         return Result(self.name, argv, r.exited, r.stdout, r.stderr)
 
     def lock(self, path: str, holder: str) -> RemoteLock:
@@ -271,6 +282,21 @@ class Host:
                 self._conn.close()
             finally:
                 self._conn = None
+
+
+WEDGED_GRACE = 5.0  # seconds past a command's timeout before its connection is dropped
+
+
+def _drop(conn: Connection, dropped: threading.Event) -> None:
+    """Close a wedged connection's socket under it (from the watchdog's thread)."""
+    dropped.set()
+    transport = conn.transport
+    sock = getattr(transport, "sock", None)
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 def _short(line: str, width: int = 120) -> str:
