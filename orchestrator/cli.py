@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from orchestrator import __version__, evacuate, journal, metrics, progress, render, strategies
-from orchestrator.config import Config, ConfigError, check_policy, config_path, load
+from orchestrator.config import Config, ConfigError, config_path, load
 from orchestrator.errors import MigrationError
-from orchestrator.phases.preflight import check_hosts
+from orchestrator.hostcheck import check_hosts
 from orchestrator.recover import recover
-from orchestrator.report import PhaseResult, Report
 from orchestrator.session import Busy, open_session
-from orchestrator.transport.ssh import Host, HostError
+from orchestrator.transport.ssh import Host
 
 EXIT_USAGE = 2
 
@@ -145,17 +142,11 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _config(args)
-    if args.bwlimit is not None and args.bwlimit < 1:
-        raise ConfigError(f"--bwlimit must be a positive number of KiB/s, not {args.bwlimit}")
-    overrides = {"bwlimit": args.bwlimit} if args.bwlimit else {}
-    if args.compress:
-        overrides["compress"] = True
-    for key in ("max_downtime_ms", "goal", "max_iterations", "max_precopy_seconds"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    config = dataclasses.replace(config, policy=dataclasses.replace(config.policy, **overrides))
-    check_policy(config.policy, "", flags=True)
+    config = _config(args).with_policy(
+        bwlimit=args.bwlimit, compress=args.compress or None,
+        **{k: getattr(args, k) for k in ("max_downtime_ms", "goal", "max_iterations",
+                                          "max_precopy_seconds")},
+    )  # fmt: skip
     if args.metrics_file:
         metrics.check_path(args.metrics_file)
     try:
@@ -181,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  note: {note}")
     _interrupt_on_sigterm()
     if args.json or not progress.interactive():
-        report = session.run(None if args.json else _print_phase)
+        report = session.run(None if args.json else render.phase_line)
     else:
         with progress.LiveView() as view:
             report = session.run(progress.listener(ctx, view))
@@ -190,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        _print_report(report)
+        render.report(report)
     return report.exit_code
 
 
@@ -232,128 +223,23 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _raise)
 
 
-def _print_phase(name: str, result: PhaseResult | None) -> None:
-    if result is None:
-        print(f"  {name:<16} ...", flush=True)
-        return
-    line = f"  {name:<16} {result.status} ({result.seconds:.2f}s)"
-    if result.error:
-        line += f": {result.error}"
-    print(line, flush=True)
-
-
-def _print_report(r: Report) -> None:
-    if r.planned_commands:
-        print("dry run: these commands would run, in this order:")
-        for line in r.planned_commands:
-            print(f"  {line}")
-        if r.status == "succeeded":
-            print("dry run: pre-flight passed; nothing was changed on either host")
-            return
-    for line in r.criu_errors:
-        print(f"  criu: {line}")
-    for note in r.notes:
-        print(f"  note: {note}")
-    if r.network:
-        n = r.network
-        print(
-            f"  network: {', '.join(n['addresses'])} ({n['mac']}) on {r.destination}'s "
-            f"{n['bridge']}; {n['connections_kept']} established TCP connection(s) kept"
-        )
-    if r.rounds:
-        _print_rounds(r)
-    downtime = f"{r.downtime_ms} ms" if r.downtime_ms is not None else "-"
-    if r.postcopy_tail_ms is not None:
-        pulled = r.transfer.get("postcopy_bytes", 0)
-        downtime += (
-            f", post-copy tail {r.postcopy_tail_ms} ms ({pulled / 2**20:.0f} MiB pulled at "
-            f"{r.transfer.get('postcopy_mib_s') or '-'} MiB/s)"
-        )
-    print(
-        f"{r.status}: {r.workload} {r.source} -> {r.destination}; downtime {downtime}, "
-        f"total {r.total_ms} ms, {r.bytes_transferred} bytes"
-        + (
-            f" (bwlimit {r.transfer['bwlimit_kib_s']} KiB/s)"
-            if r.transfer.get("bwlimit_kib_s")
-            else ""
-        )
-        + (" (compressed)" if r.transfer.get("compress") else "")
-        + (f", pid {r.restored_pid} on {r.destination}" if r.restored_pid else "")
-    )
-    if r.error:
-        print(f"error: {r.error}", file=sys.stderr)
-
-
-def _print_rounds(r: Report) -> None:
-    """Pre-copy's rounds as a table, and what stopped them."""
-    print(f"  {'round':>5} {'kind':<8} {'pages':>9} {'skipped':>9} {'MiB sent':>9} "
-          f"{'seconds':>8} {'dirty pages/s':>13} {'frozen ms':>9}")  # fmt: skip
-    for x in r.rounds:
-        rate = f"{x.dirty_rate:.0f}" if x.dirty_rate is not None else "-"
-        print(f"  {x.number:>5} {x.kind:<8} {x.pages_written:>9} {x.pages_skipped_parent:>9} "
-              f"{x.bytes_sent / 2**20:>9.1f} {x.seconds:>8.2f} {rate:>13} "
-              f"{x.frozen_ms:>9.0f}")  # fmt: skip
-    if r.stopped_by:
-        print(f"  pre-copy stopped by: {r.stopped_by}")
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
     hosts = [Host(config.host(name), config.policy) for name in args.hosts]
-    checks = check_hosts(hosts, features=True)
+    results = check_hosts(hosts, features=True)
     for host in hosts:
         host.close()
-    if args.json:
-        print(json.dumps([c.__dict__ | {"ok": c.ok, "problems": c.problems()} for c in checks]))
-    else:
-        print(f"{'host':<12} {'criu':<8} {'check':<6} {'rsync':<6} {'free MiB':>9}  "
-              f"{'features':<62}  problems")  # fmt: skip
-        for c in checks:
-            ver = ".".join(map(str, c.criu_version)) if c.criu_version else "-"
-            print(
-                f"{c.host:<12} {ver:<8} {'ok' if c.criu_ok else 'FAIL':<6} "
-                f"{'ok' if c.rsync else 'no':<6} {c.free_kb // 1024:>9}  "
-                f"{' '.join(c.features or []) or '-':<62}  " + ("; ".join(c.problems()) or "-")
-            )
-    return 0 if all(c.ok for c in checks) else 1
+    render.checks(results, args.json)
+    return 0 if all(c.ok for c in results) else 1
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    config = _config(args)
-    rows = journal.summaries(config.state_dir)
-    if args.json:
-        print(json.dumps([_summary_dict(j) for j in rows], indent=2))
-        return 0
-    print(f"{'id':<24} {'started (UTC)':<20} {'workload':<20} {'route':<20} status")
-    for j in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(j.started))
-        status = j.status or f"UNFINISHED (in {j.last_phase}; migrate recover {j.id})"
-        print(f"{j.id:<24} {when:<20} {j.workload:<20} {j.source + ' -> ' + j.destination:<20} "
-              f"{status}")  # fmt: skip
+    render.history(journal.summaries(_config(args).state_dir), args.json)
     return 0
 
 
-def _summary_dict(j: journal.Summary) -> dict[str, Any]:
-    return {
-        "id": j.id, "started": j.started, "workload": j.workload, "source": j.source,
-        "destination": j.destination, "strategy": j.strategy, "status": j.status,
-        "last_phase": j.last_phase, "journal": str(j.path),
-    }  # fmt: skip
-
-
 def cmd_show(args: argparse.Namespace) -> int:
-    config = _config(args)
-    j = journal.find(config.state_dir, args.id)
-    if args.json:
-        print(json.dumps(_summary_dict(j) | {"events": j.events}, indent=2))
-        return 0
-    print(f"{j.id}: {j.workload} {j.source} -> {j.destination}, {j.strategy}, "
-          f"{j.status or 'UNFINISHED'}")  # fmt: skip
-    t0 = j.started
-    for ev in j.events:
-        rest = {k: v for k, v in ev.items() if k not in ("t", "event") and v not in (None, [])}
-        detail = " ".join(f"{k}={v}" for k, v in rest.items() if k != "workload_config")
-        print(f"  +{ev['t'] - t0:8.3f}s {ev['event']:<9} {detail}")
+    render.show(journal.find(_config(args).state_dir, args.id), args.json)
     return 0
 
 
@@ -373,7 +259,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     for j in todo:
         try:
             report = recover(config, j)
-        except (MigrationError, HostError) as err:
+        except MigrationError as err:
             print(f"migrate: recover {j.id}: {err} (the journal stays unfinished)", file=sys.stderr)
             codes.append(1)
             continue
@@ -381,7 +267,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
             print(json.dumps(report.to_dict(), indent=2))
         else:
             print(f"recover {j.id}:")
-            _print_report(report)
+            render.report(report)
         codes.append(report.exit_code)
     return max(codes)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from orchestrator.errors import MigrationError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # A host name or an IP address; never starting with "-" (it would read as an ssh option).
@@ -31,7 +34,7 @@ RUNTIME_PATHS = {"lxc": ("lxcpath",), "runc": ("runc_root", "bundle"),
                  "podman": ("podman_root", "podman_runroot")}  # fmt: skip
 
 
-class ConfigError(Exception):
+class ConfigError(MigrationError):
     """Bad configuration or command-line input (exit code 2)."""
 
 
@@ -127,7 +130,12 @@ POLICY_RANGES: tuple[tuple[str, float, float | None], ...] = (
 
 def check_policy(policy: Policy, where: str, flags: bool = False) -> None:
     """ConfigError naming the key (or with `flags`, the command-line option) when a policy
-    number is out of range."""
+    number is out of range, or not a finite number at all (NaN, inf)."""
+    for f in fields(policy):
+        value = getattr(policy, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            name = "--" + f.name.replace("_", "-") if flags else where + f.name
+            raise ConfigError(f"{name}: must be a finite number, not {value}")
     for key, low, high in POLICY_RANGES:
         value = getattr(policy, key)
         if value < low or (high is not None and value > high):
@@ -144,6 +152,18 @@ class Config:
     policy: Policy = field(default_factory=Policy)
     state_dir: Path = Path("~/.local/state/migrate").expanduser()
 
+    def with_policy(self, **overrides: Any) -> Config:
+        """This config with command-line policy overrides (None: not given), checked and
+        named as the options they came from."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given.get("bwlimit") is not None and given["bwlimit"] < 1:
+            raise ConfigError(
+                f"--bwlimit must be a positive number of KiB/s, not {given['bwlimit']}"
+            )
+        policy = replace(self.policy, **given)
+        check_policy(policy, "", flags=True)
+        return replace(self, policy=policy)
+
     def host(self, name: str) -> HostConfig:
         if name not in self.hosts:
             known = ", ".join(sorted(self.hosts)) or "none"
@@ -154,7 +174,7 @@ class Config:
         """A workload by name, or ad hoc as `pid:N` / `pidfile:PATH`."""
         kind, sep, value = spec.partition(":")
         if sep and kind == "pid":
-            if not value.isdigit() or int(value) < 2:
+            if not (value.isascii() and value.isdigit()) or int(value) < 2:
                 raise ConfigError(f"workload {spec!r}: pid must be a number > 1")
             return WorkloadConfig(name=f"pid-{value}", pid=int(value))
         if sep and kind == "pidfile":

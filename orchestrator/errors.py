@@ -1,4 +1,8 @@
-"""Errors a migration step raises: one line for the operator, plus CRIU's own lines if any."""
+"""One exception hierarchy: every failure the tool raises by design is a MigrationError.
+
+Its subclasses say where it came from (config, a host, rsync, an image, the journal); the
+runner and the CLI catch only MigrationError, and anything else is a bug (still rolled back).
+"""
 
 from __future__ import annotations
 
@@ -9,3 +13,8 @@ class MigrationError(Exception):
     def __init__(self, message: str, details: list[str] | None = None) -> None:
         super().__init__(message)
         self.details = details or []
+
+
+class JournalError(MigrationError):
+    """The controller's journal cannot be written (full or read-only disk), or a write would
+    take a migration backwards."""

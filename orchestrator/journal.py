@@ -1,15 +1,44 @@
-"""An append-only, fsync'd record of each migration on the controller (JSON lines)."""
+"""An append-only, fsync'd record of each migration on the controller (JSON lines), and the
+state it adds up to.
+
+Each phase is journaled under its own name with a state (begin, done, failed) and the facts
+undo needs; a phase that begins also moves the migration's Stage, which only goes forward
+(libvirt's qemuMigrationJobPhase is the model). `recover` reads the State, never events.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ConfigError
+from orchestrator.errors import JournalError
+
+log = logging.getLogger("migrate")
+
+
+class Stage(IntEnum):
+    """How far a migration got on the hosts; what recovery must consider."""
+
+    PLANNED = 0  # pre-flight: nothing changed anywhere
+    PREPARED = 1  # image dirs, the ssh link, page channels, warm copies exist
+    PRECOPY = 2  # pre-copy rounds: the workload still runs on the source
+    FROZEN = 3  # a dump began: the source may be stopped
+    RESTORING = 4  # a restore began: a destination copy may exist
+    RESUMED = 5  # post-copy: the destination resumed, no rollback from here on
+    CONFIRMING = 6  # confirm began: the source copy may be gone
+
+
+class PhaseState:
+    BEGIN = "begin"
+    DONE = "done"
+    FAILED = "failed"
 
 
 class Journal:
@@ -18,28 +47,52 @@ class Journal:
     def __init__(self, state_dir: Path, migration_id: str) -> None:
         self.dir = state_dir / "journal"
         self.path = self.dir / f"{migration_id}.jsonl"
+        self.stage = Stage.PLANNED
 
     def write(self, event: str, **fields: Any) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Append one record, whole and on disk, or raise JournalError."""
         line = json.dumps({"t": round(time.time(), 3), "event": event, **fields}, default=str)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        data = (line + "\n").encode()
         try:
-            os.write(fd, (line + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            created = not self.path.exists()
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                while data:  # a short write is carried on, never left torn
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                _fsync_dir(self.dir)
+        except OSError as e:
+            raise JournalError(f"cannot write the journal {self.path}: {e.strerror or e}") from None
 
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+    def advance(self, stage: Stage | None) -> None:
+        """Move to stage (None: stay); going backwards is refused (a bug, or a second writer)."""
+        if stage is None:
+            return
+        if stage < self.stage:
+            raise JournalError(
+                f"journal {self.path}: {stage.name} would go back from {self.stage.name}"
+            )
+        self.stage = stage
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class NullJournal(Journal):
     """For dry runs: records nothing."""
 
     def __init__(self) -> None:
-        pass
+        self.stage = Stage.PLANNED
+        self.path = Path("-")
 
     def write(self, event: str, **fields: Any) -> None:
         return None
@@ -47,7 +100,7 @@ class NullJournal(Journal):
 
 @dataclass
 class Summary:
-    """One migration as its journal tells it."""
+    """One migration as its journal tells it: who, where, how far, and what undo needs."""
 
     id: str
     path: Path
@@ -58,49 +111,101 @@ class Summary:
     strategy: str
     status: str | None  # None: unfinished (the controller died, or it still runs)
     last_phase: str | None
-    root_pid: int | None
-    restored_pid: int | None
-    events: list[dict[str, Any]]
+    stage: Stage = Stage.PLANNED
+    keep_images: bool = False
+    workload_config: dict[str, Any] = field(default_factory=dict)
+    # The latest facts phases recorded (runner._facts): root_pid, command, net, ...
+    facts: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def start(self) -> dict[str, Any]:
         return self.events[0]
 
+    @property
+    def root_pid(self) -> int | None:
+        return _int(self.facts.get("root_pid"))
+
+    @property
+    def restored_pid(self) -> int | None:
+        return _int(self.facts.get("restored_pid"))
+
+    @property
+    def committed(self) -> bool:
+        return bool(self.facts.get("committed")) or self.stage >= Stage.RESUMED
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The records of one journal file; a torn or garbage line is skipped with a warning."""
+    events = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+            log.warning("%s line %d: not a journal record; skipped", path, n)
+            continue
+        events.append(event)
+    return events
+
+
+FACT_KEYS = ("root_pid", "command", "restored_pid", "net", "network_lock", "new_paths",
+             "committed", "page_port", "rounds")  # fmt: skip
+# Journals written before stages were recorded: the stage each phase's begin meant.
+_STAGE_OF = {"preflight": Stage.PLANNED, "prepare": Stage.PREPARED, "precopy": Stage.PRECOPY,
+             "page-server": Stage.PREPARED, "page-tunnel": Stage.PREPARED, "dump": Stage.FROZEN,
+             "lazy-dump": Stage.FROZEN, "restore": Stage.RESTORING,
+             "lazy-restore": Stage.RESTORING, "pull-pages": Stage.RESUMED,
+             "confirm": Stage.CONFIRMING}  # fmt: skip
+
+
+def _stage(e: dict[str, Any]) -> Stage:
+    value = e.get("stage")
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= max(Stage):
+        return Stage(value)
+    return _STAGE_OF.get(str(e.get("name")), Stage.PLANNED)
+
+
+_START_KEYS = ("id", "workload", "source", "destination", "strategy")
+
 
 def summarize(path: Path) -> Summary | None:
-    """Read one journal; None if it has no start record. A torn last line is skipped."""
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    if not events or events[0].get("event") != "start":
+    """Fold one journal into its Summary; None if it has no usable start record."""
+    try:
+        events = read_events(path)
+    except OSError as err:
+        log.warning("%s: cannot read: %s", path, err)
         return None
-    start, status, last, root, restored = events[0], None, None, None, None
-    for e in events:
+    if not events or events[0]["event"] != "start":
+        return None
+    start = events[0]
+    if not all(isinstance(start.get(k), str) for k in _START_KEYS) or start["id"] != path.stem:
+        log.warning("%s: its start record does not name this migration; skipped", path)
+        return None
+    s = Summary(
+        id=start["id"], path=path, started=float(start.get("t") or 0), workload=start["workload"],
+        source=start["source"], destination=start["destination"], strategy=start["strategy"],
+        status=None, last_phase=None, keep_images=bool(start.get("keep_images")),
+        workload_config=dict(start.get("workload_config") or {}), events=events,
+    )  # fmt: skip
+    for e in events[1:]:
         if e["event"] == "phase":
-            last = e["name"]
-        if e.get("root_pid"):
-            root = e["root_pid"]
-        if "restored_pid" in e:
-            restored = e["restored_pid"] or restored
-        if e["event"] == "end":
-            status = e["status"]
-    return Summary(
-        id=start["id"],
-        path=path,
-        started=start["t"],
-        workload=start["workload"],
-        source=start["source"],
-        destination=start["destination"],
-        strategy=start["strategy"],
-        status=status,
-        last_phase=last,
-        root_pid=root,
-        restored_pid=restored,
-        events=events,
-    )
+            s.last_phase = str(e.get("name"))
+            if e.get("state") == PhaseState.BEGIN:
+                s.stage = max(s.stage, _stage(e))
+            nested = e.get("facts")
+            facts: dict[str, Any] = nested if isinstance(nested, dict) else e  # (older: flat)
+            s.facts.update({k: facts[k] for k in FACT_KEYS if facts.get(k) is not None})
+        elif e["event"] == "end":
+            s.status = str(e.get("status"))
+    return s
 
 
 def summaries(state_dir: Path) -> list[Summary]:
@@ -111,7 +216,8 @@ def summaries(state_dir: Path) -> list[Summary]:
 
 def find(state_dir: Path, migration_id: str) -> Summary:
     path = state_dir / "journal" / f"{migration_id}.jsonl"
-    summary = summarize(path) if path.is_file() and "/" not in migration_id else None
+    ok = "/" not in migration_id and migration_id not in (".", "..") and path.is_file()
+    summary = summarize(path) if ok else None
     if summary is None:
         raise ConfigError(f"no migration {migration_id!r} in {state_dir / 'journal'}")
     return summary

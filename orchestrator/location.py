@@ -10,13 +10,17 @@ from orchestrator import journal
 from orchestrator.config import Config, WorkloadConfig
 
 
-def whereabouts(config: Config) -> dict[str, tuple[str, WorkloadConfig]]:
+def whereabouts(
+    config: Config, history: list[journal.Summary] | None = None
+) -> dict[str, tuple[str, WorkloadConfig]]:
     """Each configured workload's host now, and its config there.
 
     A workload's last successful migration (the journal) says where it went, and under which
     pid when it is found by pid; without one, the config's `host:` says where it is."""
     where = {n: (w.host, w) for n, w in config.workloads.items() if w.host is not None}
-    for j in journal.summaries(config.state_dir):  # oldest first: the last one wins
+    if history is None:
+        history = journal.summaries(config.state_dir)
+    for j in history:  # oldest first: the last one wins
         wl = config.workloads.get(j.workload)
         if wl is None or j.status != "succeeded":
             continue

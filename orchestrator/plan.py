@@ -1,4 +1,6 @@
-"""A migration plan: what moves where, how, under which policy; and the state of a run."""
+"""A migration plan (what moves where, how, under which policy) and the state of one run:
+the shared core in Context, and one small state object per kind of work (pre-copy rounds,
+post-copy pages, the clock of the freeze)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,12 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator.config import Config, ConfigError, HostConfig, Policy, WorkloadConfig
+from orchestrator.layout import ImageLayout
 from orchestrator.report import Round
 from orchestrator.runtimes.base import Runtime, Target
+from orchestrator.strategies import Strategy
+from orchestrator.transport.link import Link
+from orchestrator.transport.rsync import LinkSpec
 from orchestrator.transport.ssh import Host, RemoteLock
 
 
@@ -24,22 +30,28 @@ class Plan:
     dry_run: bool = False
 
     @property
+    def src_layout(self) -> ImageLayout:
+        return ImageLayout.under(self.source.workdir, self.id)
+
+    @property
+    def dst_layout(self) -> ImageLayout:
+        return ImageLayout.under(self.destination.workdir, self.id)
+
+    @property
     def src_images(self) -> str:
-        return f"{self.source.workdir.rstrip('/')}/images/{self.id}"
+        return self.src_layout.root
 
     @property
     def dst_images(self) -> str:
-        return f"{self.destination.workdir.rstrip('/')}/images/{self.id}"
+        return self.dst_layout.root
 
     def lock_path(self, root_pid: int) -> str:
         """One lock per workload on the source, keyed by its root pid there."""
         return f"{self.source.workdir.rstrip('/')}/locks/pid-{root_pid}.lock"
 
     @property
-    def link_socket(self) -> str | None:
-        """Control socket on the source for its ssh link to the destination (None: too long)."""
-        path = f"{self.source.workdir.rstrip('/')}/images/ssh-{self.id}"
-        return path if len(path) < 100 else None  # sun_path holds 108 bytes; ssh adds a suffix
+    def link_spec(self) -> LinkSpec:
+        return LinkSpec(self.source, self.destination, self.policy, self.src_layout.link_socket)
 
 
 def new_id() -> str:
@@ -48,20 +60,20 @@ def new_id() -> str:
 
 def make_plan(
     config: Config,
-    workload: str,
+    workload: WorkloadConfig,
     source: str,
     destination: str,
     strategy: str = "auto",
     keep_images: bool = False,
     dry_run: bool = False,
 ) -> Plan:
-    """Resolve names against the config (ConfigError on anything unknown)."""
+    """Resolve host names against the config (ConfigError on anything unknown)."""
     src, dst = config.host(source), config.host(destination)
     if src.name == dst.name:
         raise ConfigError(f"source and destination are the same host ({src.name})")
     return Plan(
         id=new_id(),
-        workload=config.workload(workload),
+        workload=workload,
         source=src,
         destination=dst,
         strategy=strategy,
@@ -72,44 +84,13 @@ def make_plan(
 
 
 @dataclass
-class Context:
-    """What the phases share while one migration runs."""
+class Clock:
+    """When the freeze began and ended (monotonic seconds on the controller)."""
 
-    plan: Plan
-    src: Host
-    dst: Host
-    runtime: Runtime
-    target: Target | None = None
-    restored_pid: int = 0
-    bytes_transferred: int = 0
     frozen_at: float | None = None
     dumped_at: float | None = None  # the final dump is done (the freeze goes on)
     transferred_at: float | None = None
     running_at: float | None = None
-    notes: list[str] = field(default_factory=list)
-    lock: RemoteLock | None = None  # held on the source from pre-flight to the end
-    connections_kept: int | None = None  # established TCP connections in the images
-    page_port: int | None = None  # stream/post-copy: the tunnelled page server's port
-    committed: bool = False  # the destination has resumed: no rollback from here on
-    pages_done_at: float | None = None  # post-copy: every page has reached the destination
-    pulled_bytes: int = 0  # post-copy: memory the destination pulled after it resumed
-    transfer_seconds: float = 0.0  # time rsync spent moving images
-    # Pre-copy: the final dump goes into this subdir of the image dirs (after the rounds in
-    # 1, 2, ... N), on top of prev_images_dir (relative to it); restore reads it from there.
-    images_subdir: str = ""
-    prev_images_dir: str | None = None
-    rounds: list[Round] = field(default_factory=list)
-    stopped_by: str | None = None  # which stop rule ended pre-copy
-
-    @property
-    def src_dir(self) -> str:
-        """Where the final dump writes on the source (the image root, or its subdir)."""
-        return _join(self.plan.src_images, self.images_subdir)
-
-    @property
-    def dst_dir(self) -> str:
-        """Where restore reads on the destination."""
-        return _join(self.plan.dst_images, self.images_subdir)
 
     @property
     def downtime_ms(self) -> int | None:
@@ -117,13 +98,69 @@ class Context:
             return None
         return round((self.running_at - self.frozen_at) * 1000)
 
+
+@dataclass
+class PrecopyState:
+    """Pre-copy's rounds: the rows of the rounds table, and what stopped them."""
+
+    count: int = 0
+    last_start: float | None = None  # when the last round's pre-dump began
+    rounds: list[Round] = field(default_factory=list)
+    stopped_by: str | None = None
+
+
+@dataclass
+class PostcopyState:
+    """Post-copy's pages after the destination resumed."""
+
+    pages_done_at: float | None = None  # every page has reached the destination
+    pulled_bytes: int = 0
+
+
+@dataclass
+class Context:
+    """What the phases share while one migration runs."""
+
+    plan: Plan
+    strategy: Strategy
+    src: Host
+    dst: Host
+    runtime: Runtime
+    link: Link
+    src_images: ImageLayout
+    dst_images: ImageLayout
+    target: Target | None = None
+    lock: RemoteLock | None = None  # held on the source from pre-flight to the end
+    page_port: int | None = None  # stream/post-copy: the page channel's port (127.0.0.1)
+    restored_pid: int = 0
+    committed: bool = False  # the destination has resumed: no rollback from here on
+    connections_kept: int | None = None  # established TCP connections in the images
+    clock: Clock = field(default_factory=Clock)
+    precopy: PrecopyState = field(default_factory=PrecopyState)
+    postcopy: PostcopyState = field(default_factory=PostcopyState)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def for_plan(cls, plan: Plan, strategy: Strategy, src: Host, dst: Host,
+                 runtime: Runtime) -> Context:  # fmt: skip
+        return cls(plan=plan, strategy=strategy, src=src, dst=dst, runtime=runtime,
+                   link=Link(plan.link_spec, src), src_images=plan.src_layout,
+                   dst_images=plan.dst_layout)  # fmt: skip
+
+    @property
+    def rounds(self) -> list[Round]:
+        """Pre-copy's rounds so far (the live view follows them)."""
+        return self.precopy.rounds
+
+    @property
+    def bytes_transferred(self) -> int:
+        """Every byte that moved: rsync's, and pages pulled after a post-copy resume."""
+        return self.link.bytes_sent + self.postcopy.pulled_bytes
+
     @property
     def postcopy_tail_ms(self) -> int | None:
         """Post-copy: from running on the destination to every page pulled."""
-        if self.running_at is None or self.pages_done_at is None:
+        done, running = self.postcopy.pages_done_at, self.clock.running_at
+        if running is None or done is None:
             return None
-        return round((self.pages_done_at - self.running_at) * 1000)
-
-
-def _join(root: str, sub: str) -> str:
-    return f"{root}/{sub}" if sub else root
+        return round((done - running) * 1000)

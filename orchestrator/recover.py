@@ -1,25 +1,28 @@
 """Finish or roll back a migration whose controller died, from its journal and both hosts' truth.
 
-The rule, which never needs a human to choose: if the destination runs the restored workload
-and the source copy does not run (it is still stopped from the dump, or already killed by
-confirm), confirm; otherwise roll back (remove any destination copy, resume the source).
-Both end states leave exactly one running copy.
+Three steps: read what the journal says (journal.Summary: stage, strategy, facts), ask both
+hosts what is true now (`observe`: remote reads only), and decide with a pure rule (`decide`),
+which never needs a human to choose and is unit-tested over every case; then `apply` acts.
+
+The rule: if the destination runs the restored workload and the source copy does not run
+(still stopped from the dump, or already killed by confirm), confirm; otherwise roll back
+(remove any destination copy, resume the source). A post-copy migration whose destination had
+resumed is confirmed only once every page has arrived, else left alone (stranded). Nothing is
+decided while a host that may hold a copy cannot be asked, and images are removed only once a
+copy is seen running: never the last copy.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from enum import Enum
 
+from orchestrator import actions, strategies
 from orchestrator.config import Config, NetworkConfig, WorkloadConfig
 from orchestrator.criu import background
 from orchestrator.errors import MigrationError
-from orchestrator.journal import Journal, Summary
-from orchestrator.phases import precopy
-from orchestrator.phases.base import remove_dir, settle
-from orchestrator.phases.pageserver import kill_criu
-from orchestrator.phases.postcopy import LazyDump
-from orchestrator.phases.prepare import close_link
+from orchestrator.journal import Journal, Stage, Summary
 from orchestrator.plan import Context, Plan
 from orchestrator.report import PhaseResult, Report
 from orchestrator.runtimes import for_workload, procs
@@ -27,177 +30,278 @@ from orchestrator.runtimes.base import Target
 from orchestrator.runtimes.net import NetInfo
 from orchestrator.transport.ssh import Host, HostError
 
+RUNNING, STOPPED, GONE, UNREACHABLE = procs.RUNNING, procs.STOPPED, procs.GONE, "unreachable"
 
-@dataclass
-class Copy:
-    """One copy of the workload as a host shows it now."""
 
-    pid: int | None
-    state: str  # running | stopped | gone | unreachable
+class Pages(Enum):
+    """Post-copy: where the pages are, once the destination had resumed."""
+
+    NOT_LAZY = "n/a"
+    ALL_THERE = "all there"
+    STILL_PULLING = "still pulling"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the hosts show now."""
+
+    source: str  # running | stopped | gone | unreachable
+    destination: str  # running | stopped | gone | unreachable
+    source_images: bool = False  # the source copy exists only as its images (resume restores it)
+    healthy: bool | None = None  # the destination copy's health check (None: none run)
+    pages: Pages = Pages.NOT_LAZY
+
+
+class Action(Enum):
+    NOTHING = "nothing"  # nothing had changed (pre-flight)
+    CONFIRM = "confirm"  # kill the source copy, wipe images: the destination keeps it
+    ROLLBACK = "rollback"  # remove the destination copy, resume the source, wipe images
+    ABORT_LAZY = "abort-lazy"  # post-copy before resume: end the lazy dump, then roll back
+    STRANDED = "stranded"  # post-copy resumed but pages missing: touch nothing, alarm
+    WAIT = "wait"  # a host that may hold a copy cannot be asked: change nothing
+    LOST = "lost"  # no copy runs anywhere: keep every image, say where
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    why: str
+
+
+def decide(stage: Stage, lazy: bool, committed: bool, seen: Seen) -> Decision:
+    """The recovery rule, pure: what to do with a migration that reached `stage`."""
+    if stage == Stage.PLANNED:
+        return Decision(Action.NOTHING, "the controller died in pre-flight: nothing had changed")
+    if seen.source == UNREACHABLE:
+        return Decision(Action.WAIT, "the source cannot be asked")
+    dest_may_hold = stage >= Stage.RESTORING
+    if seen.destination == UNREACHABLE and dest_may_hold:
+        return Decision(Action.WAIT, "the destination, which may run a copy, cannot be asked")
+    dest = seen.destination if dest_may_hold else GONE
+    if lazy and (committed or stage >= Stage.RESUMED or dest in (RUNNING, STOPPED)):
+        if seen.pages is Pages.ALL_THERE:
+            return Decision(Action.CONFIRM, "post-copy: every page had reached the destination")
+        return Decision(
+            Action.STRANDED, f"post-copy: the destination resumed; pages {seen.pages.value}"
+        )
+    source_copy = seen.source in (RUNNING, STOPPED) or seen.source_images
+    if (
+        dest == RUNNING
+        and seen.source != RUNNING
+        and (seen.healthy is not False or not source_copy)
+    ):
+        why = "the destination runs it and the source copy does not"
+        if seen.healthy is False:
+            why += " (kept although unhealthy: the source copy is gone)"
+        return Decision(Action.CONFIRM, why)
+    if not source_copy:
+        return Decision(Action.LOST, f"no copy runs (source {seen.source}, destination {dest})")
+    if lazy and stage >= Stage.FROZEN and not committed:
+        return Decision(Action.ABORT_LAZY, "post-copy before the destination resumed")
+    return Decision(Action.ROLLBACK, f"source {seen.source}, destination {dest}")
 
 
 def recover(config: Config, summary: Summary) -> Report:
-    start = summary.start
-    wl_raw = dict(start["workload_config"])
-    wl_raw["criu_options"] = tuple(wl_raw.get("criu_options") or ())
-    wl_raw["network"] = NetworkConfig(**(wl_raw.get("network") or {}))
-    wl_raw["sync_paths"] = tuple(wl_raw.get("sync_paths") or ())
-    workload = WorkloadConfig(**wl_raw)
+    """Settle one unfinished migration; journal what was done and end it (unless WAIT)."""
+    strategy = strategies.get(summary.strategy)
     plan = Plan(
-        id=summary.id,
-        workload=workload,
-        source=config.host(summary.source),
-        destination=config.host(summary.destination),
-        strategy=summary.strategy,
-        policy=config.policy,
-        keep_images=bool(start.get("keep_images")),
-    )
-    if (plan.src_images, plan.dst_images) != (start["src_images"], start["dst_images"]):
+        id=summary.id, workload=_workload(summary), source=config.host(summary.source),
+        destination=config.host(summary.destination), strategy=strategy.name,
+        policy=config.policy, keep_images=summary.keep_images,
+    )  # fmt: skip
+    src_root, dst_root = plan.src_layout.root, plan.dst_layout.root  # (the id is checked here)
+    start = summary.start
+    if (src_root, dst_root) != (start.get("src_images"), start.get("dst_images")):
         raise MigrationError(
             f"{summary.id}: the hosts' workdir changed in {config.path} since the migration began"
         )
     report = Report(summary.id, summary.workload, summary.source, summary.destination,
-                    summary.strategy)  # fmt: skip
-    journal = Journal(config.state_dir, summary.id)
+                    strategy.name)  # fmt: skip
     src, dst = Host(plan.source, plan.policy), Host(plan.destination, plan.policy)
-    ctx = Context(plan=plan, src=src, dst=dst, runtime=for_workload(workload))
-    if plan.strategy in ("precopy", "hybrid"):  # its final dump (the one restored): a subdir
-        ctx.images_subdir = precopy.FINAL
+    ctx = Context.for_plan(plan, strategy, src, dst, for_workload(plan.workload))
+    rounds = summary.facts.get("rounds")
+    if isinstance(rounds, int) and rounds > 0:
+        ctx.src_images = ctx.src_images.after_rounds(rounds)
+        ctx.dst_images = ctx.dst_images.after_rounds(rounds)
+    ctx.target = _target(summary)
+    port = summary.facts.get("page_port")
+    ctx.page_port = port if isinstance(port, int) else None
+    ctx.restored_pid = summary.restored_pid or 0
     t0 = time.monotonic()
     try:
-        report.status = _recover(ctx, summary, report)
+        seen = observe(ctx, summary)
+        decision = decide(summary.stage, strategy.lazy, summary.committed, seen)
+        report.notes.append(
+            f"found: {plan.source.name} {seen.source}, {plan.destination.name} "
+            f"{seen.destination} (the controller died in {summary.last_phase}): "
+            f"{decision.action.value}, {decision.why}"
+        )
+        report.status = apply(ctx, decision, seen, report)
     finally:
         src.close()
         dst.close()
     report.phases.append(PhaseResult("recover", report.status, round(time.monotonic() - t0, 3)))
-    journal.write("recover", status=report.status, notes=report.notes)
-    journal.write("end", status=report.status, error=report.error, recovered=True)
+    if decision.action is not Action.WAIT:
+        journal = Journal(config.state_dir, summary.id)
+        journal.write("recover", status=report.status, action=decision.action.value,
+                      notes=report.notes)  # fmt: skip
+        journal.write("end", status=report.status, error=report.error, recovered=True)
     return report
 
 
-def _recover(ctx: Context, summary: Summary, report: Report) -> str:
-    plan = ctx.plan
-    if summary.root_pid is None:
-        report.notes.append("the controller died in pre-flight: nothing had changed")
-        ctx.runtime.locate(ctx.src)  # MigrationError if the workload is gone from the source
-        report.notes.append(f"the workload runs on {plan.source.name}, as before")
-        return "rolled_back"
-    command = next((e["command"] for e in summary.events if e.get("command")), None)
-    net_raw = next((e["net"] for e in summary.events if e.get("net")), None)
-    ctx.target = Target(
-        root_pid=summary.root_pid,
-        pids=[],
-        rss_kb=0,
-        command=command or "",
-        net=NetInfo(**net_raw) if net_raw else None,
-        network_lock=next(
-            (e["network_lock"] for e in summary.events if e.get("network_lock")), None
-        ),  # fmt: skip
-    )
-    ctx.src.connect()  # the source must answer: without it nothing can be decided
-    if plan.strategy in ("postcopy", "hybrid"):
-        stranded = _postcopy(ctx, summary, report)
-        if stranded:
-            return stranded
-    for host, images in ((ctx.src, plan.src_images), (ctx.dst, plan.dst_images)):
-        try:
-            settle(host, images, plan.policy.command_timeout)
-        except HostError:
-            pass  # judged below as unreachable
-    source = _copy(ctx, ctx.src, summary.root_pid, command)
-    if source.state == "gone" and ctx.runtime.checkpointed(ctx.src, plan.src_images):
-        source = Copy(summary.root_pid, "stopped")  # its images are the source copy now
-    restored = summary.restored_pid
+def _workload(summary: Summary) -> WorkloadConfig:
+    raw = dict(summary.workload_config)
+    raw["criu_options"] = tuple(raw.get("criu_options") or ())
+    raw["network"] = NetworkConfig(**(raw.get("network") or {}))
+    raw["sync_paths"] = tuple(raw.get("sync_paths") or ())
     try:
-        restored = restored or ctx.runtime.find_restored(ctx.dst, ctx.dst_dir) or None
-    except HostError:
-        pass
-    dest = _copy(ctx, ctx.dst, restored, command)
-    report.notes.append(
-        f"found: {plan.source.name} {source.state}, {plan.destination.name} {dest.state} "
-        f"(the controller died in {summary.last_phase})"
-    )
-    healthy = True
-    if dest.state == "running" and plan.workload.health:  # as verify would have checked
-        healthy = ctx.dst.run(["sh", "-c", plan.workload.health], mutates=False).ok
-        if not healthy:
-            report.notes.append(f"the copy on {plan.destination.name} fails its health check")
-    # An unhealthy destination copy is rolled back only while a source copy exists to resume:
-    # never remove the last copy.
-    if (
-        dest.state == "running"
-        and source.state != "running"
-        and (healthy or source.state == "gone")
-    ):
-        if source.state == "stopped":
-            ctx.runtime.remove(ctx.src, summary.root_pid)
-        report.restored_pid = dest.pid
-        report.notes.append(f"confirmed: the workload runs on {plan.destination.name}")
-        if not healthy:
-            report.notes.append("kept although unhealthy: the source copy is gone; look at it")
-        status = "succeeded"
+        return WorkloadConfig(**raw)
+    except TypeError as e:
+        raise MigrationError(f"{summary.path}: its workload record is unreadable: {e}") from None
+
+
+def _target(summary: Summary) -> Target | None:
+    if summary.root_pid is None:
+        return None
+    f = summary.facts
+    return Target(
+        root_pid=summary.root_pid, pids=[], rss_kb=0, command=str(f.get("command") or ""),
+        net=NetInfo(**f["net"]) if isinstance(f.get("net"), dict) else None,
+        network_lock=f.get("network_lock") if isinstance(f.get("network_lock"), str) else None,
+        new_paths=[p for p in f.get("new_paths") or [] if isinstance(p, str)],
+    )  # fmt: skip
+
+
+def observe(ctx: Context, summary: Summary) -> Seen:
+    """Ask both hosts what is true now (reads; waits for CRIU to let go of the images, and for
+    post-copy's pages once the destination had resumed)."""
+    if summary.stage == Stage.PLANNED or ctx.target is None:
+        return Seen(source=_located(ctx), destination=GONE)
+    policy, lazy = ctx.plan.policy, ctx.strategy.lazy
+    if not lazy:  # (a lazy dump serves pages until they are pulled: it is not waited for)
+        for host, root in ((ctx.src, ctx.src_images.root), (ctx.dst, ctx.dst_images.root)):
+            _safe(lambda h=host, r=root: actions.settle(h, r, policy.command_timeout))
+    command = ctx.target.command
+    source = _copy(ctx, ctx.src, ctx.target.root_pid, command)
+    images = False
+    if source == GONE:
+        images = bool(_safe(lambda: ctx.runtime.checkpointed(ctx.src, ctx.src_images.final)))
+    found = _safe(lambda: ctx.runtime.find_restored(ctx.dst, ctx.dst_images.final))
+    ctx.restored_pid = ctx.restored_pid or int(found or 0)
+    if ctx.restored_pid:
+        dest = _copy(ctx, ctx.dst, ctx.restored_pid, command)
     else:
-        if dest.pid and dest.state in ("running", "stopped"):
-            ctx.runtime.remove(ctx.dst, dest.pid)
-        if source.state == "stopped":
-            ctx.runtime.resume(ctx.src, ctx.target, ctx.src_dir)
-        if ctx.runtime.running(ctx.src, ctx.target.root_pid):  # resume may have moved it
-            report.notes.append(f"rolled back: the workload runs on {plan.source.name}")
-            status = "rolled_back"
-        else:
-            report.error = f"the workload runs on neither host (source {source.state})"
-            status = "failed"
-    _wipe(ctx, report)
-    return status
+        dest = _reachable(ctx.dst)
+    pages = Pages.NOT_LAZY
+    if lazy and (summary.committed or dest in (RUNNING, STOPPED)):
+        final = ctx.dst_images.final
+        code = _safe(lambda: background.wait(ctx.dst, final, background.LAZY_PAGES,
+                                             policy.postcopy_deadline))  # fmt: skip
+        pages = (
+            Pages.ALL_THERE if code == 0 else Pages.STILL_PULLING if code is None else Pages.FAILED
+        )
+    healthy = None
+    health = ctx.plan.workload.health
+    if dest == RUNNING and health:  # as verify would have checked
+        r = _safe(lambda: ctx.dst.run(["sh", "-c", health], mutates=False))
+        healthy = bool(r and r.ok)
+    return Seen(source, dest, images, healthy, pages)
 
 
-def _postcopy(ctx: Context, summary: Summary, report: Report) -> str | None:
-    """Settle a post-copy migration before the usual rule can judge it: before the destination
-    resumed, end its lazy-pages daemon and make the lazy dump let the source run on; after,
-    wait for every page (up to the deadline). Returns `stranded` if the pages cannot all come."""
-    plan = ctx.plan
-    ctx.page_port = next((e["page_port"] for e in summary.events if e.get("page_port")), None)
-    resumed = any(e.get("committed") for e in summary.events)
-    if not resumed and not ctx.runtime.find_restored(ctx.dst, ctx.dst_dir):
-        kill_criu(ctx.dst, "lazy-pages", plan.dst_images)
-        LazyDump().undo(ctx)
-        return None
-    deadline = plan.policy.postcopy_deadline
-    pulled = background.wait(ctx.dst, ctx.dst_dir, background.LAZY_PAGES, deadline)
-    if pulled == 0:
-        report.notes.append(f"post-copy: every page had reached {plan.destination.name}")
-        return None
+def apply(ctx: Context, decision: Decision, seen: Seen, report: Report) -> str:
+    """Carry the decision out; the status it ends with."""
+    plan, action = ctx.plan, decision.action
+    if action is Action.NOTHING:
+        if seen.source == RUNNING:
+            report.notes.append(f"the workload runs on {plan.source.name}, as before")
+            return "rolled_back"
+        report.error = f"the workload is {seen.source} on {plan.source.name}"
+        return "failed"
+    if action is Action.WAIT:
+        report.error = f"cannot recover now: {decision.why}; nothing was changed (retry later)"
+        return "failed"
+    if action is Action.STRANDED:
+        report.error = (
+            f"POST-COPY INCOMPLETE: {plan.destination.name} resumed the workload but its pages "
+            f"did not all arrive ({seen.pages.value}); nothing was changed: the source copy "
+            f"stays frozen on {plan.source.name}. Decide by hand."
+        )
+        return "stranded"
+    if action is Action.LOST:
+        report.error = (
+            f"the workload runs on neither host ({decision.why}); its images are kept: "
+            f"{plan.source.name}:{ctx.src_images.root} and {plan.destination.name}:"
+            f"{ctx.dst_images.root}"
+        )
+        return "failed"
+    assert ctx.target is not None
+    if action is Action.CONFIRM:
+        if seen.source in (RUNNING, STOPPED):
+            ctx.runtime.remove(ctx.src, ctx.target.root_pid)
+        report.restored_pid = ctx.restored_pid or None
+        report.notes.append(f"confirmed: the workload runs on {plan.destination.name}")
+        _wipe(ctx, report)
+        return "succeeded"
+    if action is Action.ABORT_LAZY:
+        actions.kill_criu(ctx.dst, "lazy-pages", ctx.dst_images.root)
+        actions.abort_lazy_dump(ctx)
+    if seen.destination in (RUNNING, STOPPED) and ctx.restored_pid:
+        ctx.runtime.remove(ctx.dst, ctx.restored_pid)
+    actions.unmirror(ctx)
+    if action is Action.ROLLBACK and (seen.source == STOPPED or seen.source_images):
+        ctx.runtime.resume(ctx.src, ctx.target, ctx.src_images.final)
+    if ctx.runtime.running(ctx.src, ctx.target.root_pid):  # resume may have moved it
+        report.notes.append(f"rolled back: the workload runs on {plan.source.name}")
+        _wipe(ctx, report)
+        return "rolled_back"
     report.error = (
-        f"POST-COPY INCOMPLETE: {plan.destination.name} resumed the workload but its pages did "
-        f"not all arrive ({'still pulling' if pulled is None else f'exit {pulled}'}); nothing "
-        f"was changed: the source copy stays frozen on {plan.source.name}. Decide by hand."
+        f"the workload runs on neither host (source {seen.source}); its images are kept: "
+        f"{plan.source.name}:{ctx.src_images.root}"
     )
-    return "stranded"
+    return "failed"
 
 
-def _copy(ctx: Context, host: Host, pid: int | None, command: str | None) -> Copy:
-    """The state of the copy at pid on host; a reused pid running something else is `gone`."""
-    if not pid:
-        return Copy(None, "gone")
+def _located(ctx: Context) -> str:
+    try:
+        ctx.runtime.locate(ctx.src)
+        return RUNNING
+    except HostError:
+        return UNREACHABLE
+    except MigrationError:
+        return GONE
+
+
+def _reachable(host: Host) -> str:
+    try:
+        host.connect()
+        return GONE
+    except HostError:
+        return UNREACHABLE
+
+
+def _copy(ctx: Context, host: Host, pid: int, command: str) -> str:
+    """The state of the copy at pid on host; a reused pid running something else is gone."""
     try:
         table = procs.table(host)
         if pid not in table or (command and table[pid].args != command):
-            return Copy(pid, "gone")
-        return Copy(pid, ctx.runtime.state(host, pid))
+            return GONE
+        return ctx.runtime.state(host, pid)
     except HostError:
-        return Copy(pid, "unreachable")
+        return UNREACHABLE
+
+
+def _safe(step):  # type: ignore[no-untyped-def]
+    """A read whose failure is judged later (as unreachable, or no)."""
+    try:
+        return step()
+    except MigrationError:
+        return None
 
 
 def _wipe(ctx: Context, report: Report) -> None:
-    """Close the source's ssh link and wipe the images on both hosts (best effort, noted)."""
-    plan = ctx.plan
-    steps = [
-        (lambda: close_link(ctx), plan.source.name),
-        (lambda: remove_dir(ctx.src, plan.src_images), plan.source.name),
-        (lambda: remove_dir(ctx.dst, plan.dst_images), plan.destination.name),
-    ]
-    for step, host in steps if not plan.keep_images else steps[:1]:
-        try:
-            step()
-        except HostError as e:
-            report.notes.append(f"could not clean up on {host}: {e}")
+    """Close the source's link and wipe the images on both hosts (best effort, noted)."""
+    try:
+        actions.wipe_images(ctx)
+    except MigrationError as e:
+        report.notes.append(f"could not clean up: {e}")

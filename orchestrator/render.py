@@ -1,14 +1,20 @@
-"""How an evacuation is shown: its placement, its per-workload outcomes, and as JSON."""
+"""All human rendering: a run's phases and report, pre-copy rounds, host checks, history,
+one migration's journal, and evacuations (placement, outcomes, JSON). The CLI only parses,
+calls, and prints what these print."""
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from dataclasses import asdict
 from typing import Any
 
 from orchestrator.evacuate import Survey
+from orchestrator.hostcheck import HostCheck
+from orchestrator.journal import Summary
 from orchestrator.progress import human_bytes
-from orchestrator.report import Report
+from orchestrator.report import PhaseResult, Report
 
 
 def _mib(kb: int | None) -> str:
@@ -77,3 +83,122 @@ def evacuation_dict(s: Survey, reports: list[Report]) -> dict[str, Any]:
         },
         "workloads": [r.to_dict() for r in reports],
     }
+
+
+def phase_line(name: str, result: PhaseResult | None) -> None:
+    if result is None:
+        print(f"  {name:<16} ...", flush=True)
+        return
+    line = f"  {name:<16} {result.status} ({result.seconds:.2f}s)"
+    if result.error:
+        line += f": {result.error}"
+    print(line, flush=True)
+
+
+def report(r: Report) -> None:
+    if r.planned_commands:
+        print("dry run: these commands would run, in this order:")
+        for line in r.planned_commands:
+            print(f"  {line}")
+        if r.status == "succeeded":
+            print("dry run: pre-flight passed; nothing was changed on either host")
+            return
+    for line in r.criu_errors:
+        print(f"  criu: {line}")
+    for note in r.notes:
+        print(f"  note: {note}")
+    if r.network:
+        n = r.network
+        print(
+            f"  network: {', '.join(n['addresses'])} ({n['mac']}) on {r.destination}'s "
+            f"{n['bridge']}; {n['connections_kept']} established TCP connection(s) kept"
+        )
+    if r.rounds:
+        rounds(r)
+    downtime = f"{r.downtime_ms} ms" if r.downtime_ms is not None else "-"
+    if r.postcopy_tail_ms is not None:
+        pulled = r.transfer.get("postcopy_bytes", 0)
+        downtime += (
+            f", post-copy tail {r.postcopy_tail_ms} ms ({pulled / 2**20:.0f} MiB pulled at "
+            f"{r.transfer.get('postcopy_mib_s') or '-'} MiB/s)"
+        )
+    print(
+        f"{r.status}: {r.workload} {r.source} -> {r.destination}; downtime {downtime}, "
+        f"total {r.total_ms} ms, {r.bytes_transferred} bytes"
+        + (
+            f" (bwlimit {r.transfer['bwlimit_kib_s']} KiB/s)"
+            if r.transfer.get("bwlimit_kib_s")
+            else ""
+        )
+        + (" (compressed)" if r.transfer.get("compress") else "")
+        + (f", pid {r.restored_pid} on {r.destination}" if r.restored_pid else "")
+    )
+    if r.error:
+        print(f"error: {r.error}", file=sys.stderr)
+
+
+def rounds(r: Report) -> None:
+    """Pre-copy's rounds as a table, and what stopped them."""
+    print(f"  {'round':>5} {'kind':<8} {'pages':>9} {'skipped':>9} {'MiB sent':>9} "
+          f"{'seconds':>8} {'dirty pages/s':>13} {'frozen ms':>9}")  # fmt: skip
+    for x in r.rounds:
+        rate = f"{x.dirty_rate:.0f}" if x.dirty_rate is not None else "-"
+        print(f"  {x.number:>5} {x.kind:<8} {x.pages_written:>9} {x.pages_skipped_parent:>9} "
+              f"{x.bytes_sent / 2**20:>9.1f} {x.seconds:>8.2f} {rate:>13} "
+              f"{x.frozen_ms:>9.0f}")  # fmt: skip
+    if r.stopped_by:
+        print(f"  pre-copy stopped by: {r.stopped_by}")
+
+
+def summary_dict(j: Summary) -> dict[str, Any]:
+    return {
+        "id": j.id, "started": j.started, "workload": j.workload, "source": j.source,
+        "destination": j.destination, "strategy": j.strategy, "status": j.status,
+        "last_phase": j.last_phase, "journal": str(j.path),
+    }  # fmt: skip
+
+
+def checks(results: list[HostCheck], as_json: bool = False) -> None:
+    """The host half of pre-flight, one row per host."""
+    if as_json:
+        print(json.dumps([c.__dict__ | {"ok": c.ok, "problems": c.problems()} for c in results]))
+        return
+    print(f"{'host':<12} {'criu':<8} {'check':<6} {'rsync':<6} {'free MiB':>9}  "
+          f"{'features':<62}  problems")  # fmt: skip
+    for c in results:
+        ver = ".".join(map(str, c.criu_version)) if c.criu_version else "-"
+        print(
+            f"{c.host:<12} {ver:<8} {'ok' if c.criu_ok else 'FAIL':<6} "
+            f"{'ok' if c.rsync else 'no':<6} {c.free_kb // 1024:>9}  "
+            f"{' '.join(c.features or []) or '-':<62}  " + ("; ".join(c.problems()) or "-")
+        )
+
+
+def history(rows: list[Summary], as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps([summary_dict(j) for j in rows], indent=2))
+        return
+    print(f"{'id':<24} {'started (UTC)':<20} {'workload':<20} {'route':<20} status")
+    for j in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(j.started))
+        status = j.status or f"UNFINISHED (in {j.last_phase}; migrate recover {j.id})"
+        print(f"{j.id:<24} {when:<20} {j.workload:<20} {j.source + ' -> ' + j.destination:<20} "
+              f"{status}")  # fmt: skip
+
+
+def show(j: Summary, as_json: bool = False) -> None:
+    """One migration's journal, event by event."""
+    if as_json:
+        print(json.dumps(summary_dict(j) | {"events": j.events}, indent=2))
+        return
+    print(f"{j.id}: {j.workload} {j.source} -> {j.destination}, {j.strategy}, "
+          f"{j.status or 'UNFINISHED'} (stage {j.stage.name.lower()})")  # fmt: skip
+    t0 = j.started
+    for ev in j.events:
+        rest = {k: v for k, v in ev.items() if k not in ("t", "event") and v not in (None, [])}
+        facts = rest.pop("facts", None) or {}
+        rest.update({k: v for k, v in facts.items() if v not in (None, [], False)})
+        detail = " ".join(f"{k}={v}" for k, v in rest.items() if k != "workload_config")
+        t = ev.get("t")
+        offset = f"+{t - t0:8.3f}s" if isinstance(t, (int, float)) else " " * 10
+        print(f"  {offset} {ev['event']:<9} {detail}")

@@ -8,20 +8,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from typing import Any
 
 from orchestrator.errors import MigrationError
-from orchestrator.journal import Journal
+from orchestrator.journal import Journal, PhaseState
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 from orchestrator.report import PhaseResult, Report
-from orchestrator.transport.rsync import RsyncError
-from orchestrator.transport.ssh import HostError
+from orchestrator.runtimes import procs
 
 log = logging.getLogger("migrate")
-
-#: Failures phases raise by design; anything else is a bug, logged with its traceback, and
-#: still rolled back. The runner is the only place that catches broadly.
-EXPECTED = (MigrationError, HostError, RsyncError, KeyboardInterrupt)
 
 Listener = Callable[[str, PhaseResult | None], None]
 
@@ -29,46 +25,46 @@ Listener = Callable[[str, PhaseResult | None], None]
 def run(
     ctx: Context, phases: list[Phase], journal: Journal, listen: Listener | None = None
 ) -> Report:
-    """Run phases in order; on failure before a committing phase, undo newest first."""
+    """Run phases in order; on failure before the point of no return, undo newest first."""
     plan = ctx.plan
-    report = Report(
-        id=plan.id,
-        workload=plan.workload.name,
-        source=plan.source.name,
-        destination=plan.destination.name,
-        strategy=plan.strategy,
-    )
+    report = Report(id=plan.id, workload=plan.workload.name, source=plan.source.name,
+                    destination=plan.destination.name, strategy=ctx.strategy.name)  # fmt: skip
     emit = listen or (lambda _name, _result: None)
     started = time.monotonic()
-    journal.write(
-        "start",
-        id=plan.id,
-        workload=plan.workload.name,
-        source=plan.source.name,
-        destination=plan.destination.name,
-        strategy=plan.strategy,
-        src_images=plan.src_images,
-        dst_images=plan.dst_images,
-        keep_images=plan.keep_images,
-        workload_config=asdict(plan.workload),
-    )
     done: list[Phase] = []
     failure: BaseException | None = None
     stranded: BaseException | None = None
+    try:
+        journal.write(
+            "start", id=plan.id, workload=plan.workload.name, source=plan.source.name,
+            destination=plan.destination.name, strategy=ctx.strategy.name,
+            src_images=ctx.src_images.root, dst_images=ctx.dst_images.root,
+            keep_images=plan.keep_images, workload_config=asdict(plan.workload),
+        )  # fmt: skip
+    except MigrationError as e:
+        failure = e
+        phases = []
     for phase in phases:
-        journal.write("phase", name=phase.name, state="begin", **_facts(ctx))
         emit(phase.name, None)
         t0 = time.monotonic()
         try:
+            journal.advance(phase.stage)
+            _record(journal, phase, PhaseState.BEGIN, ctx)
             phase.act(ctx)
+            if phase.name == ctx.strategy.no_return:
+                ctx.committed = True
+                if ctx.strategy.lazy:
+                    ctx.notes.append(f"{ctx.strategy.title}: {plan.destination.name} runs the "
+                                     "workload from here on; no rollback is possible")  # fmt: skip
+            _record(journal, phase, PhaseState.DONE, ctx)
         except (Exception, KeyboardInterrupt) as e:  # the one broad catch: all roads roll back
-            if not isinstance(e, EXPECTED):
+            if not isinstance(e, (MigrationError, KeyboardInterrupt)):
                 log.exception("unexpected error in %s (a bug): rolling back", phase.name)
             result = PhaseResult(phase.name, "failed", _secs(t0), _message(e))
             report.phases.append(result)
-            journal.write("phase", name=phase.name, state="failed", error=_message(e))
+            _record(journal, phase, PhaseState.FAILED, ctx, error=_message(e), report=report)
             emit(phase.name, result)
-            if phase.commits:  # past the point of no return: report, never roll back
+            if phase.cleanup:  # verified on the destination: report, never roll back
                 report.notes.append(
                     f"{phase.name}: {_message(e)} (the workload runs on "
                     f"{plan.destination.name}; clean up {plan.source.name})"
@@ -82,42 +78,72 @@ def run(
             break
         result = PhaseResult(phase.name, "ok", _secs(t0))
         report.phases.append(result)
-        journal.write("phase", name=phase.name, state="done", **_facts(ctx))
         emit(phase.name, result)
         done.append(phase)
 
     if stranded is not None:
         report.status = "stranded"
-        report.error = _message(stranded)
-        report.criu_errors = getattr(stranded, "details", [])
+        _fail(report, stranded)
         report.notes.append(
             f"NO ROLLBACK: {plan.destination.name} had resumed the workload; nothing was undone "
-            f"and {plan.source.name} was not confirmed. Journal {journal_path(journal)}"
+            f"and {plan.source.name} was not confirmed. Journal {journal.path}"
         )
     elif failure is None:
         report.status = "succeeded"
     else:
-        report.error = _message(failure)
-        report.criu_errors = getattr(failure, "details", [])
-        report.status = _rollback(ctx, done, done[-1].name, journal, report, emit)
-    report.downtime_ms = None if plan.dry_run else ctx.downtime_ms
-    report.postcopy_tail_ms = ctx.postcopy_tail_ms
+        _fail(report, failure)
+        report.status = _rollback(ctx, done, journal, report, emit)
+    _fill(report, ctx)
     report.total_ms = round((time.monotonic() - started) * 1000)
+    try:
+        journal.write("end", status=report.status, error=report.error)
+    except MigrationError as e:
+        report.notes.append(f"{e}: `migrate recover {plan.id}` will find it unfinished")
+    if ctx.lock is not None:
+        ctx.lock.release()
+    return report
+
+
+def _record(journal: Journal, phase: Phase, state: str, ctx: Context, error: str | None = None,
+            report: Report | None = None) -> None:  # fmt: skip
+    """Journal one phase transition; while failing already, a journal error is only noted."""
+    stage = journal.stage if state == PhaseState.BEGIN else None
+    fields: dict[str, Any] = {"name": phase.name, "state": state, "facts": facts(ctx)}
+    if stage is not None:
+        fields["stage"] = int(stage)
+    if error is not None:
+        fields["error"] = error
+    try:
+        journal.write("phase", **fields)
+    except MigrationError as e:
+        if report is None:
+            raise
+        report.notes.append(str(e))
+
+
+def _fail(report: Report, e: BaseException) -> None:
+    report.error = _message(e)
+    report.criu_errors = getattr(e, "details", [])
+
+
+def _fill(report: Report, ctx: Context) -> None:
+    """What the run measured, from the context."""
+    plan, link = ctx.plan, ctx.link
+    report.downtime_ms = None if plan.dry_run else ctx.clock.downtime_ms
+    report.postcopy_tail_ms = ctx.postcopy_tail_ms
     report.bytes_transferred = ctx.bytes_transferred
     report.transfer = {
         "bwlimit_kib_s": plan.policy.bwlimit,
         "compress": plan.policy.compress,
-        "rsync_bytes": ctx.bytes_transferred,
-        "rsync_mib_s": _rate(ctx.bytes_transferred, ctx.transfer_seconds),
+        "rsync_bytes": link.bytes_sent,
+        "rsync_mib_s": _rate(link.bytes_sent, link.seconds),
     }
-    if ctx.pulled_bytes:
-        report.bytes_transferred += ctx.pulled_bytes
-        report.transfer["postcopy_bytes"] = ctx.pulled_bytes
-        report.transfer["postcopy_mib_s"] = _rate(
-            ctx.pulled_bytes, (ctx.postcopy_tail_ms or 0) / 1000
-        )
+    if ctx.postcopy.pulled_bytes:
+        pulled = ctx.postcopy.pulled_bytes
+        report.transfer["postcopy_bytes"] = pulled
+        report.transfer["postcopy_mib_s"] = _rate(pulled, (ctx.postcopy_tail_ms or 0) / 1000)
     report.restored_pid = ctx.restored_pid or None
-    report.rounds, report.stopped_by = ctx.rounds, ctx.stopped_by
+    report.rounds, report.stopped_by = ctx.precopy.rounds, ctx.precopy.stopped_by
     if ctx.target is not None and ctx.target.net is not None:
         report.network = {
             "addresses": ctx.target.net.addresses,
@@ -128,49 +154,50 @@ def run(
             "connections": ctx.target.net.connections,
             "freeze_ms": report.downtime_ms,
         }
-    report.notes.extend(ctx.notes + ctx.src.notes + ctx.dst.notes)
+    report.notes.extend(ctx.notes + link.notes + ctx.src.notes + ctx.dst.notes)
     if plan.dry_run:
         report.planned_commands = list(ctx.src.planned)
-    journal.write("end", status=report.status, error=report.error)
-    if ctx.lock is not None:
-        ctx.lock.release()
-    return report
 
 
 def _undo_all(
     ctx: Context, phases: list[Phase], journal: Journal, report: Report, emit: Listener
 ) -> bool:
-    """Undo each phase (newest first); go on past a failed undo. True if all succeeded."""
+    """Undo each phase (newest first); go on past a failed undo, whatever it raised. True if
+    all succeeded."""
     clean = True
     for phase in phases:
         t0 = time.monotonic()
         try:
             phase.undo(ctx)
             result = PhaseResult(f"undo {phase.name}", "undone", _secs(t0))
-        except (MigrationError, HostError) as e:
+        except (Exception, KeyboardInterrupt) as e:
+            if not isinstance(e, MigrationError):
+                log.exception("unexpected error undoing %s (a bug): going on", phase.name)
             clean = False
             result = PhaseResult(f"undo {phase.name}", "undo_failed", _secs(t0), _message(e))
-            log.error("undo of %s failed: %s", phase.name, e)
+            log.error("undo of %s failed: %s", phase.name, _message(e))
         report.phases.append(result)
-        journal.write("undo", name=phase.name, state=result.status, error=result.error)
+        try:
+            journal.write("undo", name=phase.name, state=result.status, error=result.error)
+        except MigrationError as e:
+            report.notes.append(str(e))
         emit(result.name, result)
     return clean
 
 
 def _rollback(
-    ctx: Context,
-    done: list[Phase],
-    failed: str,
-    journal: Journal,
-    report: Report,
-    emit: Listener,
+    ctx: Context, done: list[Phase], journal: Journal, report: Report, emit: Listener
 ) -> str:
     """Undo phases newest first; `rolled_back` only if the source copy is seen running again."""
-    if [p.name for p in done] == ["preflight"]:
+    if [p.name for p in done] in ([], ["preflight"]):
         report.notes.append("refused in preflight: nothing was changed on either host")
         return "failed"
+    failed = done[-1].name
     undoable = [p for p in reversed(done) if type(p).undo is not Phase.undo]
-    journal.write("rollback", phases=[p.name for p in undoable])
+    try:
+        journal.write("rollback", phases=[p.name for p in undoable])
+    except MigrationError as e:
+        report.notes.append(str(e))
     with _shielded(report):
         clean = _undo_all(ctx, undoable, journal, report, emit)
 
@@ -180,17 +207,17 @@ def _rollback(
     src, dst = ctx.plan.source.name, ctx.plan.destination.name
     try:
         state = "running" if ctx.plan.dry_run else ctx.runtime.state(ctx.src, ctx.target.root_pid)
-    except HostError as e:
+    except MigrationError as e:
         report.notes.append(f"cannot tell whether the workload runs on {src}: {e}")
         state = "unknown"
-    if state == "running":
+    if state == procs.RUNNING:
         if not clean:
             report.notes.append(f"some undo steps failed (above): check {dst} for leftovers")
         report.notes.append(
             f"rolled back: the workload runs on {src} again (pid {ctx.target.root_pid})"
         )
         return "rolled_back"
-    if state == "gone" and clean:
+    if state == procs.GONE and clean:
         report.notes.append(f"first error: {report.error}")
         report.error = (
             f"workload {ctx.plan.workload.name} (pid {ctx.target.root_pid}) exited by itself "
@@ -199,7 +226,7 @@ def _rollback(
         return "failed"
     report.notes.append(
         f"ROLLBACK INCOMPLETE: the workload is {state} on {src}; check {src} and {dst} by hand "
-        f"or run `migrate recover {ctx.plan.id}` (journal {journal_path(journal)})"
+        f"or run `migrate recover {ctx.plan.id}` (journal {journal.path})"
     )
     return "failed"
 
@@ -223,12 +250,8 @@ def _shielded(report: Report) -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def journal_path(journal: Journal) -> str:
-    return str(getattr(journal, "path", "-"))
-
-
-def _facts(ctx: Context) -> dict[str, object]:
-    """What recovery needs to know at each step."""
+def facts(ctx: Context) -> dict[str, object]:
+    """What undo and recovery need to know at each step."""
     t = ctx.target
     return {
         "root_pid": t.root_pid if t else None,
@@ -236,8 +259,10 @@ def _facts(ctx: Context) -> dict[str, object]:
         "restored_pid": ctx.restored_pid or None,
         "net": asdict(t.net) if t and t.net else None,
         "network_lock": t.network_lock if t else None,
+        "new_paths": list(t.new_paths) if t and t.new_paths else None,
         "committed": ctx.committed,
         "page_port": ctx.page_port,
+        "rounds": ctx.src_images.rounds or None,
     }
 
 

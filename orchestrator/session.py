@@ -9,17 +9,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from orchestrator import journal, runner, strategies
-from orchestrator.config import Config, WorkloadConfig
+from orchestrator import journal, phases, runner, strategies
+from orchestrator.config import Config, Policy, WorkloadConfig
+from orchestrator.criu import commands as criu
 from orchestrator.errors import MigrationError
+from orchestrator.hostcheck import check_hosts
 from orchestrator.journal import Journal, NullJournal
 from orchestrator.location import whereabouts
-from orchestrator.phases import precopy
-from orchestrator.phases.preflight import check_hosts
 from orchestrator.plan import Context, Plan, make_plan
 from orchestrator.report import Report
 from orchestrator.runtimes import for_workload
-from orchestrator.transport.ssh import Host
+from orchestrator.runtimes.base import Runtime
+from orchestrator.strategies import DIRTY_TRACKING
+from orchestrator.transport.ssh import Host, HostError
 
 
 class Busy(MigrationError):
@@ -40,7 +42,7 @@ class Session:
     def run(self, listen: runner.Listener | None = None) -> Report:
         """Run the strategy's phases; the host connections are closed whatever happens."""
         try:
-            return runner.run(self.ctx, strategies.phases(self.plan.strategy), self.journal, listen)
+            return runner.run(self.ctx, phases.build(self.ctx.strategy), self.journal, listen)
         finally:
             self.ctx.src.close()
             self.ctx.dst.close()
@@ -62,51 +64,55 @@ def open_session(
     `workload_config` replaces the config's entry for the workload. Without it, a configured
     workload that an earlier migration moved to `source` is looked for under the pid it was
     restored with there (orchestrator.location), not the config's stale one."""
-    plan = make_plan(
-        config,
-        workload,
-        source,
-        destination,
-        strategy=strategies.resolve(strategy),
-        keep_images=keep_images,
-        dry_run=dry_run,
-    )
-    if workload_config is None and workload in config.workloads:
-        host, moved = whereabouts(config).get(workload, (None, None))
-        workload_config = moved if host == plan.source.name else None
-    if workload_config is not None:
-        plan = dataclasses.replace(plan, workload=workload_config)
-    if not plan.dry_run:
-        busy = [j for j in journal.summaries(config.state_dir) if j.status is None
-                and j.workload == plan.workload.name]  # fmt: skip
+    strategies.resolve(strategy)
+    src_cfg = config.host(source)
+    history = journal.summaries(config.state_dir)  # read once, for both questions below
+    if workload_config is None:
+        workload_config = config.workload(workload)
+        if workload in config.workloads:
+            host, moved = whereabouts(config, history).get(workload, (None, None))
+            if host == src_cfg.name and moved is not None:
+                workload_config = moved
+    if not dry_run:
+        busy = [j for j in history if j.status is None and j.workload == workload_config.name]
         if busy:
             raise Busy(
-                f"workload {plan.workload.name} has an unfinished migration "
+                f"workload {workload_config.name} has an unfinished migration "
                 f"{busy[-1].id} (its controller died, or it still runs): "
                 f"run `migrate recover {busy[-1].id}` first"
             )
     planned: list[str] = []
+    plan = make_plan(config, workload_config, source, destination, strategy, keep_images, dry_run)
     src = Host(plan.source, plan.policy, dry_run=plan.dry_run, planned=planned)
     dst = Host(plan.destination, plan.policy, dry_run=plan.dry_run, planned=planned)
     runtime = for_workload(plan.workload)
     auto_note = None
     if plan.strategy == "auto":
-        plan, auto_note = _settle_auto(plan, src, dst, runtime.strategies)
-    ctx = Context(plan=plan, src=src, dst=dst, runtime=runtime)
+        name, auto_note = settle_auto(plan.policy, src, dst, runtime)
+        plan = dataclasses.replace(plan, strategy=name)
+    ctx = Context.for_plan(plan, strategies.get(plan.strategy), src, dst, runtime)
     if auto_note:
         ctx.notes.append(auto_note)
     record = NullJournal() if plan.dry_run else Journal(config.state_dir, plan.id)
     return Session(ctx, record)
 
 
-def _settle_auto(plan: Plan, src: Host, dst: Host, runtime_can: frozenset[str]) -> tuple[Plan, str]:
+def settle_auto(policy: Policy, src: Host, dst: Host, runtime: Runtime) -> tuple[str, str]:
     """Pick the strategy `auto` stands for on these hosts (probing them only if it matters)."""
     src_f: list[str] = []
     dst_f: list[str] = []
-    if plan.policy.allow_postcopy:
+    if policy.allow_postcopy:
         checks = check_hosts([src, dst], features=True)
         src_f, dst_f = checks[0].features or [], checks[1].features or []
-    elif "precopy" in runtime_can:  # one question to the source (unreachable: pre-flight says)
-        src_f = [precopy.FEATURE] if precopy.dirty_tracking(src) else []
-    name, why = strategies.choose(plan.policy, src_f, dst_f, runtime_can)
-    return dataclasses.replace(plan, strategy=name), why
+    elif any(DIRTY_TRACKING in s.needs.src_features and s.needs.runtime <= runtime.capabilities
+             for s in strategies.TABLE.values()):  # fmt: skip
+        src_f = [DIRTY_TRACKING] if _has_feature(src, DIRTY_TRACKING) else []
+    return strategies.choose(policy, src_f, dst_f, runtime.capabilities)
+
+
+def _has_feature(host: Host, feature: str) -> bool:
+    """Whether host's kernel and CRIU have feature (False if it cannot be asked)."""
+    try:
+        return host.run(criu.feature(host.config.criu, feature), mutates=False).ok
+    except HostError:
+        return False

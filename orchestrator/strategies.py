@@ -1,115 +1,167 @@
-"""Strategies choose which phases run, in which order; they never talk SSH themselves."""
+"""The strategy table: for each strategy, what it needs of the hosts and the runtime, which
+phases run, how the final dump's pages travel, and where its point of no return is.
+
+One row per strategy, as libvirt's qemuMigrationParamsFlagMap has one per flag: `auto`,
+pre-flight, the phase list, recover and the report read this table and nothing else names a
+strategy. Strategies never talk SSH themselves.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Collection
+from collections.abc import Collection
+from dataclasses import dataclass
 
+from orchestrator.checkpoint import Capability, Pages
 from orchestrator.config import ConfigError, Policy
-from orchestrator.phases.base import Phase
-from orchestrator.phases.confirm import Confirm
-from orchestrator.phases.dump import Dump
-from orchestrator.phases.pageserver import PageServer, PageTunnel
-from orchestrator.phases.postcopy import LazyDump, LazyRestore, PullPages
-from orchestrator.phases.precopy import FinalRound, Precopy
-from orchestrator.phases.preflight import LAZY_PIPE_BYTES, Needs, Preflight
-from orchestrator.phases.prepare import Prepare
-from orchestrator.phases.restore import Restore
-from orchestrator.phases.transfer import Transfer
-from orchestrator.phases.verify import Verify
 
-# python3: to unlock a rolled-back workload's TCP sockets (see runtimes/net.unlock_argv).
-POSTCOPY_NEEDS = Needs(dst_features=("uffd-noncoop",), pipe_max_bytes=LAZY_PIPE_BYTES,
-                       src_commands=("python3",), why="post-copy")  # fmt: skip
-PRECOPY_NEEDS = Needs(src_features=("mem_dirty_track",), why="pre-copy")  # soft-dirty tracking
-HYBRID_NEEDS = dataclasses.replace(POSTCOPY_NEEDS, src_features=PRECOPY_NEEDS.src_features,
-                                   why="hybrid (pre-copy, then post-copy)")  # fmt: skip
+# CRIU feature names (`criu check --feature`) strategies and live TCP rely on.
+DIRTY_TRACKING = "mem_dirty_track"  # soft-dirty: pre-copy rounds
+USERFAULTFD = "uffd-noncoop"  # post-copy's lazy restore
+NFT_LOCK = "network_lock_nftables"
+TCP_REPAIR = "tcp_half_closed"
+FEATURES = (DIRTY_TRACKING, USERFAULTFD, NFT_LOCK, TCP_REPAIR)
+
+# CRIU's lazy page transfer asks for a ~3.2 MiB pipe; root without CAP_SYS_RESOURCE gets EPERM
+# ("page-pipe: tee: 65536: Operation not permitted") unless fs.pipe-max-size allows it.
+LAZY_PIPE_BYTES = 4 * 1024 * 1024
 
 
-def stopcopy() -> list[Phase]:
-    """Freeze, dump everything, copy, restore: the freeze grows with memory size."""
-    return [Preflight(), Prepare(), Dump(), Transfer(), Restore(), Verify(), Confirm()]
+@dataclass(frozen=True)
+class Needs:
+    """What a strategy needs beyond the basics, checked in pre-flight before any freeze."""
+
+    src_features: tuple[str, ...] = ()
+    dst_features: tuple[str, ...] = ()
+    pipe_max_bytes: int = 0  # fs.pipe-max-size on both hosts
+    src_commands: tuple[str, ...] = ()  # programs the source must have
+    runtime: frozenset[Capability] = frozenset()
+
+    @property
+    def features(self) -> bool:
+        return bool(self.src_features or self.dst_features)
 
 
-def stream() -> list[Phase]:
-    """Like stopcopy, but the dump streams pages straight to the destination (a page server
-    through the source's ssh link): nothing is written twice, only small images are rsynced."""
-    return [Preflight(), Prepare(), PageServer(), Dump(), Transfer(), Restore(), Verify(),
-            Confirm()]  # fmt: skip
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    title: str  # as said to people, e.g. "post-copy"
+    doc: str
+    phases: tuple[str, ...]  # phase names, in order (orchestrator.phases.build makes them)
+    needs: Needs
+    pages: Pages  # how the final dump's pages travel
+    rounds: bool = False  # pre-copy rounds before the freeze (final dump in a subdir)
+    #: The phase whose success makes rollback impossible: the destination copy runs and the
+    #: source's memory has diverged (confirm; for post-copy already its restore).
+    no_return: str = "confirm"
+    postcopy: bool = False  # needs the policy's allow_postcopy to be picked by `auto`
+
+    @property
+    def lazy(self) -> bool:
+        return self.pages is Pages.LAZY
 
 
-def precopy() -> list[Phase]:
-    """Rounds of pre-dumps while the workload runs (each sends only the pages dirtied since
-    the one before), until the stop rule says freeze; the final dump is then small."""
-    rounds = Precopy()
-    return [Preflight(PRECOPY_NEEDS), Prepare(), rounds, Dump(), Transfer(), Restore(), Verify(),
-            FinalRound(rounds), Confirm()]  # fmt: skip
+_COPY = ("transfer", "restore", "verify")
+_LAZY = ("lazy-dump", "transfer", "lazy-restore", "pull-pages", "verify")
+# python3 on the source: to unlock a rolled-back workload's TCP sockets (runtimes/net.py).
+_POSTCOPY = Needs(
+    dst_features=(USERFAULTFD,),
+    pipe_max_bytes=LAZY_PIPE_BYTES,
+    src_commands=("python3",),
+    runtime=frozenset({Capability.LAZY_PAGES}),
+)
+
+TABLE: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy(
+            "stopcopy", "stop-copy",
+            "Freeze, dump everything, copy, restore: the freeze grows with memory size.",
+            ("preflight", "prepare", "dump", *_COPY, "confirm"),
+            Needs(), Pages.FILES,
+        ),
+        Strategy(
+            "stream", "stream",
+            "Like stop-copy, but the dump streams pages straight to a page server on the "
+            "destination through the source's ssh link; only small images are rsynced.",
+            ("preflight", "prepare", "page-server", "dump", *_COPY, "confirm"),
+            Needs(runtime=frozenset({Capability.PAGE_SERVER})), Pages.PAGE_SERVER,
+        ),
+        Strategy(
+            "precopy", "pre-copy",
+            "Rounds of pre-dumps while the workload runs (each sends only the pages dirtied "
+            "since the one before) until the stop rule says freeze; the final dump is small.",
+            ("preflight", "prepare", "precopy", "dump", *_COPY, "final-round", "confirm"),
+            Needs(src_features=(DIRTY_TRACKING,), runtime=frozenset({Capability.PRE_DUMP})),
+            Pages.FILES, rounds=True,
+        ),
+        Strategy(
+            "postcopy", "post-copy",
+            "Freeze, move only the small images, run on the destination at once; memory "
+            "follows on demand and in the background. No rollback once the destination runs.",
+            ("preflight", "prepare", "page-tunnel", *_LAZY, "confirm"),
+            _POSTCOPY, Pages.LAZY, no_return="lazy-restore", postcopy=True,
+        ),
+        Strategy(
+            "hybrid", "hybrid (pre-copy, then post-copy)",
+            "Pre-copy rounds while the workload runs, then post-copy for what they left: the "
+            "freeze moves no pages, and fewer are left to pull after the destination resumes.",
+            ("preflight", "prepare", "precopy", "page-tunnel", *_LAZY, "final-round", "confirm"),
+            Needs(src_features=(DIRTY_TRACKING,), dst_features=_POSTCOPY.dst_features,
+                  pipe_max_bytes=LAZY_PIPE_BYTES, src_commands=_POSTCOPY.src_commands,
+                  runtime=frozenset({Capability.PRE_DUMP, Capability.LAZY_PAGES})),
+            Pages.LAZY, rounds=True, no_return="lazy-restore", postcopy=True,
+        ),
+    )
+}  # fmt: skip
+CHOICES = ("auto", *TABLE)
+#: What `auto` tries, best first: post-copy kinds only when the policy allows them (like
+#: libvirt's --postcopy: they cannot roll back once the destination runs); then pre-copy,
+#: which can, and whose freeze moves only the last dirty pages; stop-copy always works.
+AUTO_ORDER = ("hybrid", "postcopy", "precopy", "stopcopy")
 
 
-def postcopy() -> list[Phase]:
-    """Freeze, move only the small images, run on the destination at once; its memory follows
-    on demand and in the background. The freeze no longer grows with memory size; there is no
-    rollback once the destination runs (see phases/postcopy.py)."""
-    return [Preflight(POSTCOPY_NEEDS), Prepare(), PageTunnel(), LazyDump(), Transfer(),
-            LazyRestore(), PullPages(), Verify(), Confirm()]  # fmt: skip
-
-
-def hybrid() -> list[Phase]:
-    """Pre-copy rounds while the workload runs, then post-copy for what they left: the freeze
-    moves no pages, and fewer pages are left to pull after the destination resumes. No
-    rollback once the destination runs, as for post-copy."""
-    rounds = Precopy()
-    return [Preflight(HYBRID_NEEDS), Prepare(), rounds, PageTunnel(), LazyDump(), Transfer(),
-            LazyRestore(), PullPages(), Verify(), FinalRound(rounds), Confirm()]  # fmt: skip
-
-
-STRATEGIES: dict[str, Callable[[], list[Phase]]] = {
-    "stopcopy": stopcopy,
-    "stream": stream,
-    "precopy": precopy,
-    "postcopy": postcopy,
-    "hybrid": hybrid,
-}
-CHOICES = ("auto", *STRATEGIES)
+def get(name: str) -> Strategy:
+    """The row for a strategy name (ConfigError naming the known ones)."""
+    if name not in TABLE:
+        raise ConfigError(f"unknown strategy {name!r} (known: {', '.join(CHOICES)})")
+    return TABLE[name]
 
 
 def resolve(name: str) -> str:
     """Check a requested strategy name (`auto` is settled later, by `choose`)."""
-    if name != "auto" and name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {name!r} (known: {', '.join(CHOICES)})")
-    return name
+    return name if name == "auto" else get(name).name
+
+
+def unmet_by(
+    s: Strategy,
+    policy: Policy,
+    src_features: Collection[str],
+    dst_features: Collection[str],
+    runtime_can: Collection[Capability],
+) -> str | None:
+    """Why `auto` cannot pick s here (None: it can)."""
+    if s.postcopy and not policy.allow_postcopy:
+        return "post-copy is not allowed by policy (allow_postcopy)"
+    missing_caps = s.needs.runtime - set(runtime_can)
+    if missing_caps:
+        return f"this runtime cannot do {', '.join(sorted(c.value for c in missing_caps))}"
+    for side, have, wanted in (("source", src_features, s.needs.src_features),
+                               ("destination", dst_features, s.needs.dst_features)):  # fmt: skip
+        missing = [f for f in wanted if f not in have]
+        if missing:
+            return f"the {side}'s kernel or CRIU lacks {', '.join(missing)}"
+    return None
 
 
 def choose(policy: Policy, src_features: Collection[str], dst_features: Collection[str],
-           runtime_can: Collection[str]) -> tuple[str, str]:  # fmt: skip
-    """What `auto` means for these hosts: (strategy, why). Post-copy only when the policy
-    allows it (like libvirt's --postcopy), since it cannot roll back once the destination runs;
-    else pre-copy where the source tracks dirty memory; else stop-copy."""
-    if policy.allow_postcopy and "postcopy" in runtime_can:
-        if "uffd-noncoop" in dst_features:
-            if "hybrid" in runtime_can and "mem_dirty_track" in src_features:
-                return "hybrid", (
-                    "auto: hybrid (post-copy allowed by policy, the destination has uffd, the "
-                    "source tracks dirty memory: pre-copy rounds, then post-copy for the rest)"
-                )
-            return "postcopy", "auto: post-copy (allowed by policy; the destination has uffd)"
-        reason = "the destination's kernel has no userfaultfd (uffd-noncoop)"
-    elif policy.allow_postcopy:
-        reason = "this runtime cannot do post-copy"
-    else:
-        reason = "post-copy is not allowed by policy (allow_postcopy)"
-    # Pre-copy next: it can still roll back, and its freeze moves only the last dirty pages.
-    if "precopy" not in runtime_can:
-        return "stopcopy", f"auto: stop-copy ({reason}; this runtime cannot do pre-copy)"
-    if "mem_dirty_track" in src_features:
-        return "precopy", "auto: pre-copy (the source's kernel tracks dirty memory)"
-    return "stopcopy", (
-        f"auto: stop-copy ({reason}; the source's kernel has no dirty-memory tracking "
-        "for pre-copy: mem_dirty_track)"
-    )
-
-
-def phases(name: str) -> list[Phase]:
-    if name == "auto":
-        raise ConfigError("strategy auto must be settled (strategies.choose) before running")
-    return STRATEGIES[resolve(name)]()
+           runtime_can: Collection[Capability]) -> tuple[str, str]:  # fmt: skip
+    """What `auto` means for these hosts: (strategy name, why)."""
+    passed: list[str] = []
+    for name in AUTO_ORDER:
+        s = TABLE[name]
+        why_not = unmet_by(s, policy, src_features, dst_features, runtime_can)
+        if why_not is None:
+            said = f" ({'; '.join(passed)})" if passed else ""
+            return name, f"auto: {s.title}{said}"
+        passed.append(f"not {s.title}: {why_not}")
+    raise AssertionError("stop-copy needs nothing: it is always possible")

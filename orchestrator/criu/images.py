@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from orchestrator.errors import MigrationError
+
 STATS_DUMP = "stats-dump"  # written by every dump and pre-dump into its images dir
 
 # criu/include/magic.h
@@ -14,7 +16,7 @@ IMG_SERVICE_MAGIC = 0x55105940
 STATS_MAGIC = 0x57093306
 
 
-class ImageError(ValueError):
+class ImageError(MigrationError, ValueError):
     """Not a CRIU image of the expected kind, or cut short."""
 
 

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import MigrationError
+
 DEFAULT_DIR = Path("/run/migrate-lab")
 STATE_FILE = "lab.json"
 STATE_VERSION = 1
@@ -21,7 +23,7 @@ BRIDGE_MAC = "02:6d:67:00:00:fe"
 PID_STRIDE = 150000  # host i hands out pids from (i + 1) * PID_STRIDE + 1
 
 
-class LabError(Exception):
+class LabError(MigrationError):
     """A lab operation failed; the message is one operator-readable line."""
 
 

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from orchestrator.phases.base import Phase, remove_dir
-from orchestrator.phases.prepare import close_link
+from orchestrator import actions
+from orchestrator.journal import Stage
+from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 
 
 class Confirm(Phase):
     name = "confirm"
-    commits = True
+    stage = Stage.CONFIRMING
+    #: The workload runs on the destination, verified: a failure here is noted, not undone.
+    cleanup = True
 
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None
         ctx.runtime.remove(ctx.src, ctx.target.root_pid)
-        close_link(ctx)
-        if not ctx.plan.keep_images:
-            remove_dir(ctx.src, ctx.plan.src_images)
-            remove_dir(ctx.dst, ctx.plan.dst_images)
+        actions.wipe_images(ctx)

@@ -4,22 +4,44 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.phases.base import Phase, settle
+from orchestrator import actions
+from orchestrator.checkpoint import Checkpoint
+from orchestrator.journal import Stage
+from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
+
+
+def final_checkpoint(ctx: Context) -> Checkpoint:
+    """The final dump as the strategy and the phases before it set it up."""
+    layout = ctx.src_images
+    return Checkpoint(layout.final, ctx.strategy.pages, ctx.page_port, layout.final_parent)
 
 
 class Dump(Phase):
     name = "dump"
+    stage = Stage.FROZEN
 
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None
-        ctx.frozen_at = time.monotonic()
-        ctx.runtime.checkpoint(
-            ctx.src, ctx.target, ctx.src_dir, ctx.page_port, prev_images_dir=ctx.prev_images_dir
-        )
-        ctx.dumped_at = time.monotonic()
+        ctx.clock.frozen_at = time.monotonic()
+        ctx.runtime.checkpoint(ctx.src, ctx.target, final_checkpoint(ctx))
+        ctx.clock.dumped_at = time.monotonic()
 
     def undo(self, ctx: Context) -> None:
-        settle(ctx.src, ctx.plan.src_images, ctx.plan.policy.command_timeout)
-        if ctx.target is not None:
-            ctx.runtime.resume(ctx.src, ctx.target, ctx.src_dir)
+        actions.resume_source(ctx)
+
+
+class LazyDump(Dump):
+    """Post-copy's freeze: dump everything but the pages, then serve those from the frozen
+    source (detached) until the destination has pulled them all."""
+
+    name = "lazy-dump"
+
+    def act(self, ctx: Context) -> None:
+        assert ctx.page_port is not None
+        super().act(ctx)
+
+    def undo(self, ctx: Context) -> None:
+        """Before the destination resumed: make the lazy dump fail, which lets the source run
+        on with its connections."""
+        actions.abort_lazy_dump(ctx)

@@ -5,104 +5,42 @@ The source's lazy dump keeps the frozen tasks' pages in memory and serves them; 
 rest in the background, through the page tunnel. The freeze no longer grows with memory size.
 
 The hazard: once the destination has resumed, the two copies diverge, so there is no rollback
-past LazyRestore (it sets ctx.committed). Until every page has arrived the source stays frozen
-and keeps its pages; if the transfer breaks, the destination copy may miss memory and the tool
-raises an alarm instead of resuming the source.
+past LazyRestore (the strategy table's point of no return). Until every page has arrived the
+source stays frozen and keeps its pages; if the transfer breaks, the destination copy may miss
+memory and the tool raises an alarm instead of resuming the source.
 """
 
 from __future__ import annotations
 
 import time
 
+from orchestrator import actions
 from orchestrator.criu import background
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import PAGE_SIZE, pages_pulled
 from orchestrator.errors import MigrationError
-from orchestrator.phases.base import Phase, settle
-from orchestrator.phases.pageserver import kill_criu
-from orchestrator.phases.restore import Restore
+from orchestrator.journal import Stage
+from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
-from orchestrator.runtimes import net, procs
-
-# After an abort, CRIU needs a moment to unlock the network and let the tasks run.
-ABORT_WAIT = 30.0
 
 
-class LazyDump(Phase):
-    """Freeze: dump everything but the pages, then serve those from the frozen source."""
-
-    name = "dump"
-
-    def act(self, ctx: Context) -> None:
-        assert ctx.target is not None and ctx.page_port is not None
-        ctx.frozen_at = time.monotonic()
-        ctx.runtime.checkpoint(ctx.src, ctx.target, ctx.src_dir, lazy_port=ctx.page_port,
-                               prev_images_dir=ctx.prev_images_dir)  # fmt: skip
-        ctx.dumped_at = time.monotonic()
-
-    def undo(self, ctx: Context) -> None:
-        """Before the destination resumed: make the lazy dump fail, which lets the source run
-        on with its connections."""
-        plan, src = ctx.plan, ctx.src
-        if ctx.target is None:
-            return
-        if ctx.page_port and _dump_running(ctx):
-            # A failed lazy dump resumes the tasks but not their network: unlock it first,
-            # while they are still frozen. (A dump still starting is not listening yet.)
-            _unlock_network(ctx)
-            deadline = time.monotonic() + ABORT_WAIT
-            while time.monotonic() < deadline:
-                src.run(criu.abort_lazy_dump(ctx.page_port))
-                if background.wait(src, ctx.src_dir, background.DUMP, 1) is not None:
-                    break
-        settle(src, plan.src_images, plan.policy.command_timeout)
-        if ctx.runtime.state(src, ctx.target.root_pid) == procs.STOPPED:
-            # The dump ended as if every page had been pulled (its client went away cleanly):
-            # the tasks keep all their memory, stopped. Not resume(): that would restore from
-            # images, and a lazy dump's images lack the pages.
-            _unlock_network(ctx)
-            procs.signal(src, "CONT", procs.tree_of(src, ctx.target.root_pid))
-
-
-def _dump_running(ctx: Context) -> bool:
-    """Whether the lazy dump (or its detached wrapper) still runs on the source."""
-    images = ctx.plan.src_images
-    return any(images in p.args and " dump " in p.args for p in procs.table(ctx.src).values())
-
-
-def _unlock_network(ctx: Context) -> None:
-    """Take the workload's sockets out of TCP repair mode and drop CRIU's network lock."""
-    if ctx.target is None or ctx.target.net is None:
-        return
-    pids = procs.tree_of(ctx.src, ctx.target.root_pid)
-    r = ctx.src.run(net.unlock_argv(ctx.target.root_pid, pids))
-    if not r.ok:
-        raise MigrationError(
-            f"cannot unlock the workload's network on {ctx.src.name}: {r.error_line()}"
-        )
-
-
-class LazyRestore(Restore):
+class LazyRestore(Phase):
     """Start the lazy-pages daemon, then restore: the point of no return once it runs."""
 
-    name = "restore"
+    name = "lazy-restore"
+    stage = Stage.RESTORING
 
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None and ctx.page_port is not None
-        plan, dst = ctx.plan, ctx.dst
-        argv = criu.lazy_pages(plan.destination.criu, ctx.dst_dir, ctx.page_port)
-        background.start(dst, ctx.dst_dir, background.LAZY_PAGES, argv,
+        images = ctx.dst_images.final
+        argv = criu.lazy_pages(ctx.plan.destination.criu, images, ctx.page_port)
+        background.start(ctx.dst, images, background.LAZY_PAGES, argv,
                          criu.LAZY_PAGES_LOG, "lazy-pages")  # fmt: skip
-        ctx.restored_pid = ctx.runtime.restore(dst, ctx.target, ctx.dst_dir, lazy=True)
-        ctx.running_at = time.monotonic()
-        ctx.committed = True
-        ctx.notes.append(
-            f"post-copy: {dst.name} runs the workload from here on; no rollback is possible"
-        )
+        ctx.restored_pid = ctx.runtime.restore(ctx.dst, ctx.target, images, lazy=True)
+        ctx.clock.running_at = time.monotonic()
 
     def undo(self, ctx: Context) -> None:
-        kill_criu(ctx.dst, "lazy-pages", ctx.plan.dst_images)
-        super().undo(ctx)
+        actions.remove_restored(ctx)
 
 
 class PullPages(Phase):
@@ -110,6 +48,7 @@ class PullPages(Phase):
     source's lazy dump has ended; the source stays frozen, with its pages, until then."""
 
     name = "pull-pages"
+    stage = Stage.RESUMED
 
     def act(self, ctx: Context) -> None:
         plan = ctx.plan
@@ -117,15 +56,15 @@ class PullPages(Phase):
             return
         deadline = plan.policy.postcopy_deadline
         t0 = time.monotonic()
-        pulled = background.wait(ctx.dst, ctx.dst_dir, background.LAZY_PAGES, deadline)
+        pulled = background.wait(ctx.dst, ctx.dst_images.final, background.LAZY_PAGES, deadline)
         left = max(0.0, deadline - (time.monotonic() - t0))
-        served = background.wait(ctx.src, ctx.src_dir, background.DUMP, max(left, 10.0))
-        ctx.pages_done_at = time.monotonic()
+        served = background.wait(ctx.src, ctx.src_images.final, background.DUMP, max(left, 10.0))
+        ctx.postcopy.pages_done_at = time.monotonic()
         if pulled == 0 and served == 0:
-            log = f"{ctx.dst_dir}/{criu.LAZY_PAGES_LOG}"
+            log = f"{ctx.dst_images.final}/{criu.LAZY_PAGES_LOG}"
             r = ctx.dst.run(["grep", "-h", "--", "UFFD transferred", log], mutates=False)
             pages, _ = pages_pulled(r.stdout)
-            ctx.pulled_bytes = pages * PAGE_SIZE
+            ctx.postcopy.pulled_bytes = pages * PAGE_SIZE
             return
         if pulled is None:
             why = f"not every page arrived within {deadline:.0f}s (policy postcopy_deadline)"

@@ -1,7 +1,7 @@
-"""Pre-copy, before the freeze: rounds of `criu pre-dump --track-mem` into IMAGES/1, 2, ...
-(each on top of the one before), each rsynced to the destination while the workload runs on,
-until the stop rule says freeze. The final dump then writes only what changed since the last
-round, into IMAGES/final (see Dump; Transfer sends it, Restore reads it)."""
+"""Pre-copy, before the freeze: rounds of pre-dumps with dirty-memory tracking into IMAGES/1,
+2, ... (each on top of the one before), each pushed to the destination while the workload runs
+on, until the stop rule says freeze. The final dump then writes only what changed since the
+last round, into IMAGES/final (the ImageLayout after the rounds says where)."""
 
 from __future__ import annotations
 
@@ -9,27 +9,17 @@ import base64
 import binascii
 import time
 
-from orchestrator import stoprule
-from orchestrator.criu import commands as criu
+from orchestrator import actions, stoprule
+from orchestrator.checkpoint import Checkpoint
 from orchestrator.criu import images
 from orchestrator.criu.logs import PAGE_SIZE
 from orchestrator.errors import MigrationError
-from orchestrator.phases.base import Phase, make_private_dir, remove_dir, settle
-from orchestrator.phases.transfer import push, sync_paths
+from orchestrator.journal import Stage
+from orchestrator.layout import make_private_dir, remove_dir
+from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 from orchestrator.report import Round
-from orchestrator.transport.ssh import Host, HostError
-
-FINAL = "final"  # the final dump's subdir of the image dirs
-FEATURE = "mem_dirty_track"
-
-
-def dirty_tracking(host: Host) -> bool:
-    """Whether host's kernel and CRIU track dirty memory (False if it cannot be asked)."""
-    try:
-        return host.run(criu.feature(host.config.criu, FEATURE), mutates=False).ok
-    except HostError:
-        return False
+from orchestrator.transport.ssh import Host
 
 
 def read_stats(host: Host, images_dir: str) -> images.DumpStats:
@@ -46,10 +36,7 @@ def read_stats(host: Host, images_dir: str) -> images.DumpStats:
 
 class Precopy(Phase):
     name = "precopy"
-
-    def __init__(self) -> None:
-        self.rounds = 0
-        self.last_start: float | None = None  # when the last round's pre-dump began
+    stage = Stage.PRECOPY
 
     def act(self, ctx: Context) -> None:
         policy = ctx.plan.policy
@@ -65,36 +52,39 @@ class Precopy(Phase):
                 break
             facts.append(fact)
             reason = stoprule.decide(limits, facts, time.monotonic() - started)
-        ctx.stopped_by = reason
+        ctx.precopy.stopped_by = reason
         estimate = stoprule.estimated_freeze_ms(facts)
         ctx.notes.append(
-            f"pre-copy: {self.rounds} round(s), stopped by {reason}"
+            f"pre-copy: {ctx.precopy.count} round(s), stopped by {reason}"
             + (f" (estimated freeze {estimate:.0f} ms)" if estimate is not None else "")
         )
-        ctx.images_subdir, ctx.prev_images_dir = FINAL, f"../{self.rounds}"
-        make_private_dir(ctx.src, ctx.src_dir)
+        make_private_dir(ctx.src, ctx.src_images.final)
 
     def _round(self, ctx: Context) -> stoprule.RoundFacts | None:
-        """One round: pre-dump into IMAGES/N on top of N-1, read its stats, rsync it (and the
-        sync_paths) while the workload runs; its row in ctx.rounds."""
+        """One round: pre-dump into IMAGES/N on top of N-1, read its stats, push it (and the
+        sync_paths) while the workload runs; its row in the rounds table."""
         assert ctx.target is not None
-        plan = ctx.plan
-        n = self.rounds = self.rounds + 1
-        src_dir = f"{plan.src_images}/{n}"
+        state = ctx.precopy
+        n = state.count = state.count + 1
+        ctx.src_images = ctx.src_images.after_rounds(n)
+        ctx.dst_images = ctx.dst_images.after_rounds(n)
+        src_dir = ctx.src_images.round(n)
         make_private_dir(ctx.src, src_dir)
         t0 = time.monotonic()
-        ctx.runtime.pre_dump(ctx.src, ctx.target, src_dir, f"../{n - 1}" if n > 1 else None)
+        parent = ctx.src_images.parent_of_round(n)
+        ctx.runtime.checkpoint(ctx.src, ctx.target, Checkpoint(src_dir, parent_dir=parent,
+                                                               running=True))  # fmt: skip
         t1 = time.monotonic()
-        stats = images.DumpStats() if plan.dry_run else read_stats(ctx.src, src_dir)
+        stats = images.DumpStats() if ctx.plan.dry_run else read_stats(ctx.src, src_dir)
         t2 = time.monotonic()
-        sent = push(ctx, src_dir, f"{plan.dst_images}/{n}") + sync_paths(ctx)
+        sent = ctx.link.push(src_dir, ctx.dst_images.round(n))
+        sent += ctx.link.push_paths(ctx.plan.workload.sync_paths)
         t3 = time.monotonic()
-        ctx.bytes_transferred += sent
-        rate = stats.pages_written / (t0 - self.last_start) if self.last_start else None
-        self.last_start = t0
-        if plan.dry_run:
+        rate = stats.pages_written / (t0 - state.last_start) if state.last_start else None
+        state.last_start = t0
+        if ctx.plan.dry_run:
             return None
-        ctx.rounds.append(Round(
+        state.rounds.append(Round(
             number=n, kind="pre-dump", pages_written=stats.pages_written,
             pages_skipped_parent=stats.pages_skipped_parent, bytes_sent=sent,
             seconds=round(t3 - t0, 3), dump_seconds=round(t1 - t0, 3),
@@ -112,13 +102,14 @@ class Precopy(Phase):
     def undo(self, ctx: Context) -> None:
         """Wipe the round dirs (and the final one) on both hosts."""
         plan = ctx.plan
-        settle(ctx.src, plan.src_images, plan.policy.command_timeout)
-        ctx.images_subdir, ctx.prev_images_dir = "", None
+        actions.settle(ctx.src, ctx.src_images.root, plan.policy.command_timeout)
+        src_dirs, dst_dirs = ctx.src_images.subdirs, ctx.dst_images.subdirs
+        ctx.src_images, ctx.dst_images = plan.src_layout, plan.dst_layout
         if plan.keep_images:
             return
-        for sub in [*map(str, range(1, self.rounds + 1)), FINAL]:
-            remove_dir(ctx.src, f"{plan.src_images}/{sub}")
-            remove_dir(ctx.dst, f"{plan.dst_images}/{sub}")
+        for s, d in zip(src_dirs, dst_dirs, strict=True):
+            remove_dir(ctx.src, s)
+            remove_dir(ctx.dst, d)
 
 
 class FinalRound(Phase):
@@ -127,29 +118,26 @@ class FinalRound(Phase):
 
     name = "final-round"
 
-    def __init__(self, precopy: Precopy) -> None:
-        self.precopy = precopy
-
     def act(self, ctx: Context) -> None:
-        if ctx.plan.dry_run or not ctx.images_subdir:
+        if ctx.plan.dry_run or not ctx.src_images.rounds:
             return
         try:
-            stats = read_stats(ctx.src, ctx.src_dir)
+            stats = read_stats(ctx.src, ctx.src_images.final)
         except MigrationError as e:
             ctx.notes.append(f"final round: {e}")
             return
-        frozen, dumped = ctx.frozen_at or 0.0, ctx.dumped_at or 0.0
-        sent = ctx.bytes_transferred - sum(r.bytes_sent for r in ctx.rounds)
+        state, clock = ctx.precopy, ctx.clock
+        frozen, dumped = clock.frozen_at or 0.0, clock.dumped_at or 0.0
+        sent = ctx.link.bytes_sent - sum(r.bytes_sent for r in state.rounds)
         kind, pages, frozen_ms = "dump", stats.pages_written, stats.frozen_ms
-        if ctx.pages_done_at is not None:  # hybrid: a lazy dump; its pages were pulled after
-            kind, pages = "lazy-dump", ctx.pulled_bytes // PAGE_SIZE
-            sent -= ctx.pulled_bytes  # (its stats count the serving time as frozen)
-            frozen_ms = float(ctx.downtime_ms or 0)
-        last = self.precopy.last_start
+        if ctx.strategy.lazy:  # hybrid: a lazy dump; its pages were pulled after
+            kind, pages = "lazy-dump", ctx.postcopy.pulled_bytes // PAGE_SIZE
+            frozen_ms = float(clock.downtime_ms or 0)  # (its stats count serving as frozen)
+        last = state.last_start
         rate = pages / (frozen - last) if last and frozen > last else None
-        dump_s, xfer_s = dumped - frozen, (ctx.transferred_at or dumped) - dumped
-        ctx.rounds.append(Round(
-            number=self.precopy.rounds + 1, kind=kind, pages_written=pages,
+        dump_s, xfer_s = dumped - frozen, (clock.transferred_at or dumped) - dumped
+        state.rounds.append(Round(
+            number=state.count + 1, kind=kind, pages_written=pages,
             pages_skipped_parent=stats.pages_skipped_parent, bytes_sent=sent,
             seconds=round(dump_s + xfer_s, 3), dump_seconds=round(dump_s, 3),
             transfer_seconds=round(xfer_s, 3), dirty_rate=_round(rate), frozen_ms=frozen_ms,

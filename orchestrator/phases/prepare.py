@@ -1,45 +1,28 @@
-"""Prepare, before the freeze: private image dirs on both hosts and the source's ssh link."""
+"""Prepare, before the freeze: private image dirs on both hosts, the source's ssh link, and a
+warm copy of what travels with a container."""
 
 from __future__ import annotations
 
-from orchestrator.errors import MigrationError
-from orchestrator.phases.base import Phase, make_private_dir, remove_dir
-from orchestrator.phases.transfer import mirror_paths, unmirror
+from orchestrator import actions
+from orchestrator.journal import Stage
+from orchestrator.layout import make_private_dir, remove_dir
+from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
-from orchestrator.transport import rsync
 
 
 class Prepare(Phase):
     name = "prepare"
+    stage = Stage.PREPARED
 
     def act(self, ctx: Context) -> None:
-        plan = ctx.plan
-        make_private_dir(ctx.src, plan.src_images)
-        make_private_dir(ctx.dst, plan.dst_images)
-        if plan.link_socket:
-            log = f"{plan.src_images}.ssh.log"
-            argv = rsync.open_link_argv(
-                plan.source, plan.destination, plan.policy, plan.link_socket, log
-            )
-            r = ctx.src.run(argv)
-            if not r.ok:
-                raise MigrationError(
-                    f"{ctx.src.name} cannot open its ssh link to {ctx.dst.name}: {r.error_line()}"
-                )
-        mirror_paths(ctx, warm=True)  # what travels with the images, copied before the freeze
+        make_private_dir(ctx.src, ctx.src_images.root)
+        make_private_dir(ctx.dst, ctx.dst_images.root)
+        ctx.link.open()
+        actions.mirror_paths(ctx, warm=True)
 
     def undo(self, ctx: Context) -> None:
-        close_link(ctx)
-        unmirror(ctx)
+        ctx.link.close()
+        actions.unmirror(ctx)
         if not ctx.plan.keep_images:
-            remove_dir(ctx.src, ctx.plan.src_images)
-            remove_dir(ctx.dst, ctx.plan.dst_images)
-
-
-def close_link(ctx: Context) -> None:
-    """Close the source's master connection and its log (best effort)."""
-    plan = ctx.plan
-    if plan.link_socket:
-        ctx.src.run(rsync.close_link_argv(plan.source, plan.destination, plan.policy,
-                                          plan.link_socket))  # fmt: skip
-        ctx.src.run(["rm", "-f", "--", f"{plan.src_images}.ssh.log"])
+            remove_dir(ctx.src, ctx.src_images.root)
+            remove_dir(ctx.dst, ctx.dst_images.root)

@@ -17,8 +17,10 @@ class Verify(Phase):
         if not pid or not ctx.runtime.running(ctx.dst, pid):
             raise MigrationError(f"restored workload (pid {pid}) is not running on {ctx.dst}")
         if ctx.target and ctx.target.net:  # CRIU writes one image per established connection
-            images = ctx.dst.run(["ls", "--", ctx.dst_dir], mutates=False).stdout.split()
-            ctx.connections_kept = sum(1 for f in images if f.startswith("tcp-stream-"))
+            listing = ctx.dst.run(["ls", "--", ctx.dst_images.final], mutates=False)
+            ctx.connections_kept = sum(
+                1 for f in listing.stdout.split() if f.startswith("tcp-stream-")
+            )
         health = ctx.plan.workload.health
         if health:
             r = ctx.dst.run(["sh", "-c", health], mutates=False)

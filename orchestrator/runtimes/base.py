@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from orchestrator.checkpoint import Capability, Checkpoint
 from orchestrator.config import WorkloadConfig
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes.net import NetInfo
@@ -35,8 +36,8 @@ class Runtime(ABC):
     """How to find, checkpoint, restore, resume and remove one kind of workload."""
 
     name: str
-    #: The strategies this runtime can carry out; pre-flight refuses the others.
-    strategies: frozenset[str] = frozenset({"stopcopy"})
+    #: What its checkpoint can do beyond one full dump (the strategy table matches these).
+    capabilities: frozenset[Capability] = frozenset()
 
     def __init__(self, workload: WorkloadConfig) -> None:
         self.workload = workload
@@ -49,30 +50,21 @@ class Runtime(ABC):
     def preflight(self, src: Host, dst: Host, target: Target) -> list[str]:
         """Reasons this workload cannot move from src to dst (empty = fine); read-only."""
 
-    @abstractmethod
-    def checkpoint(
-        self,
-        host: Host,
-        target: Target,
-        images_dir: str,
-        page_port: int | None = None,
-        lazy_port: int | None = None,
-        prev_images_dir: str | None = None,
-    ) -> None:
-        """Dump the workload into images_dir, leaving it stopped (not killed) on host; with
-        page_port, its pages go to the page server tunnelled at 127.0.0.1:page_port; with
-        lazy_port (post-copy), they stay in memory and a detached dump serves them there until
-        the destination has pulled them all (its exit code: background name DUMP); with
-        prev_images_dir (pre-copy; relative to images_dir), only pages changed since those
-        images are written (CRIU's --track-mem --prev-images-dir)."""
+    def checkpoint(self, host: Host, target: Target, cp: Checkpoint) -> None:
+        """Dump the workload as cp says: a full dump leaves it stopped (not killed) on host; a
+        pre-copy round (cp.running) lets it run on. Refuses what this runtime cannot do."""
+        lacking = cp.needs - self.capabilities
+        if lacking:
+            raise MigrationError(
+                f"runtime {self.name} cannot do {', '.join(sorted(c.value for c in lacking))}"
+            )
+        self._checkpoint(host, target, cp)
 
-    def pre_dump(
-        self, host: Host, target: Target, images_dir: str, prev_images_dir: str | None
-    ) -> None:
-        """A pre-copy round: the workload's memory into images_dir while it runs on, with
-        dirty-memory tracking (after prev_images_dir, relative to images_dir, if given).
-        Runtimes with "precopy" in `strategies` override this."""
-        raise MigrationError(f"runtime {self.name} cannot pre-copy (no pre-dump)")
+    @abstractmethod
+    def _checkpoint(self, host: Host, target: Target, cp: Checkpoint) -> None:
+        """checkpoint, once the capabilities are known to fit. With cp.pages LAZY, the dump
+        runs detached and serves the pages until the destination has pulled them all (its exit
+        code: background name DUMP)."""
 
     @abstractmethod
     def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:

@@ -24,7 +24,7 @@ class ContainerRuntime(Runtime):
     tool: str  # the runtime's binary, checked on both hosts
     # What their own checkpoint commands can do: one full dump. No page server, no lazy pages,
     # no pre-dump (runc's --pre-dump needs soft-dirty memory tracking, which this kernel lacks).
-    strategies = frozenset({"stopcopy"})
+    capabilities = frozenset()
 
     @property
     def container(self) -> str:

@@ -25,6 +25,7 @@ the images, mirrored to the same lxcpath on the destination.
 
 from __future__ import annotations
 
+from orchestrator.checkpoint import Checkpoint
 from orchestrator.criu import commands as criu
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes import procs
@@ -104,15 +105,8 @@ class LxcRuntime(ContainerRuntime):
     def _with_criu(self, host: Host, images_dir: str, argv: list[str]) -> list[str]:
         return ["sh", "-c", _WITH_CRIU, "sh", host.config.criu, f"{images_dir}/.criu", *argv]
 
-    def checkpoint(
-        self,
-        host: Host,
-        target: Target,
-        images_dir: str,
-        page_port: int | None = None,
-        lazy_port: int | None = None,
-        prev_images_dir: str | None = None,
-    ) -> None:
+    def _checkpoint(self, host: Host, target: Target, cp: Checkpoint) -> None:
+        images_dir = cp.images_dir
         # Freeze, then checkpoint: one round trip. A failed checkpoint leaves it frozen
         # (CRIU restores the freezer as it found it): the dump's undo thaws it.
         argv = ["sh", "-c", _FREEZE_THEN, "sh", self.lxcpath, self.container,

@@ -14,6 +14,7 @@ journald is assumed) and, when configured, private `--root` / `--runroot`.
 
 from __future__ import annotations
 
+from orchestrator.checkpoint import Checkpoint
 from orchestrator.criu import commands as criu
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes import procs
@@ -66,15 +67,8 @@ class PodmanRuntime(ContainerRuntime):
             ]
         return []
 
-    def checkpoint(
-        self,
-        host: Host,
-        target: Target,
-        images_dir: str,
-        page_port: int | None = None,
-        lazy_port: int | None = None,
-        prev_images_dir: str | None = None,
-    ) -> None:
+    def _checkpoint(self, host: Host, target: Target, cp: Checkpoint) -> None:
+        images_dir = cp.images_dir
         export = f"{images_dir}/{EXPORT}"
         argv = self.podman(host, "container", "checkpoint", *KEEP, "--export", export,
                            self.container)  # fmt: skip

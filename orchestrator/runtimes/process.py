@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from orchestrator.checkpoint import Capability, Checkpoint, Pages
 from orchestrator.criu import background
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import raise_on_failure
@@ -18,7 +19,7 @@ _THEN_CAT = 'pf=$1; shift; "$@" || exit $?; cat -- "$pf"'
 
 class ProcessRuntime(Runtime):
     name = "process"
-    strategies = frozenset({"stopcopy", "stream", "postcopy", "precopy", "hybrid"})
+    capabilities = frozenset(Capability)
 
     def locate(self, host: Host) -> Target:
         pid = self._root_pid(host)
@@ -111,53 +112,31 @@ class ProcessRuntime(Runtime):
             )
         return problems
 
-    def checkpoint(
-        self,
-        host: Host,
-        target: Target,
-        images_dir: str,
-        page_port: int | None = None,
-        lazy_port: int | None = None,
-        prev_images_dir: str | None = None,
-    ) -> None:
-        argv = criu.dump(
-            host.config.criu,
-            criu.DumpOptions(
-                pid=target.root_pid,
-                images_dir=images_dir,
-                leave_stopped=True,
-                ext_mount_map_auto=target.own_mntns,
-                tcp_established=target.net is not None,
-                skip_in_flight=self.workload.network.skip_in_flight,
-                network_lock=target.network_lock,
-                page_server_port=page_port,
-                track_mem=prev_images_dir is not None,
-                prev_images_dir=prev_images_dir,
-                lazy_port=lazy_port,
-                extra=self.workload.criu_options,
-            ),
+    def _checkpoint(self, host: Host, target: Target, cp: Checkpoint) -> None:
+        options = criu.DumpOptions(
+            pid=target.root_pid,
+            images_dir=cp.images_dir,
+            leave_stopped=not cp.running,
+            ext_mount_map_auto=target.own_mntns,
+            tcp_established=target.net is not None and not cp.running,
+            skip_in_flight=self.workload.network.skip_in_flight,
+            network_lock=None if cp.running else target.network_lock,
+            page_server_port=cp.port if cp.pages is Pages.PAGE_SERVER else None,
+            track_mem=cp.track_mem,
+            prev_images_dir=cp.parent_dir,
+            lazy_port=cp.port if cp.pages is Pages.LAZY else None,
+            extra=self.workload.criu_options,
         )
-        if lazy_port:
-            background.start(host, images_dir, background.DUMP, argv, criu.DUMP_LOG, "dump")
+        if cp.running:
+            argv = criu.pre_dump(host.config.criu, options)
+            r = host.run(argv)
+            raise_on_failure(host, r, cp.images_dir, criu.PRE_DUMP_LOG, "pre-dump")
             return
-        raise_on_failure(host, host.run(argv), images_dir, criu.DUMP_LOG, "dump")
-
-    def pre_dump(
-        self, host: Host, target: Target, images_dir: str, prev_images_dir: str | None
-    ) -> None:
-        argv = criu.pre_dump(
-            host.config.criu,
-            criu.DumpOptions(
-                pid=target.root_pid,
-                images_dir=images_dir,
-                leave_stopped=False,
-                ext_mount_map_auto=target.own_mntns,
-                track_mem=True,
-                prev_images_dir=prev_images_dir,
-                extra=self.workload.criu_options,
-            ),
-        )
-        raise_on_failure(host, host.run(argv), images_dir, criu.PRE_DUMP_LOG, "pre-dump")
+        argv = criu.dump(host.config.criu, options)
+        if cp.pages is Pages.LAZY:
+            background.start(host, cp.images_dir, background.DUMP, argv, criu.DUMP_LOG, "dump")
+            return
+        raise_on_failure(host, host.run(argv), cp.images_dir, criu.DUMP_LOG, "dump")
 
     def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
         pid = self._restore(host, target, images_dir, host.config.bridge, lazy)

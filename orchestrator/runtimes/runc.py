@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+from orchestrator.checkpoint import Checkpoint
 from orchestrator.criu import commands as criu
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes import procs
@@ -77,15 +78,8 @@ class RuncRuntime(ContainerRuntime):
                 )
         return problems
 
-    def checkpoint(
-        self,
-        host: Host,
-        target: Target,
-        images_dir: str,
-        page_port: int | None = None,
-        lazy_port: int | None = None,
-        prev_images_dir: str | None = None,
-    ) -> None:
+    def _checkpoint(self, host: Host, target: Target, cp: Checkpoint) -> None:
+        images_dir = cp.images_dir
         argv = [*self.runc(host), "checkpoint", *KEEP, "--image-path", images_dir, "--work-path",
                 images_dir, self.container]  # fmt: skip
         # The bundle's path goes with the images: a recover restores from them without a journal

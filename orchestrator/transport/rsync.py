@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from orchestrator.config import HostConfig, Policy
+from orchestrator.errors import MigrationError
 from orchestrator.transport.ssh import quote
 
 
-class RsyncError(Exception):
+class RsyncError(MigrationError):
     """rsync failed (e.g. the destination disk is full): another attempt would fail too."""
 
 
@@ -35,20 +37,29 @@ def failure(exit_code: int, stderr: str, what: str) -> RsyncError:
     return LinkError(msg)
 
 
-def ssh_command(
-    src: HostConfig, dst: HostConfig, policy: Policy, link: str | None = None
-) -> list[str]:
+@dataclass(frozen=True)
+class LinkSpec:
+    """The source's way to the destination: hosts, policy, and the control socket of the
+    master connection on the source (None: every command connects on its own)."""
+
+    source: HostConfig
+    destination: HostConfig
+    policy: Policy
+    socket: str | None = None
+
+
+def ssh_command(spec: LinkSpec, mux: bool = True) -> list[str]:
     """The ssh command the source uses to reach the destination (strict host keys, no prompts).
 
-    With `link`, it rides on the master connection at that control socket if one is open
-    (opened before the freeze, so no ssh handshake happens inside it), else connects directly.
-    """
+    With `mux` and a socket, it rides on the master connection there if one is open (opened
+    before the freeze, so no ssh handshake happens inside it), else connects directly."""
+    src, dst, policy = spec.source, spec.destination, spec.policy
     key = src.rsync_key or src.key
     known = src.rsync_known_hosts or src.known_hosts
-    mux = ["-o", "ControlMaster=no", "-o", f"ControlPath={link}"] if link else []
+    mux_opts = ["-o", "ControlMaster=no", "-o", f"ControlPath={spec.socket}"]
     return [
         "ssh",
-        *mux,
+        *(mux_opts if mux and spec.socket else []),
         "-i", key,
         "-o", "IdentitiesOnly=yes",
         "-o", f"UserKnownHostsFile={known}",
@@ -62,36 +73,27 @@ def ssh_command(
     ]  # fmt: skip
 
 
-def push_argv(
-    src: HostConfig,
-    dst: HostConfig,
-    policy: Policy,
-    src_dir: str,
-    dst_dir: str,
-    link: str | None = None,
-    mirror: bool = False,
-) -> list[str]:
+def push_argv(spec: LinkSpec, src_dir: str, dst_dir: str, mirror: bool = False) -> list[str]:
     """rsync argv to run ON the source: push src_dir/ into dst_dir/ on the destination.
     Symlinks (a pre-copy dump's `parent`) are copied as symlinks; files already there with the
     same size and time are not sent again. With mirror, dst_dir becomes an exact copy (made if
     missing, files not in src_dir deleted): for what travels with a container's images (its
     bundle, config, rootfs)."""
     return [
-        *_rsync(src, dst, policy, link),
+        *_rsync(spec),
         *(["--mkpath", "--delete", "-HAX"] if mirror else []),
         src_dir.rstrip("/") + "/",
-        f"{dst.address}:{dst_dir.rstrip('/')}/",
+        f"{spec.destination.address}:{dst_dir.rstrip('/')}/",
     ]
 
 
-def paths_argv(
-    src: HostConfig, dst: HostConfig, policy: Policy, paths: Sequence[str], link: str | None
-) -> list[str]:
+def paths_argv(spec: LinkSpec, paths: Sequence[str]) -> list[str]:
     """rsync argv to run ON the source: push each absolute path to the same path on dst."""
-    return [*_rsync(src, dst, policy, link), "--relative", *paths, f"{dst.address}:/"]
+    return [*_rsync(spec), "--relative", *paths, f"{spec.destination.address}:/"]
 
 
-def _rsync(src: HostConfig, dst: HostConfig, policy: Policy, link: str | None) -> list[str]:
+def _rsync(spec: LinkSpec) -> list[str]:
+    policy = spec.policy
     return [
         "rsync",
         "-a",
@@ -104,13 +106,13 @@ def _rsync(src: HostConfig, dst: HostConfig, policy: Policy, link: str | None) -
         *([f"--bwlimit={policy.bwlimit}"] if policy.bwlimit else []),
         *(["--compress"] if policy.compress else []),
         "-e",
-        quote(ssh_command(src, dst, policy, link)),
+        quote(ssh_command(spec)),
     ]
 
 
-def probe_argv(src: HostConfig, dst: HostConfig, policy: Policy) -> list[str]:
+def probe_argv(spec: LinkSpec) -> list[str]:
     """Can the source reach the destination the way rsync will? (read-only)"""
-    return [*ssh_command(src, dst, policy), dst.address, "true"]
+    return [*ssh_command(spec, mux=False), spec.destination.address, "true"]
 
 
 # Open a master connection that outlives this command (ControlPersist): its stdio must not be
@@ -118,36 +120,30 @@ def probe_argv(src: HostConfig, dst: HostConfig, policy: Policy) -> list[str]:
 _DETACHED = 'log=$1; shift; "$@" </dev/null >/dev/null 2>"$log" || { cat -- "$log" >&2; exit 1; }'
 
 
-def open_link_argv(
-    src: HostConfig, dst: HostConfig, policy: Policy, link: str, log: str
-) -> list[str]:
-    """Run on the source: open a persistent master connection to dst at control socket link."""
-    ssh = ssh_command(src, dst, policy)
-    master = ["-o", "ControlMaster=yes", "-o", f"ControlPath={link}", "-o", "ControlPersist=60"]
-    return ["sh", "-c", _DETACHED, "sh", log, *ssh, *master, dst.address, "true"]
+def open_argv(spec: LinkSpec, log: str) -> list[str]:
+    """Run on the source: open a persistent master connection at the control socket."""
+    assert spec.socket
+    master = ["-o", "ControlMaster=yes", "-o", f"ControlPath={spec.socket}",
+              "-o", "ControlPersist=60"]  # fmt: skip
+    return ["sh", "-c", _DETACHED, "sh", log, *ssh_command(spec, mux=False), *master,
+            spec.destination.address, "true"]  # fmt: skip
 
 
 def forward_argv(
-    src: HostConfig,
-    dst: HostConfig,
-    policy: Policy,
-    link: str,
-    port: int,
-    cancel: bool = False,
-    reverse: bool = False,
+    spec: LinkSpec, port: int, reverse: bool = False, cancel: bool = False
 ) -> list[str]:
     """Run on the source: (stop) forwarding its 127.0.0.1:port to the destination's (with
-    reverse, the destination's to the source's), inside the ssh link, so that page traffic is
-    encrypted and page servers listen on loopback only."""
-    spec = f"127.0.0.1:{port}:127.0.0.1:{port}"
+    reverse, the destination's to the source's), inside the master connection, so that page
+    traffic is encrypted and page servers listen on loopback only."""
+    spec_ = f"127.0.0.1:{port}:127.0.0.1:{port}"
     op = "cancel" if cancel else "forward"
-    way = "-R" if reverse else "-L"
-    return [*ssh_command(src, dst, policy, link), "-O", op, way, spec, dst.address]
+    return [*ssh_command(spec), "-O", op, "-R" if reverse else "-L", spec_,
+            spec.destination.address]  # fmt: skip
 
 
-def close_link_argv(src: HostConfig, dst: HostConfig, policy: Policy, link: str) -> list[str]:
+def close_argv(spec: LinkSpec) -> list[str]:
     """Run on the source: close the master connection (best effort)."""
-    return [*ssh_command(src, dst, policy, link), "-O", "exit", dst.address]
+    return [*ssh_command(spec), "-O", "exit", spec.destination.address]
 
 
 _SENT = re.compile(r"Total bytes sent:\s*([\d,.]+)")

@@ -23,11 +23,12 @@ from tenacity import (
 from tenacity import Retrying as _Retrying
 
 from orchestrator.config import HostConfig, Policy
+from orchestrator.errors import MigrationError
 
 log = logging.getLogger("migrate.ssh")
 
 
-class HostError(Exception):
+class HostError(MigrationError):
     """A host could not be reached or a command could not be run on it."""
 
 

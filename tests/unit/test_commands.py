@@ -36,7 +36,7 @@ def test_quote_passes_hostile_strings_as_data() -> None:
 def test_rsync_push_is_strict_and_quoted() -> None:
     src = HostConfig("a", "198.18.0.1", "/k a", "/kh", rsync_key="/rk", rsync_known_hosts="/rkh")
     dst = HostConfig("b", "198.18.0.2", "/k", "/kh", port=2222, user="root")
-    argv = rsync.push_argv(src, dst, Policy(), "/w/img/1", "/v/img/1")
+    argv = rsync.push_argv(rsync.LinkSpec(src, dst, Policy()), "/w/img/1", "/v/img/1")
     assert argv[-2:] == ["/w/img/1/", "198.18.0.2:/v/img/1/"]
     ssh = shlex.split(argv[argv.index("-e") + 1])
     assert ssh[ssh.index("-i") + 1] == "/rk"
@@ -44,7 +44,9 @@ def test_rsync_push_is_strict_and_quoted() -> None:
     assert ssh[ssh.index("-p") + 1] == "2222"
     assert "--partial" in argv and "--compress" not in argv
     assert not any(a.startswith("--bwlimit") for a in argv)
-    limited = rsync.push_argv(src, dst, Policy(bwlimit=512, compress=True), "/a", "/b")
+    limited = rsync.push_argv(
+        rsync.LinkSpec(src, dst, Policy(bwlimit=512, compress=True)), "/a", "/b"
+    )
     assert "--bwlimit=512" in limited and "--compress" in limited
 
 

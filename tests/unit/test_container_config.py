@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from orchestrator import strategies
 from orchestrator.config import ConfigError, HostConfig, Policy, WorkloadConfig, load
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes import for_workload
@@ -15,7 +16,6 @@ from orchestrator.runtimes.base import Target
 from orchestrator.runtimes.lxc import LxcRuntime
 from orchestrator.runtimes.podman import PodmanRuntime
 from orchestrator.runtimes.runc import RuncRuntime
-from orchestrator.transport.ssh import Result
 from tests.unit.fakehost import FakeHost
 
 
@@ -92,32 +92,26 @@ def test_runtime_commands_use_the_configured_paths_and_criu() -> None:
 @pytest.mark.parametrize("runtime", ["lxc", "runc", "podman"])
 def test_container_runtimes_carry_out_stopcopy_only(runtime: str) -> None:
     """Their own checkpoint makes one full dump: pre-flight refuses any other strategy."""
-    assert for_workload(WorkloadConfig("w", runtime=runtime, container="c")).strategies == {
-        "stopcopy"
-    }
+    rt = for_workload(WorkloadConfig("w", runtime=runtime, container="c"))
+    assert rt.capabilities == frozenset()
+    can = [s.name for s in strategies.TABLE.values() if s.needs.runtime <= rt.capabilities]
+    assert can == ["stopcopy"]
 
 
-def answering(replies: dict[str, tuple[int, str]]) -> FakeHost:
-    """A fake host whose commands containing a key answer (exit code, stdout)."""
+def answering(replies: dict[tuple[str, ...], tuple[int, str]]) -> FakeHost:
+    """A fake host whose commands holding all the words of a key answer (exit code, stdout)."""
     h = host()
-
-    def reply(argv: list[str]) -> Result | None:
-        line = " ".join(argv)
-        for needle, (code, out) in replies.items():
-            if needle in line:
-                return Result(h.name, argv, code, out)
-        return None
-
-    h.responders.append(reply)
+    for words, (code, out) in replies.items():
+        h.on(lambda argv, w=words: all(x in argv for x in w), out=out, code=code)
     return h
 
 
 def test_missing_runtime_or_container_is_one_clear_line() -> None:
     rt = RuncRuntime(WorkloadConfig("w", runtime="runc", container="web"))
-    no_runc = answering({"command -v": (1, "")})
+    no_runc = answering({("sh", "runc"): (1, "")})
     with pytest.raises(MigrationError, match=r"^runc is not installed on a \(198.18.0.1\)$"):
         rt.locate(no_runc)
-    no_container = answering({"state web": (1, "")})
+    no_container = answering({("state", "web"): (1, "")})
     with pytest.raises(MigrationError, match="runc container web does not exist on a"):
         rt.locate(no_container)
     target = Target(root_pid=5, pids=[5], rss_kb=1, command="sh")
@@ -126,15 +120,15 @@ def test_missing_runtime_or_container_is_one_clear_line() -> None:
 
 def test_runc_refuses_a_regular_file_as_stdio() -> None:
     rt = RuncRuntime(WorkloadConfig("w", runtime="runc", container="web"))
-    src = answering({"readlink": (0, "0 /dev/null\n1 /var/log/web.log\n2 pipe:[42]\n")})
+    src = answering({("5",): (0, "0 /dev/null\n1 /var/log/web.log\n2 pipe:[42]\n")})
     problems = rt.more_preflight(src, host(), Target(root_pid=5, pids=[5], rss_kb=1, command=""))
     assert len(problems) == 1 and "fd 1 is the file /var/log/web.log" in problems[0]
 
 
 def test_podman_wants_the_base_image_on_the_destination() -> None:
     rt = PodmanRuntime(WorkloadConfig("w", runtime="podman", container="web"))
-    src = answering({"inspect": (0, "exited 0 localhost/base:1\n")})
-    dst = answering({"image exists": (1, "")})
+    src = answering({("inspect",): (0, "exited 0 localhost/base:1\n")})
+    dst = answering({("image", "exists"): (1, "")})
     target = Target(root_pid=5, pids=[5], rss_kb=1, command="")
     [problem] = rt.more_preflight(src, dst, target)
     assert "podman image localhost/base:1" in problem and "is not on a" in problem

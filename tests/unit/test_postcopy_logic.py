@@ -1,24 +1,19 @@
-"""Post-copy's pure pieces: strategy choice, pre-flight needs, CRIU's readiness and logs, and
-the runner's rule that nothing is undone once the destination has resumed."""
+"""Post-copy's pure pieces: strategy choice, pre-flight needs, CRIU's readiness and logs."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from orchestrator import runner, strategies
+from orchestrator import strategies
+from orchestrator.checkpoint import Capability
 from orchestrator.config import Policy
 from orchestrator.criu import background
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import pages_pulled
 from orchestrator.errors import MigrationError
-from orchestrator.phases.base import Phase
-from orchestrator.phases.preflight import HostCheck, unmet
-from orchestrator.plan import Context
-from tests.unit.test_runner import make
+from orchestrator.hostcheck import HostCheck, unmet
 
-ALL = frozenset(strategies.STRATEGIES)
+ALL = frozenset(Capability)
 
 
 SOFT_DIRTY = ["mem_dirty_track"]
@@ -33,11 +28,11 @@ SOFT_DIRTY = ["mem_dirty_track"]
         (True, SOFT_DIRTY, ["uffd-noncoop"], ALL, "hybrid"),  # rounds, then post-copy
         (True, [], [], ALL, "stopcopy"),  # no userfaultfd on the destination
         (True, SOFT_DIRTY, [], ALL, "precopy"),
-        (True, [], ["uffd-noncoop"], frozenset({"stopcopy"}), "stopcopy"),  # runtime cannot
+        (True, [], ["uffd-noncoop"], frozenset(), "stopcopy"),  # runtime cannot
     ],
 )
 def test_auto_picks_postcopy_only_when_allowed_and_possible(
-    allow: bool, src: list[str], dst: list[str], can: frozenset[str], expected: str
+    allow: bool, src: list[str], dst: list[str], can: frozenset[Capability], expected: str
 ) -> None:
     name, why = strategies.choose(Policy(allow_postcopy=allow), src, dst, can)
     assert name == expected and why.startswith("auto: ")
@@ -49,15 +44,20 @@ def test_unknown_strategy_is_refused() -> None:
 
 
 def test_postcopy_needs_name_what_is_missing() -> None:
-    needs = strategies.POSTCOPY_NEEDS
+    needs = strategies.TABLE["postcopy"].needs
     src = HostCheck("a", features=["uffd-noncoop"], pipe_max=1 << 20, missing=["python3"])
     dst = HostCheck("b", features=[], pipe_max=4 << 20)
-    problems = unmet(needs, src, dst)
+    problems = unmet(needs, "post-copy", src, dst)
     assert any("uffd-noncoop on b" in p for p in problems)
     assert any("fs.pipe-max-size >= 4194304 on a (it is 1048576)" in p for p in problems)
     assert any("python3 on a" in p for p in problems)
     ok_src = HostCheck("a", features=[], pipe_max=4 << 20, missing=[])
-    assert unmet(needs, ok_src, HostCheck("b", features=["uffd-noncoop"], pipe_max=8 << 20)) == []
+    assert (
+        unmet(
+            needs, "post-copy", ok_src, HostCheck("b", features=["uffd-noncoop"], pipe_max=8 << 20)
+        )
+        == []
+    )
 
 
 def test_lazy_command_lines() -> None:
@@ -87,38 +87,3 @@ def test_pages_pulled_sums_every_task() -> None:
         "(03.2) uffd: 8-12: UFFD transferred pages: (20/25)\n"
     )
     assert pages_pulled(log) == (120, 125)
-
-
-class Resumes(Phase):
-    """Stands for LazyRestore: the destination runs from here."""
-
-    name = "restore"
-
-    def act(self, ctx: Context) -> None:
-        ctx.committed = True
-
-    def undo(self, ctx: Context) -> None:
-        raise AssertionError("never undone")
-
-
-class Breaks(Phase):
-    name = "pull-pages"
-
-    def act(self, ctx: Context) -> None:
-        raise MigrationError("POST-COPY INCOMPLETE: the link broke")
-
-
-class Never(Phase):
-    name = "confirm"
-
-    def act(self, ctx: Context) -> None:
-        raise AssertionError("no confirm after a broken post-copy")
-
-
-def test_failure_after_resume_is_stranded_not_rolled_back(tmp_path: Path) -> None:
-    ctx, journal, _ = make(tmp_path)
-    report = runner.run(ctx, [Resumes(), Breaks(), Never()], journal)
-    assert report.status == "stranded" and report.exit_code == 4
-    assert "POST-COPY INCOMPLETE" in (report.error or "")
-    assert any(n.startswith("NO ROLLBACK") for n in report.notes)
-    assert [p.name for p in report.phases] == ["restore", "pull-pages"]

@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import runner, strategies
+from orchestrator import phases, render, runner, session, strategies
+from orchestrator.checkpoint import Capability
 from orchestrator.config import Policy, WorkloadConfig
 from orchestrator.criu import commands as criu
 from orchestrator.criu import images
-from orchestrator.phases import precopy
-from orchestrator.plan import Context
+from orchestrator.hostcheck import _HAS
 from orchestrator.transport.ssh import Result
-from tests.unit.fakehost import FakeHost
-from tests.unit.test_runner import make, mutating
+from tests.unit.fakehost import ID, FakeHost, Pair, has, inner, pair, script, verbs
+from tests.unit.fakehost import criu as criu_cmd
+
+IMG = f"/wa/images/{ID}"
 
 PAGES = {"1": 65536, "2": 20000, "3": 3000, "final": 2500}  # round 3 wrote 15% of round 2's
 
@@ -38,50 +40,56 @@ def stats_image(pages: int) -> bytes:
 
 def precopy_host(host: FakeHost, dirty_tracking: bool = True, fail: str | None = None) -> None:
     def respond(argv: list[str]) -> Result | None:
-        line = " ".join(argv)
-        if fail and fail in line:
+        if fail and criu_cmd("pre-dump")(argv) and has(fail)(argv):
             return Result(host.name, argv, 1, "", "Error (criu/mem.c:1): it broke")
-        if "--feature mem_dirty_track" in line:
+        if argv[:4] == ["criu", "check", "--feature", "mem_dirty_track"]:
             return Result(host.name, argv, 0 if dirty_tracking else 1)
-        if argv[0] == "sh" and "check --feature" in argv[2]:  # pre-flight's feature probe
-            has = [f for f in argv[5:] if f != "mem_dirty_track" or dirty_tracking]
-            return Result(host.name, argv, 0, "\n".join(has) + "\n")
+        if script(_HAS)(argv):  # pre-flight's feature probe
+            found = [f for f in argv[5:] if f != "mem_dirty_track" or dirty_tracking]
+            return Result(host.name, argv, 0, "\n".join(found) + "\n")
         if argv[0] == "base64":
             sub = argv[-1].split("/")[-2]
             return Result(host.name, argv, 0, base64.b64encode(stats_image(PAGES[sub])).decode())
-        if "criu pre-dump" in line:
+        if criu_cmd("pre-dump")(argv):
             time.sleep(0.01)  # a fixed cost the stop rule can see (vs max_downtime_ms=1)
-        if argv[0] == "rsync":
+        if argv[:2] == ["rsync", "-a"]:
             return Result(host.name, argv, 0, "Total bytes sent: 4,096\n")
         return None
 
-    host.responders.insert(0, respond)
+    host.answer(respond)
 
 
-def make_precopy(tmp_path: Path, **kw: object) -> tuple[Context, object, list[tuple[str, str]]]:
-    ctx, journal, log = make(tmp_path)
-    policy = Policy(retries=2, retry_deadline=5, max_downtime_ms=1, goal=20, max_iterations=6)
+def make_precopy(tmp_path: Path, max_iterations: int = 6, **kw: object) -> Pair:
+    policy = Policy(retries=2, retry_deadline=5, max_downtime_ms=1, goal=20,
+                    max_iterations=max_iterations)  # fmt: skip
     wl = WorkloadConfig("w", pid=100, sync_paths=("/srv/state",))
-    ctx.plan = dataclasses.replace(ctx.plan, strategy="precopy", policy=policy, workload=wl)
-    ctx.runtime.workload = wl
-    precopy_host(ctx.src, **kw)  # type: ignore[arg-type]
-    return ctx, journal, log
+    p = pair(tmp_path, "precopy", policy=policy, workload=wl)
+    precopy_host(p.src, **kw)  # type: ignore[arg-type]
+    return p
+
+
+def run(p: Pair):  # type: ignore[no-untyped-def]
+    return runner.run(p.ctx, phases.build(p.ctx.strategy), p.journal)
+
+
+def lines(p: Pair, host: str = "a") -> list[str]:
+    return [" ".join(inner(argv)) for h, argv in p.log if h == host]
 
 
 def test_rounds_then_final_dump_on_top_of_the_last(tmp_path: Path) -> None:
-    ctx, journal, log = make_precopy(tmp_path)
-    report = runner.run(ctx, strategies.phases("precopy"), journal)  # type: ignore[arg-type]
+    p = make_precopy(tmp_path)
+    report = run(p)
     assert report.status == "succeeded", report.error
     assert [p.name for p in report.phases] == [
         "preflight", "prepare", "precopy", "dump", "transfer", "restore", "verify",
         "final-round", "confirm",
     ]  # fmt: skip
-    cmds = [c for h, c in log if h == "a" and c.startswith(("criu pre-dump", "criu dump"))]
+    cmds = [c for c in lines(p) if c.startswith(("criu pre-dump", "criu dump"))]
     assert [c.split(" -o ")[0] for c in cmds] == [
-        "criu pre-dump -t 100 -D /wa/images/ID/1",
-        "criu pre-dump -t 100 -D /wa/images/ID/2",
-        "criu pre-dump -t 100 -D /wa/images/ID/3",
-        "criu dump -t 100 -D /wa/images/ID/final",
+        f"criu pre-dump -t 100 -D {IMG}/1",
+        f"criu pre-dump -t 100 -D {IMG}/2",
+        f"criu pre-dump -t 100 -D {IMG}/3",
+        f"criu dump -t 100 -D {IMG}/final",
     ]
     assert all("--track-mem" in c for c in cmds)
     assert "--prev-images-dir" not in cmds[0]
@@ -92,14 +100,16 @@ def test_rounds_then_final_dump_on_top_of_the_last(tmp_path: Path) -> None:
     ]
     assert "--leave-stopped" in cmds[3] and "--leave-stopped" not in cmds[2]
     # Each round's dir is rsynced as it is made; then the final dir, under the freeze.
-    pushes = [c.split()[-2:] for h, c in log if c.startswith("rsync -a") and "--relative" not in c]
-    assert pushes == [[f"/wa/images/ID/{d}/", f"198.18.0.2:/wb/images/ID/{d}/"]
+    rsyncs = [argv for _, argv in p.log if argv[:2] == ["rsync", "-a"]]
+    pushes = [argv[-2:] for argv in rsyncs if "--relative" not in argv]
+    assert pushes == [[f"{IMG}/{d}/", f"198.18.0.2:/wb/images/{ID}/{d}/"]
                       for d in ("1", "2", "3", "final")]  # fmt: skip
     # sync_paths go along with every round, and once more while frozen.
-    syncs = [c for h, c in log if c.startswith("rsync") and "--relative" in c]
-    assert len(syncs) == 4 and all(c.endswith("/srv/state 198.18.0.2:/") for c in syncs)
-    restore = next(c for h, c in log if "criu restore" in c)
-    assert " -D /wb/images/ID/final " in restore and "/wb/images/ID/final/restored.pid" in restore
+    syncs = [argv for argv in rsyncs if "--relative" in argv]
+    assert len(syncs) == 4 and all(a[-2:] == ["/srv/state", "198.18.0.2:/"] for a in syncs)
+    restore = next(argv for h, argv in p.log if criu_cmd("restore")(argv))
+    final = f"/wb/images/{ID}/final"
+    assert final in restore and f"{final}/restored.pid" in restore
     # The report: three rounds and the final dump, and why it stopped.
     assert report.stopped_by == "goal"
     assert [(r.kind, r.pages_written) for r in report.rounds] == [
@@ -108,51 +118,47 @@ def test_rounds_then_final_dump_on_top_of_the_last(tmp_path: Path) -> None:
     assert report.rounds[0].dirty_rate is None and report.rounds[1].dirty_rate
     assert report.rounds[0].bytes_sent == 2 * 4096 and report.rounds[0].frozen_ms == 1.234
     assert report.to_dict()["rounds"][3]["kind"] == "dump"
-    assert mutating(log)[-2:] == ["a: rm -rf -- /wa/images/ID", "b: rm -rf -- /wb/images/ID"]
+    assert verbs(p.log)[-2:] == [f"a: rm -rf -- {IMG}", f"b: rm -rf -- /wb/images/{ID}"]
 
 
 def test_max_iterations_stops_it(tmp_path: Path) -> None:
-    ctx, journal, _ = make_precopy(tmp_path)
-    ctx.plan = dataclasses.replace(
-        ctx.plan, policy=dataclasses.replace(ctx.plan.policy, max_iterations=2)
-    )
-    report = runner.run(ctx, strategies.phases("precopy"), journal)  # type: ignore[arg-type]
+    report = run(make_precopy(tmp_path, max_iterations=2))
     assert report.status == "succeeded" and report.stopped_by == "max-iterations"
     assert [r.number for r in report.rounds] == [1, 2, 3]
     assert any("2 round(s), stopped by max-iterations" in n for n in report.notes)
 
 
 def test_failed_round_rolls_back_and_wipes_rounds(tmp_path: Path) -> None:
-    ctx, journal, log = make_precopy(tmp_path, fail="-D /wa/images/ID/2")
-    report = runner.run(ctx, strategies.phases("precopy"), journal)  # type: ignore[arg-type]
+    p = make_precopy(tmp_path, fail=f"{IMG}/2")
+    report = run(p)
     assert report.status == "rolled_back", report.error
     assert "criu pre-dump failed on a" in (report.error or "")
-    order = mutating(log)
-    assert "a: rm -rf -- /wa/images/ID/1" in order and "b: rm -rf -- /wb/images/ID/1" in order
+    order = verbs(p.log)
+    assert f"a: rm -rf -- {IMG}/1" in order and f"b: rm -rf -- /wb/images/{ID}/1" in order
     assert not any("criu dump" in o or "kill" in o for o in order)  # never stopped or killed
 
 
 def test_refused_in_preflight_without_dirty_tracking(tmp_path: Path) -> None:
-    ctx, journal, log = make_precopy(tmp_path, dirty_tracking=False)
-    report = runner.run(ctx, strategies.phases("precopy"), journal)  # type: ignore[arg-type]
+    p = make_precopy(tmp_path, dirty_tracking=False)
+    report = run(p)
     assert report.status == "failed" and [p.name for p in report.phases] == ["preflight"]
     assert report.error == (
         "pre-copy needs CRIU feature mem_dirty_track on a, which its kernel or CRIU lacks "
         "(`criu check --feature`)"
     )
-    assert mutating(log) == [] and not any(c.startswith("lock ") for _, c in log)
+    assert verbs(p.log) == [] and not any(argv[0] == "lock" for _, argv in p.log)
 
 
 @pytest.mark.parametrize(
     ("src", "can", "expected"),
     [
-        (["mem_dirty_track"], frozenset(strategies.STRATEGIES), "precopy"),
-        ([], frozenset(strategies.STRATEGIES), "stopcopy"),  # no soft-dirty on the source
-        (["mem_dirty_track"], frozenset({"stopcopy"}), "stopcopy"),  # runtime cannot
+        (["mem_dirty_track"], frozenset(Capability), "precopy"),
+        ([], frozenset(Capability), "stopcopy"),  # no soft-dirty on the source
+        (["mem_dirty_track"], frozenset(), "stopcopy"),  # runtime cannot
     ],
 )
 def test_auto_picks_precopy_where_the_source_tracks_dirty_memory(
-    src: list[str], can: frozenset[str], expected: str
+    src: list[str], can: frozenset[Capability], expected: str
 ) -> None:
     name, why = strategies.choose(Policy(), src, [], can)
     assert name == expected and why.startswith(f"auto: {expected[:3]}")
@@ -161,10 +167,12 @@ def test_auto_picks_precopy_where_the_source_tracks_dirty_memory(
 
 
 def test_dirty_tracking_probe(tmp_path: Path) -> None:
-    ctx, _, _ = make_precopy(tmp_path)
-    assert precopy.dirty_tracking(ctx.src)  # type: ignore[arg-type]
-    ctx, _, _ = make_precopy(tmp_path, dirty_tracking=False)
-    assert not precopy.dirty_tracking(ctx.src)  # type: ignore[arg-type]
+    p = make_precopy(tmp_path)
+    runtime = p.ctx.runtime
+    name, _ = session.settle_auto(Policy(), p.src, p.dst, runtime)
+    assert name == "precopy"
+    p = make_precopy(tmp_path, dirty_tracking=False)
+    assert session.settle_auto(Policy(), p.src, p.dst, runtime)[0] == "stopcopy"
 
 
 def test_pre_dump_and_final_dump_argv() -> None:
@@ -179,7 +187,6 @@ def test_pre_dump_and_final_dump_argv() -> None:
 
 
 def test_rounds_table_and_json(capsys: object) -> None:
-    from orchestrator import cli
     from orchestrator.report import Report, Round
 
     r = Report("ID", "w", "a", "b", "precopy", status="succeeded", downtime_ms=1200)
@@ -189,7 +196,7 @@ def test_rounds_table_and_json(capsys: object) -> None:
         Round(3, "dump", 900, 64636, 1 << 19, 1.0, 0.6, 0.4, 450.0, 600.0),
     ]
     r.stopped_by = "goal"
-    cli._print_report(r)
+    render.report(r)
     out = capsys.readouterr().out  # type: ignore[attr-defined]
     lines = out.splitlines()
     assert lines[0].split() == ["round", "kind", "pages", "skipped", "MiB", "sent", "seconds",
@@ -201,12 +208,11 @@ def test_rounds_table_and_json(capsys: object) -> None:
 
 
 def test_dry_run_plans_one_round_and_the_final_dump(tmp_path: Path) -> None:
-    ctx, journal, _ = make(tmp_path, dry_run=True)
-    ctx.plan = dataclasses.replace(ctx.plan, strategy="precopy")
-    precopy_host(ctx.src)  # type: ignore[arg-type]
-    report = runner.run(ctx, strategies.phases("precopy"), journal)  # type: ignore[arg-type]
+    p = pair(tmp_path, "precopy", dry_run=True)
+    precopy_host(p.src)
+    report = run(p)
     assert report.status == "succeeded" and report.rounds == [] and report.stopped_by == "dry-run"
     planned = [c.split(" -o ")[0] for c in report.planned_commands if "criu" in c]
-    assert planned[:2] == ["a$ criu pre-dump -t 100 -D /wa/images/ID/1",
-                           "a$ criu dump -t 100 -D /wa/images/ID/final"]  # fmt: skip
+    assert planned[:2] == [f"a$ criu pre-dump -t 100 -D {IMG}/1",
+                           f"a$ criu dump -t 100 -D {IMG}/final"]  # fmt: skip
     assert "--prev-images-dir ../1" in next(c for c in report.planned_commands if "criu dump" in c)

@@ -1,174 +1,226 @@
-"""Phase and undo ordering of the stop-copy strategy, with a recording fake host."""
+"""The runner with a recording fake host: phase and undo order, what is journaled, and that
+every undo runs whatever another raised."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from orchestrator import runner, strategies
-from orchestrator.config import HostConfig, Policy, WorkloadConfig
-from orchestrator.journal import Journal
-from orchestrator.plan import Context, Plan
-from orchestrator.runtimes.process import ProcessRuntime
+from orchestrator import phases, runner
+from orchestrator.errors import JournalError, MigrationError
+from orchestrator.journal import Journal, Stage, summarize
+from orchestrator.phases.base import Phase
+from orchestrator.plan import Context
 from orchestrator.transport.ssh import Result
-from tests.unit.fakehost import FakeHost
+from tests.unit.fakehost import ID, criu, fail, pair, verbs, words
 
-PS = "100 1 Ss 2048 /bin/sh /w.sh\n101 100 S 1024 sleep 1\n"
-
-
-def script(name: str, fail: str | None) -> list:
-    restored = []  # the destination's table gains the tree once a restore ran (even a failed one)
-
-    def respond(argv: list[str]) -> Result | None:
-        line = " ".join(argv)
-        if "criu restore" in line:
-            restored.append(True)
-        if fail and fail in line:
-            return Result(name, argv, 1, "", "Error (criu/x.c:1): it broke")
-        if argv[:2] == ["criu", "--version"]:
-            return Result(name, argv, 0, "Version: 4.2.1\n")
-        if argv[:3] == ["ps", "-ww", "-e"]:
-            return Result(name, argv, 0, PS if name == "a" or restored else "1 0 Ss 100 sshd\n")
-        if argv[:3] == ["ps", "-o", "stat="]:
-            return Result(name, argv, 0, "S\n")
-        if argv[0] == "sh" and "NSpid" in argv[2]:
-            return Result(name, argv, 0, "NSpid:\t100\npid same\nmnt same\nnet same\n")
-        if argv[0] == "sh" and "df -Pk" in argv[2]:
-            return Result(name, argv, 0, "/dev/x 1000 10 99999999 1% /\n")
-        if argv[0] == "cat" and argv[-1].endswith("restored.pid"):
-            return Result(name, argv, 0, "100\n")
-        if argv[0] == "cat" and argv[-1].endswith(".log"):
-            return Result(name, argv, 0, "(0.1) Error (criu/x.c:1): it broke\n")
-        return None
-
-    return [respond]
+STOPCOPY = ["preflight", "prepare", "dump", "transfer", "restore", "verify", "confirm"]
 
 
-def make(tmp_path: Path, fail: str | None = None, dry_run: bool = False):
-    log: list[tuple[str, str]] = []
-    a = HostConfig("a", "198.18.0.1", "/k", "/kh", workdir="/wa")
-    b = HostConfig("b", "198.18.0.2", "/k", "/kh", workdir="/wb")
-    wl = WorkloadConfig("w", pid=100)
-    plan = Plan("ID", wl, a, b, "stopcopy", Policy(retries=2, retry_deadline=5), dry_run=dry_run)
-    src = FakeHost(a, Policy(), log=log, responders=script("a", fail), dry_run=dry_run)
-    dst = FakeHost(b, Policy(), log=log, responders=script("b", fail), dry_run=dry_run)
-    ctx = Context(plan=plan, src=src, dst=dst, runtime=ProcessRuntime(wl))  # type: ignore[arg-type]
-    journal = Journal(tmp_path, "ID")
-    return ctx, journal, log
-
-
-def mutating(log: list[tuple[str, str]]) -> list[str]:
-    """The commands that change something, shortened to their first words."""
-    out = []
-    for h, c in log:
-        if "criu restore" in c:
-            out.append(f"{h}: criu restore")
-        elif "ControlMaster=yes" in c:
-            out.append(f"{h}: ssh master")
-        elif c.startswith("ssh") and "-O exit" in c:
-            out.append(f"{h}: ssh close")
-        elif c.startswith(("criu dump", "rsync -a", "kill", "rm -rf", "sh -c umask")):
-            out.append(f"{h}: {' '.join(c.split()[:4])}")
-    return out
+def run(p, **kw):  # type: ignore[no-untyped-def]
+    return runner.run(p.ctx, phases.build(p.ctx.strategy), p.journal, **kw)
 
 
 def test_success_runs_phases_in_order_and_kills_source_last(tmp_path: Path) -> None:
-    ctx, journal, log = make(tmp_path)
-    report = runner.run(ctx, strategies.phases("stopcopy"), journal)
+    p = pair(tmp_path)
+    report = run(p)
     assert report.status == "succeeded" and report.exit_code == 0
-    assert [p.name for p in report.phases] == [
-        "preflight", "prepare", "dump", "transfer", "restore", "verify", "confirm",
-    ]  # fmt: skip
-    order = mutating(log)
+    assert [x.name for x in report.phases] == STOPCOPY
+    order = verbs(p.log)
     # before the freeze: private image dirs on both hosts, the source's ssh link to b
-    assert order[:3] == ["a: sh -c umask 077", "b: sh -c umask 077", "a: ssh master"]
+    assert order[:3] == [f"a: mkdir /wa/images/{ID}", f"b: mkdir /wb/images/{ID}", "a: ssh master"]
     assert [o for o in order if "criu" in o or "rsync" in o or "kill" in o] == [
-        "a: criu dump -t 100",
-        "a: rsync -a --partial --stats",
+        "a: criu dump",
+        f"a: rsync 198.18.0.2:/wb/images/{ID}/",
         "b: criu restore",
         "a: kill -KILL 100 101",
     ]
-    assert order[-2:] == ["a: rm -rf -- /wa/images/ID", "b: rm -rf -- /wb/images/ID"]
+    assert order[-2:] == [f"a: rm -rf -- /wa/images/{ID}", f"b: rm -rf -- /wb/images/{ID}"]
     assert "a: ssh close" in order
-    assert ("a", "lock /wa/locks/pid-100.lock") in log and log[-1] == (
-        "a",
-        "unlock /wa/locks/pid-100.lock",
-    )
-    assert any("ControlPath=/wa/images/ssh-ID" in c for h, c in log if c.startswith("rsync"))
+    lock = "/wa/locks/pid-100.lock"
+    assert ("a", ["lock", lock]) in p.log and p.log[-1] == ("a", ["unlock", lock])
+    rsync = next(argv for _, argv in p.log if argv[:2] == ["rsync", "-a"])
+    assert f"ControlPath=/wa/images/ssh-{ID}" in rsync[rsync.index("-e") + 1]
     assert report.restored_pid == 100 and report.downtime_ms is not None
-    events = [(e["event"], e.get("name"), e.get("state")) for e in journal.read()]
-    assert events[0][0] == "start" and events[-1][0] == "end"
-    assert ("phase", "dump", "begin") in events
+
+
+def test_the_journal_names_each_phase_and_its_stage(tmp_path: Path) -> None:
+    p = pair(tmp_path)
+    run(p)
+    s = summarize(p.journal.path)
+    assert s is not None and s.status == "succeeded" and s.stage == Stage.CONFIRMING
+    begun = [(e["name"], e["stage"]) for e in s.events if e.get("state") == "begin"]
+    assert begun == [("preflight", 0), ("prepare", 1), ("dump", 3), ("transfer", 3),
+                     ("restore", 4), ("verify", 4), ("confirm", 6)]  # fmt: skip
+    assert s.root_pid == 100 and s.restored_pid == 100 and s.facts["command"] == "/bin/sh /w.sh"
+
+
+def test_the_journal_never_goes_backwards(tmp_path: Path) -> None:
+    j = Journal(tmp_path, ID)
+    j.advance(Stage.FROZEN)
+    j.advance(None)
+    with pytest.raises(JournalError, match="RESTORING"):
+        j.advance(Stage.RESTORING) or j.advance(Stage.PREPARED)
 
 
 def test_restore_failure_rolls_back_newest_first(tmp_path: Path) -> None:
-    ctx, journal, log = make(tmp_path, fail="criu restore")
-    report = runner.run(ctx, strategies.phases("stopcopy"), journal)
+    p = pair(tmp_path)
+    fail(p.dst, criu("restore"))
+    report = run(p)
     assert report.status == "rolled_back" and report.exit_code == 3
     assert "criu restore failed on b" in (report.error or "")
     assert report.criu_errors == ["Error (criu/x.c:1): it broke"]
-    assert [p.name for p in report.phases][-3:] == ["undo restore", "undo dump", "undo prepare"]
-    order = mutating(log)
+    assert [x.name for x in report.phases][-3:] == ["undo restore", "undo dump", "undo prepare"]
+    order = verbs(p.log)
     after = order[order.index("b: criu restore") + 1 :]
     # the destination copy is removed before the source resumes; the source is never killed
     assert after[0] == "b: kill -KILL 100 101"
-    assert after.index("a: kill -CONT 100 101") < after.index("b: rm -rf -- /wb/images/ID")
-    assert "a: kill -KILL 100 101" not in order
-    assert "a: ssh close" in after
-    assert [e["event"] for e in journal.read()].count("undo") == 3
+    assert after.index("a: kill -CONT 100 101") < after.index(f"b: rm -rf -- /wb/images/{ID}")
+    assert "a: kill -KILL 100 101" not in order and "a: ssh close" in after
+    events = summarize(p.journal.path).events  # type: ignore[union-attr]
+    assert [e["event"] for e in events].count("undo") == 3
 
 
 def test_preflight_refusal_changes_nothing(tmp_path: Path) -> None:
-    ctx, journal, log = make(tmp_path, fail="criu check")
-    report = runner.run(ctx, strategies.phases("stopcopy"), journal)
+    p = pair(tmp_path)
+    fail(p.src, words("criu", "check"))
+    report = run(p)
     assert report.status == "failed" and report.exit_code == 1
     assert "criu check` failed" in (report.error or "")
-    assert mutating(log) == []
+    assert verbs(p.log) == []
 
 
-@pytest.mark.parametrize("fail", ["criu dump", "rsync -a"])
-def test_failure_before_restore_resumes_source(tmp_path: Path, fail: str) -> None:
-    ctx, journal, log = make(tmp_path, fail=fail)
-    report = runner.run(ctx, strategies.phases("stopcopy"), journal)
+@pytest.mark.parametrize("where", ["criu dump", "rsync"])
+def test_failure_before_restore_resumes_source(tmp_path: Path, where: str) -> None:
+    p = pair(tmp_path)
+    fail(p.src, criu("dump") if where == "criu dump" else words("rsync", "-a"))
+    report = run(p)
     assert report.status == "rolled_back"
-    order = mutating(log)
+    order = verbs(p.log)
     assert "a: kill -CONT 100 101" in order and "a: kill -KILL 100 101" not in order
     assert "b: criu restore" not in order
 
 
 def test_dry_run_records_and_changes_nothing(tmp_path: Path) -> None:
-    ctx, journal, log = make(tmp_path, dry_run=True)
-    report = runner.run(ctx, strategies.phases("stopcopy"), journal)
+    p = pair(tmp_path, dry_run=True)
+    report = run(p)
     assert report.status == "succeeded"
-    assert mutating(log) == []
-    assert any(c.startswith("a$ criu dump") for c in ctx.src.planned)
+    assert verbs(p.log) == []
+    assert any(c.startswith("a$ criu dump") for c in p.src.planned)
 
 
 def test_a_bug_in_a_phase_still_rolls_back(tmp_path: Path) -> None:
-    ctx, journal, log = make(tmp_path)
+    p = pair(tmp_path)
 
     def boom(argv: list[str]) -> Result | None:
         if argv[:2] == ["rsync", "-a"]:
             raise ValueError("a bug")
         return None
 
-    ctx.src.responders.insert(0, boom)  # type: ignore[attr-defined]
-    report = runner.run(ctx, strategies.phases("stopcopy"), journal)
+    p.src.answer(boom)
+    report = run(p)
     assert report.status == "rolled_back" and report.error == "a bug"
-    assert "a: kill -CONT 100 101" in mutating(log)
+    assert "a: kill -CONT 100 101" in verbs(p.log)
+
+
+def test_a_bug_in_an_undo_skips_no_other_undo(tmp_path: Path) -> None:
+    """A KeyError in one undo: the undos after it still run, the source is resumed, and the
+    journal ends."""
+    p = pair(tmp_path)
+    fail(p.dst, criu("restore"))
+    calls: list[str] = []
+
+    def broken_restore_undo(argv: list[str]) -> Result | None:
+        if argv[:2] == ["kill", "-KILL"] and not calls:
+            calls.append("raised")
+            raise KeyError("a bug in undo restore")
+        return None
+
+    p.dst.answer(broken_restore_undo)
+    report = run(p)
+    undo = {x.name: x.status for x in report.phases if x.name.startswith("undo ")}
+    assert undo == {"undo restore": "undo_failed", "undo dump": "undone", "undo prepare": "undone"}
+    assert "a: kill -CONT 100 101" in verbs(p.log) and report.status == "rolled_back"
+    assert summarize(p.journal.path).status == "rolled_back"  # type: ignore[union-attr]
 
 
 def test_workload_that_exited_is_named(tmp_path: Path) -> None:
-    ctx, journal, log = make(tmp_path, fail="criu dump")
+    p = pair(tmp_path)
+    fail(p.src, criu("dump"))
 
     def gone(argv: list[str]) -> Result | None:
-        if argv[:3] == ["ps", "-o", "stat="] and any("criu dump" in c for _, c in log):
-            return Result("a", argv, 1, "")
-        return None
+        dumped = any(a[:1] == ["criu"] and a[1:2] == ["dump"] for _, a in p.log)
+        return Result("a", argv, 1, "") if words("ps", "-o", "stat=")(argv) and dumped else None
 
-    ctx.src.responders.insert(0, gone)  # type: ignore[attr-defined]
-    report = runner.run(ctx, strategies.phases("stopcopy"), journal)
+    p.src.answer(gone)
+    report = run(p)
     assert report.status == "failed" and report.exit_code == 1
     assert "exited by itself on a during dump" in (report.error or "")
     assert any("first error: criu dump failed" in n for n in report.notes)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only dir anyway")
+def test_an_unwritable_journal_is_a_one_line_failure(tmp_path: Path) -> None:
+    p = pair(tmp_path)
+    tmp_path.chmod(0o500)
+    try:
+        report = run(p)
+    finally:
+        tmp_path.chmod(0o700)
+    assert report.status == "failed" and "cannot write the journal" in (report.error or "")
+    assert verbs(p.log) == []
+
+
+def test_a_journal_that_fails_mid_run_rolls_back(tmp_path: Path) -> None:
+    """A full or read-only state dir at the dump: rolled back with one line, never a
+    traceback, and the source resumed."""
+    p = pair(tmp_path)
+    real = p.journal.write
+
+    def write(event: str, **fields: object) -> None:
+        if event == "phase" and fields.get("name") == "dump" and fields.get("state") == "done":
+            raise JournalError(f"cannot write the journal {p.journal.path}: No space left")
+        real(event, **fields)
+
+    p.journal.write = write  # type: ignore[method-assign]
+    report = run(p)
+    assert report.status == "rolled_back" and "No space left" in (report.error or "")
+    assert "a: kill -CONT 100 101" in verbs(p.log)
+
+
+class Resumes(Phase):
+    """Stands for LazyRestore: the destination runs from here."""
+
+    name = "lazy-restore"
+
+    def act(self, ctx: Context) -> None:
+        pass
+
+    def undo(self, ctx: Context) -> None:
+        raise AssertionError("never undone")
+
+
+class Breaks(Phase):
+    name = "pull-pages"
+
+    def act(self, ctx: Context) -> None:
+        raise MigrationError("POST-COPY INCOMPLETE: the link broke")
+
+
+class Never(Phase):
+    name = "confirm"
+
+    def act(self, ctx: Context) -> None:
+        raise AssertionError("no confirm after a broken post-copy")
+
+
+def test_failure_after_the_point_of_no_return_is_stranded(tmp_path: Path) -> None:
+    p = pair(tmp_path, strategy="postcopy")
+    report = runner.run(p.ctx, [Resumes(), Breaks(), Never()], p.journal)
+    assert report.status == "stranded" and report.exit_code == 4
+    assert "POST-COPY INCOMPLETE" in (report.error or "")
+    assert any(n.startswith("NO ROLLBACK") for n in report.notes)
+    assert [x.name for x in report.phases] == ["lazy-restore", "pull-pages"]
+    assert summarize(p.journal.path).committed  # type: ignore[union-attr]

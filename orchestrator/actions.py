@@ -1,0 +1,122 @@
+"""The remote steps that both a phase's undo and `recover` take, written once: wait for CRIU
+to let go of an image dir, end a CRIU helper, abort a lazy dump, remove a restored copy, undo
+a warm copy, wipe images. Each takes the Context; none decides anything (the runner and
+recover.decide do)."""
+
+from __future__ import annotations
+
+import time
+
+from orchestrator.criu import background
+from orchestrator.criu import commands as criu
+from orchestrator.errors import MigrationError
+from orchestrator.layout import remove_dir
+from orchestrator.plan import Context
+from orchestrator.runtimes import net, procs
+from orchestrator.transport.ssh import Host
+
+# After an abort, CRIU needs a moment to unlock the network and let the tasks run.
+ABORT_WAIT = 30.0
+
+
+def settle(host: Host, images_dir: str, timeout: float) -> None:
+    """Before undoing: wait for a CRIU still working on images_dir (an interrupted or timed-out
+    command goes on remotely), so that e.g. a late dump cannot stop a source just resumed."""
+    if host.dry_run:
+        return
+    if not procs.wait_gone(host, images_dir, timeout):
+        raise MigrationError(f"a process on {host} still uses {images_dir} after {timeout:.0f}s")
+
+
+def kill_criu(host: Host, command: str, images_dir: str) -> None:
+    """SIGKILL any `criu COMMAND` (and its detached wrapper) working on images_dir on host."""
+    waiting = [
+        p.pid
+        for p in procs.table(host).values()
+        if f" {command} " in p.args and images_dir in p.args
+    ]
+    procs.signal(host, "KILL", waiting)
+
+
+def resume_source(ctx: Context) -> None:
+    """Undo the final dump: the stopped source runs on (restored from its images if need be)."""
+    settle(ctx.src, ctx.src_images.root, ctx.plan.policy.command_timeout)
+    if ctx.target is not None:
+        ctx.runtime.resume(ctx.src, ctx.target, ctx.src_images.final)
+
+
+def abort_lazy_dump(ctx: Context) -> None:
+    """Before the destination resumed: make the lazy dump fail, which lets the source run on
+    with its connections (never resume(): a lazy dump's images lack the pages)."""
+    src = ctx.src
+    if ctx.target is None:
+        return
+    if ctx.page_port and _lazy_dump_running(ctx):
+        # A failed lazy dump resumes the tasks but not their network: unlock it first,
+        # while they are still frozen. (A dump still starting is not listening yet.)
+        unlock_network(ctx)
+        deadline = time.monotonic() + ABORT_WAIT
+        while time.monotonic() < deadline:
+            src.run(criu.abort_lazy_dump(ctx.page_port))
+            if background.wait(src, ctx.src_images.final, background.DUMP, 1) is not None:
+                break
+    settle(src, ctx.src_images.root, ctx.plan.policy.command_timeout)
+    if ctx.runtime.state(src, ctx.target.root_pid) == procs.STOPPED:
+        # The dump ended as if every page had been pulled (its client went away cleanly):
+        # the tasks keep all their memory, stopped.
+        unlock_network(ctx)
+        procs.signal(src, "CONT", procs.tree_of(src, ctx.target.root_pid))
+
+
+def _lazy_dump_running(ctx: Context) -> bool:
+    images = ctx.src_images.root
+    return any(images in p.args and " dump " in p.args for p in procs.table(ctx.src).values())
+
+
+def unlock_network(ctx: Context) -> None:
+    """Take the workload's sockets out of TCP repair mode and drop CRIU's network lock."""
+    if ctx.target is None or ctx.target.net is None:
+        return
+    pids = procs.tree_of(ctx.src, ctx.target.root_pid)
+    r = ctx.src.run(net.unlock_argv(ctx.target.root_pid, pids))
+    if not r.ok:
+        raise MigrationError(
+            f"cannot unlock the workload's network on {ctx.src.name}: {r.error_line()}"
+        )
+
+
+def remove_restored(ctx: Context) -> None:
+    """Undo a restore: end a lazy-pages daemon, then kill the destination copy if any."""
+    kill_criu(ctx.dst, "lazy-pages", ctx.dst_images.root)
+    settle(ctx.dst, ctx.dst_images.root, ctx.plan.policy.command_timeout)
+    pid = ctx.restored_pid or ctx.runtime.find_restored(ctx.dst, ctx.dst_images.final)
+    if pid:
+        ctx.runtime.remove(ctx.dst, pid)
+        ctx.restored_pid = 0
+
+
+def mirror_paths(ctx: Context, warm: bool = False) -> None:
+    """What travels with the images (a container's bundle, config, rootfs), made an exact copy
+    at the same path on the destination. Prepare calls it too (warm), before the freeze, so
+    that the pass inside the freeze only sends what changed since; the warm copy notes which
+    paths it made, for unmirror."""
+    paths = ctx.runtime.extra_paths(ctx.target) if ctx.target else []
+    if warm and ctx.target is not None:
+        missing = [p for p in paths if not ctx.dst.run(["test", "-e", p], mutates=False).ok]
+        ctx.target.new_paths = missing
+    for path in paths:
+        ctx.link.push(path, path, mirror=True)
+
+
+def unmirror(ctx: Context) -> None:
+    """Undo the warm copy: remove what it made on the destination (never what was there)."""
+    for path in ctx.target.new_paths if ctx.target else []:
+        remove_dir(ctx.dst, path)
+
+
+def wipe_images(ctx: Context) -> None:
+    """Close the source's link; remove the image dirs on both hosts unless kept."""
+    ctx.link.close()
+    if not ctx.plan.keep_images:
+        remove_dir(ctx.src, ctx.src_images.root)
+        remove_dir(ctx.dst, ctx.dst_images.root)
