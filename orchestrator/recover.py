@@ -15,11 +15,12 @@ copy is seen running: never the last copy.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 from orchestrator import actions, strategies
-from orchestrator.config import Config, NetworkConfig, WorkloadConfig
+from orchestrator.config import Config, HostConfig, NetworkConfig, Policy, WorkloadConfig
 from orchestrator.criu import background
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, Stage, Summary
@@ -102,8 +103,11 @@ def decide(stage: Stage, lazy: bool, committed: bool, seen: Seen) -> Decision:
     return Decision(Action.ROLLBACK, f"source {seen.source}, destination {dest}")
 
 
-def recover(config: Config, summary: Summary) -> Report:
-    """Settle one unfinished migration; journal what was done and end it (unless WAIT)."""
+def recover(
+    config: Config, summary: Summary, connect: Callable[[HostConfig, Policy], Host] = Host
+) -> Report:
+    """Settle one unfinished migration; journal what was done and end it (unless WAIT).
+    `connect` makes the host objects (tests pass a fake)."""
     strategy = strategies.get(summary.strategy)
     plan = Plan(
         id=summary.id, workload=_workload(summary), source=config.host(summary.source),
@@ -118,7 +122,7 @@ def recover(config: Config, summary: Summary) -> Report:
         )
     report = Report(summary.id, summary.workload, summary.source, summary.destination,
                     strategy.name)  # fmt: skip
-    src, dst = Host(plan.source, plan.policy), Host(plan.destination, plan.policy)
+    src, dst = connect(plan.source, plan.policy), connect(plan.destination, plan.policy)
     ctx = Context.for_plan(plan, strategy, src, dst, for_workload(plan.workload))
     rounds = summary.facts.get("rounds")
     if isinstance(rounds, int) and rounds > 0:

@@ -43,9 +43,9 @@ def journal_dir(config: Path) -> Path:
 # Post-copy: once the destination has resumed (pull-pages on), recover must confirm.
 EXPECTED_POSTCOPY = {
     "page-tunnel": "rolled_back",
-    "dump": "rolled_back",
+    "lazy-dump": "rolled_back",
     "transfer": None,
-    "restore": None,
+    "lazy-restore": None,
     "pull-pages": "succeeded",
     "verify": "succeeded",
 }

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from orchestrator import strategies
 from orchestrator.config import HostConfig, Policy, WorkloadConfig
-from orchestrator.hostcheck import _FREE_KB, _HAS
+from orchestrator.criu import background
+from orchestrator.hostcheck import _FREE_KB, _HAS, _HAS_CMD
 from orchestrator.journal import Journal
 from orchestrator.plan import Context, Plan
 from orchestrator.runtimes import procs
@@ -110,6 +111,12 @@ def healthy_host(host: FakeHost, restored: list[bool]) -> None:
     host.on(lambda a: a[:1] == ["cat"] and a[-1].endswith("restored.pid"), "100\n")
     host.on(lambda a: a[:1] == ["cat"] and a[-1].endswith(".log"),
             "(0.1) Error (criu/x.c:1): it broke\n")  # fmt: skip
+    host.answer(
+        lambda a: Result(host.name, a, 0, "\n".join(a[4:]) + "\n") if script(_HAS_CMD)(a) else None
+    )  # fmt: skip  (every program asked for)
+    host.on(words("cat", "/proc/sys/fs/pipe-max-size"), f"{8 << 20}\n")
+    host.on(script(background._START), "ready\n")  # CRIU in the background: ready at once
+    host.on(script(background._WAIT), "0\n")  # ...and ended well when asked
     host.answer(lambda a: Result(host.name, a, 0, PS if source or restored else "1 0 Ss 100 sshd\n")
                 if words("ps", "-ww", "-e")(a) else None)  # fmt: skip
 
