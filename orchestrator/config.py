@@ -164,6 +164,17 @@ class Config:
         check_policy(policy, "", flags=True)
         return replace(self, policy=policy)
 
+    def route(self, source: str, destination: str) -> tuple[HostConfig, HostConfig]:
+        """Two distinct hosts by name (the same machine under two names is refused too)."""
+        src, dst = self.host(source), self.host(destination)
+        if src.name == dst.name:
+            raise ConfigError(f"source and destination are the same host ({src.name})")
+        if (src.address, src.port) == (dst.address, dst.port):
+            raise ConfigError(
+                f"hosts {src.name} and {dst.name} are one machine ({src.address} port {src.port})"
+            )
+        return src, dst
+
     def host(self, name: str) -> HostConfig:
         if name not in self.hosts:
             known = ", ".join(sorted(self.hosts)) or "none"

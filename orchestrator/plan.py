@@ -8,7 +8,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from orchestrator.config import Config, ConfigError, HostConfig, Policy, WorkloadConfig
+from orchestrator.config import HostConfig, Policy, WorkloadConfig
 from orchestrator.layout import ImageLayout
 from orchestrator.report import Round
 from orchestrator.runtimes.base import Runtime, Target
@@ -56,31 +56,6 @@ class Plan:
 
 def new_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-def make_plan(
-    config: Config,
-    workload: WorkloadConfig,
-    source: str,
-    destination: str,
-    strategy: str = "auto",
-    keep_images: bool = False,
-    dry_run: bool = False,
-) -> Plan:
-    """Resolve host names against the config (ConfigError on anything unknown)."""
-    src, dst = config.host(source), config.host(destination)
-    if src.name == dst.name:
-        raise ConfigError(f"source and destination are the same host ({src.name})")
-    return Plan(
-        id=new_id(),
-        workload=workload,
-        source=src,
-        destination=dst,
-        strategy=strategy,
-        policy=config.policy,
-        keep_images=keep_images,
-        dry_run=dry_run,
-    )
 
 
 @dataclass

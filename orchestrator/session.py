@@ -16,7 +16,7 @@ from orchestrator.errors import MigrationError
 from orchestrator.hostcheck import check_hosts
 from orchestrator.journal import Journal, NullJournal
 from orchestrator.location import whereabouts
-from orchestrator.plan import Context, Plan, make_plan
+from orchestrator.plan import Context, Plan, new_id
 from orchestrator.report import Report
 from orchestrator.runtimes import for_workload
 from orchestrator.runtimes.base import Runtime
@@ -65,7 +65,7 @@ def open_session(
     workload that an earlier migration moved to `source` is looked for under the pid it was
     restored with there (orchestrator.location), not the config's stale one."""
     strategies.resolve(strategy)
-    src_cfg = config.host(source)
+    src_cfg, dst_cfg = config.route(source, destination)
     history = journal.summaries(config.state_dir)  # read once, for both questions below
     if workload_config is None:
         workload_config = config.workload(workload)
@@ -82,7 +82,8 @@ def open_session(
                 f"run `migrate recover {busy[-1].id}` first"
             )
     planned: list[str] = []
-    plan = make_plan(config, workload_config, source, destination, strategy, keep_images, dry_run)
+    plan = Plan(new_id(), workload_config, src_cfg, dst_cfg, strategy, config.policy,
+                keep_images, dry_run)  # fmt: skip
     src = Host(plan.source, plan.policy, dry_run=plan.dry_run, planned=planned)
     dst = Host(plan.destination, plan.policy, dry_run=plan.dry_run, planned=planned)
     runtime = for_workload(plan.workload)
