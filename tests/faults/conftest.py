@@ -9,36 +9,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.kit import Background, Census, Outcome
+from tests.faults.kit import Background, Case
 
 RESULTS_ENV = "MIGRATE_FAULT_RESULTS"
-
-
-@dataclass
-class Case:
-    """What a test says about its case, for the summary table."""
-
-    fault: str = ""
-    outcome: str = ""
-    copies: str = ""
-    error: str = ""  # the report's error and notes, kept in the results file
-    notes: tuple[str, ...] = ()
-
-    def ended(self, out: Outcome) -> None:
-        self.outcome = out.summary()
-        self.error = out.error
-        self.notes = tuple(out.notes)
-
-    def counted(self, c: Census) -> None:
-        running = ", ".join(f"{len(p)} on {h}" for h, p in c.where().items()) or "0"
-        stopped = ", ".join(f"{len(p)} STOPPED on {h}" for h, p in c.stopped.items() if p)
-        self.copies = running + (f"; {stopped}" if stopped else "")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,7 +1,8 @@
 """Helpers for the fault-injection suite: a migration run in the background whose journal is
 watched (to inject a fault when a phase begins), configs with a short policy, a workload with
-a lot of memory, and the checks every case makes afterwards: where copies run, that the state
-survived, and that nothing was left behind."""
+a lot of memory, the record a case leaves for the summary table (`Case`), and the checks every
+case makes afterwards: where copies run, that the state survived, and that nothing was left
+behind. Tests import helpers from here, never from a conftest."""
 
 from __future__ import annotations
 
@@ -165,6 +166,30 @@ class Background:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+# -- what a case says for the summary table (filled by tests, written by conftest's `case`) ----
+
+
+@dataclass
+class Case:
+    """What a test says about its case, for the summary table."""
+
+    fault: str = ""
+    outcome: str = ""
+    copies: str = ""
+    error: str = ""  # the report's error and notes, kept in the results file
+    notes: tuple[str, ...] = ()
+
+    def ended(self, out: Outcome) -> None:
+        self.outcome = out.summary()
+        self.error = out.error
+        self.notes = tuple(out.notes)
+
+    def counted(self, c: Census) -> None:
+        running = ", ".join(f"{len(p)} on {h}" for h, p in c.where().items()) or "0"
+        stopped = ", ".join(f"{len(p)} STOPPED on {h}" for h, p in c.stopped.items() if p)
+        self.copies = running + (f"; {stopped}" if stopped else "")
 
 
 # -- where the workload runs -------------------------------------------------------------------

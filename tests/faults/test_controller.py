@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
+from tests.faults.kit import Case
 from tests.labkit import Workload, counter_pids, migrate, on, running_pids, start, wait_for
 
 pytestmark = pytest.mark.lab

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
 from tests.faults.kit import (
     Background,
+    Case,
     assert_one_copy,
     census,
     fault_config,

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
-from tests.faults.kit import Background, assert_one_copy, census, fault_config, leftovers
+from tests.faults.kit import Background, Case, assert_one_copy, census, fault_config, leftovers
 from tests.labkit import start
 
 pytestmark = pytest.mark.lab

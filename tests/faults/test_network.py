@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
 from tests.faults.kit import (
     POLICY,
     Background,
+    Case,
     assert_one_copy,
     census,
     fault_config,

@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
-from tests.faults.kit import assert_one_copy, census, fault_config, leftovers, phases, run_migrate
+from tests.faults.kit import (
+    Case,
+    assert_one_copy,
+    census,
+    fault_config,
+    leftovers,
+    phases,
+    run_migrate,
+)
 from tests.labkit import BROKEN_CRIU, start
 
 pytestmark = pytest.mark.lab

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
-from tests.faults.kit import Background, census, fault_config, leftovers
+from tests.faults.kit import Background, Case, census, fault_config, leftovers
 from tests.labkit import counter_pids, on, start
 
 pytestmark = pytest.mark.lab
