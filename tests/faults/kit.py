@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,45 @@ def assert_one_copy(lab: labmod.Lab, wl: Workload, host: str, before: int) -> Ce
     assert now >= before, f"state lost: the counter is at {now}, it was at {before} before"
     wait_for(lambda: wl.count() > now + 3, what=f"the counter to keep counting on {host}")
     return c
+
+
+# -- one case's setup ----------------------------------------------------------------------------
+
+
+@dataclass
+class FaultCase:
+    """What every fault case sets up (see conftest's `fault_case`): a workload on host-a that
+    counts, a config of its own (the short POLICY, its own state_dir: its journal is the only
+    one there) and the count before the fault. Runs go from host-a."""
+
+    lab: labmod.Lab
+    case: Case
+    wl: Workload
+    state: Path
+    config: Path
+    before: int
+    start: Callable[..., Background]  # conftest's `background`: killed at the end if still on
+
+    def background(self, dst: str = "host-b") -> Background:
+        """`migrate run WORKLOAD host-a DST --json` in the background."""
+        return self.start(
+            "run", self.wl.spec, "host-a", dst, "--json", config=self.config, state_dir=self.state
+        )
+
+    def migrate(self, dst: str = "host-b") -> Outcome:
+        """`migrate run WORKLOAD host-a DST --json`, to the end."""
+        return run_migrate("run", self.wl.spec, "host-a", dst, "--json", config=self.config)
+
+    def count(self) -> Census:
+        """Where the copies are now, recorded for the summary table."""
+        c = census(self.lab, self.wl.count_file)
+        self.case.counted(c)
+        return c
+
+    def ended(self, out: Outcome) -> Census:
+        """Record how the run ended and where the copies are."""
+        self.case.ended(out)
+        return self.count()
 
 
 # -- what must not be left behind --------------------------------------------------------------
