@@ -166,8 +166,9 @@ def _last_line(text: str, rc: int | None) -> str:
 
 
 def _named(sec: _Section | None) -> tuple[str, ...]:
-    """Names whose line says exit code 0, from a `NAME RC` section."""
-    if sec is None:
+    """Names whose line says exit code 0, from a complete `NAME RC` section (a section cut
+    short counts for nothing)."""
+    if sec is None or sec.rc is None:
         return ()
     out = []
     for line in sec.lines:
@@ -206,7 +207,6 @@ def parse(host_name: str, stdout: str, exit_code: int, stderr: str = "") -> Host
             free_kb = int(fields[3])
     pipe = secs.get("pipe-max-size")
     pipe_max = int(pipe.text.strip()) if pipe and pipe.ok and pipe.text.strip().isdigit() else 0
-    feats, cmds = secs.get("features"), secs.get("commands")
     error = ""
     if not done or exit_code != 0:
         last = _last_line(stderr if stderr.strip() else stdout, None)
@@ -220,9 +220,9 @@ def parse(host_name: str, stdout: str, exit_code: int, stderr: str = "") -> Host
         criu_error=criu_error,
         rsync=rs is not None and rs.ok,
         free_kb=free_kb,
-        features=_named(feats) if feats is not None and feats.rc is not None else (),
+        features=_named(secs.get("features")),
         pipe_max=pipe_max,
-        commands=_named(cmds) if cmds is not None and cmds.rc is not None else (),
+        commands=_named(secs.get("commands")),
         error=error,
     )
 
