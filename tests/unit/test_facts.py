@@ -42,7 +42,7 @@ def test_parse_recorded(path: Path) -> None:
 )
 def test_real_recordings_match_the_script(path: Path) -> None:
     """A real recording is only evidence for the script that made it: record it again
-    (tests/unit/facts/record.py) when the script changes."""
+    (`python -m tests.unit.facts.record`) when the script changes."""
     sha = hashlib.sha256(facts.SCRIPT.encode()).hexdigest()
     assert load(path)["script_sha256"] == sha
 

@@ -1,8 +1,8 @@
 """Record a host-facts case from this machine: runs `orchestrator.facts.argv` here and writes
 tests/unit/facts/NAME.json with the output and the fields `parse` makes of it now.
 
-    python tests/unit/facts/record.py NAME --description TEXT [--criu C] [--workdir W]
-        [--feature F ...] [--command C ...] [--path PATH]
+    python -m tests.unit.facts.record NAME --description TEXT [--criu C] [--workdir W]
+        [--feature F ...] [--command C ...] [--path PATH]      (from the checkout's root)
 
 Read the `expected` fields against the real commands before committing a recording: it is
 what the parser says, not yet what is true. `script_sha256` ties a real recording to the
