@@ -33,6 +33,7 @@ from orchestrator.criu.commands import parse_version
 from orchestrator.criu.logs import error_lines
 from orchestrator.transport.ssh import Host, HostError
 
+# The markers, as SCRIPT prints them.
 BEGIN = "@@migrate-fact"
 END = "@@migrate-fact-end"
 DONE = "@@migrate-facts-done"
@@ -63,8 +64,8 @@ end commands 0
 printf '\n@@migrate-facts-done\n'
 """
 
-_BEGIN = re.compile(r"^@@migrate-fact (\S+)$")
-_END = re.compile(r"^@@migrate-fact-end (\S+) (\d+)$")
+_BEGIN = re.compile(rf"^{re.escape(BEGIN)} (\S+)$")
+_END = re.compile(rf"^{re.escape(END)} (\S+) (\d+)$")
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
@@ -76,7 +77,8 @@ class HostFacts:
     True only when `criu check` passed as well; `criu_error` is CRIU's most telling line when
     either failed. `free_kb` (at the workdir, or its nearest existing parent) and `pipe_max`
     (`fs.pipe-max-size`) are 0 when unknown. `features` are the asked CRIU features that
-    `criu check --feature` confirmed, `commands` the asked programs found on PATH. `error`
+    `criu check --feature` confirmed (asked even when `criu check` failed), `commands` the
+    asked programs found on PATH. `error`
     is set when the host could not be asked or its answer was incomplete."""
 
     host: str

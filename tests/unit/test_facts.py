@@ -146,3 +146,8 @@ def test_gather_maps_host_errors() -> None:
     got = facts.gather(_host(respond))
     assert got == facts.HostFacts("a", error="a: connection refused")
     assert not got.ok
+
+
+def test_the_script_prints_the_markers_the_parser_reads() -> None:
+    for marker in (f"{facts.BEGIN} %s", f"{facts.END} %s %s", facts.DONE):
+        assert marker in facts.SCRIPT
