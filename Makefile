@@ -20,8 +20,9 @@ test-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 	    $(TEST_PACKAGES) >/dev/null
 
+# Unit tests (no root, no network) with coverage of the orchestrator package, per file.
 unit:
-	$(PYTHON) -m pytest -q tests/unit
+	$(PYTHON) -m pytest -q tests/unit --cov=orchestrator --cov-report=term-missing:skip-covered
 
 lint:
 	ruff check . && ruff format --check . && mypy orchestrator

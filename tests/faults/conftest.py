@@ -9,36 +9,16 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.kit import Background, Census, Outcome
+from tests.faults.kit import Background, Case, FaultCase, fault_config, start_big
+from tests.labkit import start
 
 RESULTS_ENV = "MIGRATE_FAULT_RESULTS"
-
-
-@dataclass
-class Case:
-    """What a test says about its case, for the summary table."""
-
-    fault: str = ""
-    outcome: str = ""
-    copies: str = ""
-    error: str = ""  # the report's error and notes, kept in the results file
-    notes: tuple[str, ...] = ()
-
-    def ended(self, out: Outcome) -> None:
-        self.outcome = out.summary()
-        self.error = out.error
-        self.notes = tuple(out.notes)
-
-    def counted(self, c: Census) -> None:
-        running = ", ".join(f"{len(p)} on {h}" for h, p in c.where().items()) or "0"
-        stopped = ", ".join(f"{len(p)} STOPPED on {h}" for h, p in c.stopped.items() if p)
-        self.copies = running + (f"; {stopped}" if stopped else "")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -152,3 +132,40 @@ def links(lab: labmod.Lab) -> Iterator[Callable[..., None]]:
     yield cut_link
     for a, b in cut:
         labmod.mend_link(lab, a, b)
+
+
+@pytest.fixture
+def fault_case(
+    lab: labmod.Lab,
+    cleanup: list[Path],
+    case: Case,
+    tmp_path: Path,
+    background: Callable[..., Background],
+) -> Callable[..., FaultCase]:
+    """fault_case(fault, workload, mib=None, policy=None, hosts=None): the setup fault cases
+    share. Names the case's fault for the table, starts the counter `workload` on host-a (with
+    `mib`: a python3 holding that much touched memory) and kills every copy of it at the end,
+    writes a config with the short policy (plus `policy`, `hosts` changes) and its own
+    state_dir under tmp_path, and takes the count before the fault."""
+
+    def prepare(
+        fault: str,
+        workload: str,
+        *,
+        mib: int | None = None,
+        policy: dict[str, Any] | None = None,
+        hosts: dict[str, dict[str, Any]] | None = None,
+    ) -> FaultCase:
+        case.fault = fault
+        if mib:
+            wl = start_big(lab, "host-a", workload, mib=mib)
+        else:
+            wl = start(lab, "host-a", workload, container=False)
+        cleanup.append(wl.count_file)
+        state = tmp_path / "state"
+        config = fault_config(
+            lab, tmp_path / "migrate.yaml", state_dir=state, policy=policy, hosts=hosts
+        )
+        return FaultCase(lab, case, wl, state, config, wl.count(), background)
+
+    return prepare

@@ -1,7 +1,8 @@
 """Helpers for the fault-injection suite: a migration run in the background whose journal is
 watched (to inject a fault when a phase begins), configs with a short policy, a workload with
-a lot of memory, and the checks every case makes afterwards: where copies run, that the state
-survived, and that nothing was left behind."""
+a lot of memory, the record a case leaves for the summary table (`Case`), and the checks every
+case makes afterwards: where copies run, that the state survived, and that nothing was left
+behind. Tests import helpers from here, never from a conftest."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +169,30 @@ class Background:
             self.proc.wait(timeout=10)
 
 
+# -- what a case says for the summary table (filled by tests, written by conftest's `case`) ----
+
+
+@dataclass
+class Case:
+    """What a test says about its case, for the summary table."""
+
+    fault: str = ""
+    outcome: str = ""
+    copies: str = ""
+    error: str = ""  # the report's error and notes, kept in the results file
+    notes: tuple[str, ...] = ()
+
+    def ended(self, out: Outcome) -> None:
+        self.outcome = out.summary()
+        self.error = out.error
+        self.notes = tuple(out.notes)
+
+    def counted(self, c: Census) -> None:
+        running = ", ".join(f"{len(p)} on {h}" for h, p in c.where().items()) or "0"
+        stopped = ", ".join(f"{len(p)} STOPPED on {h}" for h, p in c.stopped.items() if p)
+        self.copies = running + (f"; {stopped}" if stopped else "")
+
+
 # -- where the workload runs -------------------------------------------------------------------
 
 
@@ -219,6 +245,45 @@ def assert_one_copy(lab: labmod.Lab, wl: Workload, host: str, before: int) -> Ce
     assert now >= before, f"state lost: the counter is at {now}, it was at {before} before"
     wait_for(lambda: wl.count() > now + 3, what=f"the counter to keep counting on {host}")
     return c
+
+
+# -- one case's setup ----------------------------------------------------------------------------
+
+
+@dataclass
+class FaultCase:
+    """What every fault case sets up (see conftest's `fault_case`): a workload on host-a that
+    counts, a config of its own (the short POLICY, its own state_dir: its journal is the only
+    one there) and the count before the fault. Runs go from host-a."""
+
+    lab: labmod.Lab
+    case: Case
+    wl: Workload
+    state: Path
+    config: Path
+    before: int
+    start: Callable[..., Background]  # conftest's `background`: killed at the end if still on
+
+    def background(self, dst: str = "host-b") -> Background:
+        """`migrate run WORKLOAD host-a DST --json` in the background."""
+        return self.start(
+            "run", self.wl.spec, "host-a", dst, "--json", config=self.config, state_dir=self.state
+        )
+
+    def migrate(self, dst: str = "host-b") -> Outcome:
+        """`migrate run WORKLOAD host-a DST --json`, to the end."""
+        return run_migrate("run", self.wl.spec, "host-a", dst, "--json", config=self.config)
+
+    def count(self) -> Census:
+        """Where the copies are now, recorded for the summary table."""
+        c = census(self.lab, self.wl.count_file)
+        self.case.counted(c)
+        return c
+
+    def ended(self, out: Outcome) -> Census:
+        """Record how the run ended and where the copies are."""
+        self.case.ended(out)
+        return self.count()
 
 
 # -- what must not be left behind --------------------------------------------------------------

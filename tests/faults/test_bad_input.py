@@ -12,8 +12,7 @@ import pytest
 import yaml
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
-from tests.faults.kit import cli, fault_config, image_dirs, journal_files
+from tests.faults.kit import Case, cli, fault_config, image_dirs, journal_files
 
 pytestmark = pytest.mark.lab
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
+from tests.faults.kit import Case
 from tests.labkit import Workload, counter_pids, migrate, on, running_pids, start, wait_for
 
 pytestmark = pytest.mark.lab
@@ -57,8 +57,16 @@ def run_in_background(
     argv = [sys.executable, "-m", "orchestrator.cli", "run", wl.spec, "host-a", dst, "--json",
             "--strategy", strategy]  # fmt: skip
     return subprocess.Popen(
-        [*argv, "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [*argv, "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=_sigint_default,
+    )  # fmt: skip
+
+
+def _sigint_default() -> None:
+    """The controller reacts to SIGINT as from a terminal even when the suite itself runs in the
+    background of a non-interactive shell (which starts it with SIGINT ignored: inherited, the
+    interrupt case would send a signal the controller never sees)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_phase(jdir: Path, before: set[Path], phase: str, proc: subprocess.Popen[str]) -> Path:

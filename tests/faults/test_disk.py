@@ -11,18 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
-from tests.faults.kit import (
-    Background,
-    assert_one_copy,
-    census,
-    fault_config,
-    journal,
-    leftovers,
-    phases,
-    run_migrate,
-    start_big,
-)
+from tests.faults.kit import FaultCase, assert_one_copy, journal, leftovers, phases
 from tests.labkit import on
 
 pytestmark = pytest.mark.lab
@@ -58,24 +47,18 @@ def small_disk(lab: labmod.Lab) -> Iterator[Callable[[str, str], Path]]:
 
 def test_too_small_is_refused_in_preflight(
     lab: labmod.Lab,
-    cleanup: list[Path],
-    case: Case,
-    tmp_path: Path,
-    small_disk: Callable[[str, str], Path],
+    small_disk: Callable[[str, str], Path],  # before fault_case: unmounted after its run ends
+    fault_case: Callable[..., FaultCase],
 ) -> None:
-    case.fault = f"dst disk 2 MiB, images ~{MIB} MiB"
     disk = small_disk("host-b", "2m")
-    wl = start_big(lab, "host-a", "fault-disk-small", mib=MIB)
-    cleanup.append(wl.count_file)
-    state = tmp_path / "state"
-    cfg = fault_config(
-        lab, tmp_path / "migrate.yaml", state_dir=state, hosts={"host-b": {"workdir": str(disk)}}
-    )
-    before = wl.count()
+    fc = fault_case(
+        f"dst disk 2 MiB, images ~{MIB} MiB", "fault-disk-small", mib=MIB,
+        hosts={"host-b": {"workdir": str(disk)}},
+    )  # fmt: skip
+    wl, before, state = fc.wl, fc.before, fc.state
 
-    out = run_migrate("run", wl.spec, "host-a", "host-b", "--json", config=cfg)
-    case.ended(out)
-    case.counted(census(lab, wl.count_file))
+    out = fc.migrate("host-b")
+    fc.ended(out)
 
     assert out.rc == 1, out
     assert out.status == "failed"
@@ -93,31 +76,24 @@ def test_too_small_is_refused_in_preflight(
 
 def test_disk_fills_during_transfer(
     lab: labmod.Lab,
-    cleanup: list[Path],
-    case: Case,
-    tmp_path: Path,
-    small_disk: Callable[[str, str], Path],
-    background: Callable[..., Background],
+    small_disk: Callable[[str, str], Path],  # before fault_case: unmounted after its run ends
+    fault_case: Callable[..., FaultCase],
 ) -> None:
     """Room enough at pre-flight, but another writer fills the disk while the workload is
     frozen: rsync cannot write the images, the migration rolls back; the error says why."""
-    case.fault = "dst disk filled by another writer during dump"
     disk = small_disk("host-b", "160m")
-    wl = start_big(lab, "host-a", "fault-disk-fill", mib=MIB)
-    cleanup.append(wl.count_file)
-    state = tmp_path / "state"
-    cfg = fault_config(
-        lab, tmp_path / "migrate.yaml", state_dir=state, hosts={"host-b": {"workdir": str(disk)}}
-    )
-    before = wl.count()
+    fc = fault_case(
+        "dst disk filled by another writer during dump", "fault-disk-fill", mib=MIB,
+        hosts={"host-b": {"workdir": str(disk)}},
+    )  # fmt: skip
+    wl, before = fc.wl, fc.before
 
-    run = background("run", wl.spec, "host-a", "host-b", "--json", config=cfg, state_dir=state)
+    run = fc.background("host-b")
     run.wait("dump", "begin")
     # Leave 2 MiB free: far less than the images.
     on(lab, "host-b", FILL, str(disk))
     out = run.finish()
-    case.ended(out)
-    case.counted(census(lab, wl.count_file))
+    fc.ended(out)
 
     assert out.rc == 3, out
     assert out.status == "rolled_back"

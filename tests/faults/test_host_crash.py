@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
-from tests.faults.kit import Background, assert_one_copy, census, fault_config, leftovers
-from tests.labkit import start
+from tests.faults.kit import FaultCase, assert_one_copy, leftovers
 
 pytestmark = pytest.mark.lab
 
@@ -24,22 +21,16 @@ pytestmark = pytest.mark.lab
 @pytest.mark.parametrize("silent", [False, True], ids=["crash", "power-loss"])
 def test_destination_dies_during_restore(
     lab: labmod.Lab,
-    cleanup: list[Path],
-    case: Case,
-    tmp_path: Path,
-    background: Callable[..., Background],
+    fault_case: Callable[..., FaultCase],
     crash: Callable[..., None],
     silent: bool,
 ) -> None:
-    case.fault = "dst host-c " + ("loses power" if silent else "crashes") + " at restore begin"
-    wl = start(lab, "host-a", f"fault-crash-{int(silent)}", container=False)
-    cleanup.append(wl.count_file)
-    state = tmp_path / "state"
+    fault = "dst host-c " + ("loses power" if silent else "crashes") + " at restore begin"
     policy = {"command_timeout": 10} if silent else {}
-    cfg = fault_config(lab, tmp_path / "migrate.yaml", state_dir=state, policy=policy)
-    before = wl.count()
+    fc = fault_case(fault, f"fault-crash-{int(silent)}", policy=policy)
+    wl, before = fc.wl, fc.before
 
-    run = background("run", wl.spec, "host-a", "host-c", "--json", config=cfg, state_dir=state)
+    run = fc.background("host-c")
     run.wait("restore", "begin")
     crash("host-c", silent=silent)
     try:
@@ -47,8 +38,8 @@ def test_destination_dies_during_restore(
         out = run.finish(timeout=60)
     finally:
         labmod.revive_host(lab, "host-c")
-        case.counted(census(lab, wl.count_file))
-    case.ended(out)
+        fc.count()
+    fc.case.ended(out)
     # host-c's disk outlives the crash: its half-received images are the only thing the
     # controller could not clean (and the report says so). Not left for the next cases.
     if out.id:

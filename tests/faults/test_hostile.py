@@ -20,8 +20,7 @@ import pytest
 import yaml
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
-from tests.faults.kit import census, cli, fault_config, journal_files
+from tests.faults.kit import Case, census, cli, fault_config, journal_files
 from tests.labkit import Workload, counter_pids, on, start
 
 pytestmark = pytest.mark.lab

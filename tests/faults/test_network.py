@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
 from tests.faults.kit import (
     POLICY,
     Background,
+    FaultCase,
     assert_one_copy,
-    census,
-    fault_config,
     leftovers,
     phases,
 )
-from tests.labkit import start
 
 pytestmark = pytest.mark.lab
 
@@ -39,28 +35,20 @@ def _mend_after(lab: labmod.Lab, run: Background, seconds: float) -> float:
 
 def test_short_cut_heals(
     lab: labmod.Lab,
-    cleanup: list[Path],
-    case: Case,
-    tmp_path: Path,
-    background: Callable[..., Background],
+    fault_case: Callable[..., FaultCase],
     links: Callable[..., None],
 ) -> None:
     """Packets dropped for ~3 s, then the link is back: the transfer goes on (TCP retransmits,
     or rsync is retried) well within the retry deadline, and the migration succeeds."""
-    case.fault = "link a-b dropped 3 s during transfer"
-    wl = start(lab, "host-a", "fault-net-short", container=False)
-    cleanup.append(wl.count_file)
-    state = tmp_path / "state"
-    cfg = fault_config(lab, tmp_path / "migrate.yaml", state_dir=state)
-    before = wl.count()
+    fc = fault_case("link a-b dropped 3 s during transfer", "fault-net-short")
+    wl, before = fc.wl, fc.before
 
-    run = background("run", wl.spec, "host-a", "host-b", "--json", config=cfg, state_dir=state)
+    run = fc.background("host-b")
     run.wait("dump", "begin")
     links("host-a", "host-b", "drop")
     cut_for = _mend_after(lab, run, 3.0)
     out = run.finish()
-    case.ended(out)
-    case.counted(census(lab, wl.count_file))
+    fc.ended(out)
 
     assert cut_for < POLICY["retry_deadline"]
     assert out.rc == 0, out
@@ -73,28 +61,20 @@ def test_short_cut_heals(
 
 def test_refused_link_is_retried(
     lab: labmod.Lab,
-    cleanup: list[Path],
-    case: Case,
-    tmp_path: Path,
-    background: Callable[..., Background],
+    fault_case: Callable[..., FaultCase],
     links: Callable[..., None],
 ) -> None:
     """Connections refused (TCP reset) for ~3 s: the first rsync fails at once, a retry after
     the link is back succeeds within the deadline; the report says the transfer was retried."""
-    case.fault = "link a-b refused 3 s during transfer"
-    wl = start(lab, "host-a", "fault-net-refused", container=False)
-    cleanup.append(wl.count_file)
-    state = tmp_path / "state"
-    cfg = fault_config(lab, tmp_path / "migrate.yaml", state_dir=state)
-    before = wl.count()
+    fc = fault_case("link a-b refused 3 s during transfer", "fault-net-refused")
+    wl, before = fc.wl, fc.before
 
-    run = background("run", wl.spec, "host-a", "host-b", "--json", config=cfg, state_dir=state)
+    run = fc.background("host-b")
     run.wait("dump", "begin")
     links("host-a", "host-b", "reject")
     _mend_after(lab, run, 3.0)
     out = run.finish()
-    case.ended(out)
-    case.counted(census(lab, wl.count_file))
+    fc.ended(out)
 
     assert out.rc == 0, out
     assert out.status == "succeeded"
@@ -110,27 +90,19 @@ def test_refused_link_is_retried(
 
 def test_long_cut_rolls_back(
     lab: labmod.Lab,
-    cleanup: list[Path],
-    case: Case,
-    tmp_path: Path,
-    background: Callable[..., Background],
+    fault_case: Callable[..., FaultCase],
     links: Callable[..., None],
 ) -> None:
     """Cut for good (longer than the retry deadline): the transfer gives up, everything is undone
     and the source runs on, as before."""
-    case.fault = "link a-b dropped for good (> deadline)"
-    wl = start(lab, "host-a", "fault-net-long", container=False)
-    cleanup.append(wl.count_file)
-    state = tmp_path / "state"
-    cfg = fault_config(lab, tmp_path / "migrate.yaml", state_dir=state)
-    before = wl.count()
+    fc = fault_case("link a-b dropped for good (> deadline)", "fault-net-long")
+    wl, before = fc.wl, fc.before
 
-    run = background("run", wl.spec, "host-a", "host-b", "--json", config=cfg, state_dir=state)
+    run = fc.background("host-b")
     run.wait("dump", "begin")
     links("host-a", "host-b", "drop")
     out = run.finish(timeout=90)
-    case.ended(out)
-    case.counted(census(lab, wl.count_file))
+    fc.ended(out)
     labmod.mend_link(lab, "host-a", "host-b")
 
     assert out.rc == 3, out

@@ -2,36 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.conftest import Case
-from tests.faults.kit import assert_one_copy, census, fault_config, leftovers, phases, run_migrate
-from tests.labkit import BROKEN_CRIU, start
+from tests.faults.kit import FaultCase, assert_one_copy, leftovers, phases
+from tests.labkit import BROKEN_CRIU
 
 pytestmark = pytest.mark.lab
 
 
 def test_restore_fails_on_destination(
-    lab: labmod.Lab, cleanup: list[Path], case: Case, tmp_path: Path
+    lab: labmod.Lab, fault_case: Callable[..., FaultCase], tmp_path: Path
 ) -> None:
-    case.fault = "criu restore fails on the destination"
-    wl = start(lab, "host-a", "fault-restore", container=False)
-    cleanup.append(wl.count_file)
     broken = tmp_path / "criu-fails-restore"
     broken.write_text(BROKEN_CRIU)
     broken.chmod(0o755)
-    cfg = fault_config(
-        lab, tmp_path / "migrate.yaml", state_dir=tmp_path / "state",
+    fc = fault_case(
+        "criu restore fails on the destination", "fault-restore",
         hosts={"host-b": {"criu": str(broken)}},
     )  # fmt: skip
-    before = wl.count()
+    wl, before = fc.wl, fc.before
 
-    out = run_migrate("run", wl.spec, "host-a", "host-b", "--json", config=cfg)
-    case.ended(out)
-    case.counted(census(lab, wl.count_file))
+    out = fc.migrate("host-b")
+    fc.ended(out)
 
     assert out.rc == 3, out
     assert out.status == "rolled_back"

@@ -124,8 +124,11 @@ def test_the_journal_says_where_a_workload_went(tmp_path: Path) -> None:
     assert where["rolled"][0] == "host-a" and "nowhere" not in where
     assert sorted(workloads_on(cfg, "host-a")) == ["rolled", "stayed"]
     # `run moved host-b ...` looks for it under its pid there; from host-a, under the config's.
-    assert open_session(cfg, "moved", "host-b", "host-a").plan.workload.pid == 77
-    assert open_session(cfg, "moved", "host-a", "host-c").plan.workload.pid == 10
+    # (A fixed strategy: `auto` would ask the hosts which one they can do.)
+    session = open_session(cfg, "moved", "host-b", "host-a", strategy="stopcopy")
+    assert session.plan.workload.pid == 77
+    session = open_session(cfg, "moved", "host-a", "host-c", strategy="stopcopy")
+    assert session.plan.workload.pid == 10
     journal("m3", "moved", "host-a", "succeeded", 78)  # and back again: the last one wins
     assert workloads_on(cfg, "host-a")["moved"].pid == 78
     assert list(select(cfg, "host-a", ["moved"])) == ["moved"]
