@@ -11,7 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from orchestrator.evacuate import Survey
-from orchestrator.hostcheck import HostCheck
+from orchestrator.facts import HostFacts
 from orchestrator.journal import Summary
 from orchestrator.progress import human_bytes
 from orchestrator.report import PhaseResult, Report
@@ -158,10 +158,10 @@ def summary_dict(j: Summary) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def checks(results: list[HostCheck], as_json: bool = False) -> None:
+def checks(results: list[HostFacts], as_json: bool = False) -> None:
     """The host half of pre-flight, one row per host."""
     if as_json:
-        print(json.dumps([c.__dict__ | {"ok": c.ok, "problems": c.problems()} for c in results]))
+        print(json.dumps([asdict(c) | {"ok": c.ok, "problems": c.problems()} for c in results]))
         return
     print(f"{'host':<12} {'criu':<8} {'check':<6} {'rsync':<6} {'free MiB':>9}  "
           f"{'features':<62}  problems")  # fmt: skip

@@ -104,7 +104,7 @@ def settle_auto(policy: Policy, src: Host, dst: Host, runtime: Runtime) -> tuple
     dst_f: list[str] = []
     if policy.allow_postcopy:
         checks = check_hosts([src, dst], features=True)
-        src_f, dst_f = checks[0].features or [], checks[1].features or []
+        src_f, dst_f = list(checks[0].features), list(checks[1].features)
     elif any(DIRTY_TRACKING in s.needs.src_features and s.needs.runtime <= runtime.capabilities
              for s in strategies.TABLE.values()):  # fmt: skip
         src_f = [DIRTY_TRACKING] if _has_feature(src, DIRTY_TRACKING) else []

@@ -18,7 +18,7 @@ class Preflight(Phase):
 
     def act(self, ctx: Context) -> None:
         needs = ctx.strategy.needs
-        checks = check_hosts([ctx.src, ctx.dst], needs.features, needs.pipe_max_bytes > 0, needs)
+        checks = check_hosts([ctx.src, ctx.dst], needs.features, needs)
         problems = [p for c in checks for p in c.problems()]
         if not problems:
             problems = unmet(needs, ctx.strategy.title, checks[0], checks[1])

@@ -12,10 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator import strategies
+from orchestrator import facts, strategies
 from orchestrator.config import HostConfig, Policy, WorkloadConfig
 from orchestrator.criu import background
-from orchestrator.hostcheck import _FREE_KB, _HAS, _HAS_CMD
 from orchestrator.journal import Journal
 from orchestrator.plan import Context, Plan
 from orchestrator.runtimes import procs
@@ -58,6 +57,7 @@ class FakeHost(Host):
     log: list[tuple[str, list[str]]] = field(default_factory=list)  # share one list: order
     replies: list[Reply] = field(default_factory=list)
     watchers: list[Callable[[list[str]], None]] = field(default_factory=list)  # see all first
+    lacking: set[str] = field(default_factory=set)  # CRIU features and programs it has not
 
     def on(self, match: Match, out: str = "", err: str = "", code: int = 0) -> None:
         """Answer commands that match, before the replies given earlier."""
@@ -106,15 +106,11 @@ def healthy_host(host: FakeHost, restored: list[bool]) -> None:
     host.on(words("criu", "--version"), "Version: 4.2.1\n")
     host.on(words("ps", "-o", "stat="), "S\n")
     host.on(script(procs._NS_SCRIPT), "NSpid:\t100\npid same\nmnt same\nnet same\n")
-    host.on(script(_FREE_KB), "/dev/x 1000 10 99999999 1% /\n")
-    host.on(script(_HAS), "\n".join(strategies.FEATURES) + "\n")
+    host.answer(lambda a: Result(host.name, a, 0, facts_output(host, a))
+                if script(facts.SCRIPT)(a) else None)  # fmt: skip
     host.on(lambda a: a[:1] == ["cat"] and a[-1].endswith("restored.pid"), "100\n")
     host.on(lambda a: a[:1] == ["cat"] and a[-1].endswith(".log"),
             "(0.1) Error (criu/x.c:1): it broke\n")  # fmt: skip
-    host.answer(
-        lambda a: Result(host.name, a, 0, "\n".join(a[4:]) + "\n") if script(_HAS_CMD)(a) else None
-    )  # fmt: skip  (every program asked for)
-    host.on(words("cat", "/proc/sys/fs/pipe-max-size"), f"{8 << 20}\n")
     host.on(script(background._START), "ready\n")  # CRIU in the background: ready at once
     host.on(script(background._WAIT), "0\n")  # ...and ended well when asked
     host.answer(lambda a: Result(host.name, a, 0, PS if source or restored else "1 0 Ss 100 sshd\n")
@@ -125,6 +121,26 @@ def healthy_host(host: FakeHost, restored: list[bool]) -> None:
             restored.append(True)
 
     host.watchers.append(restore)
+
+
+def facts_output(host: FakeHost, argv: list[str]) -> str:
+    """What facts.SCRIPT prints on a healthy host: CRIU 4.2.1 passing its check, rsync, room,
+    big pipes, every feature and program asked for but those in host.lacking."""
+    n = int(argv[6])
+    features, commands = argv[7 : 7 + n], argv[7 + n :]
+
+    def section(name: str, text: str, rc: int = 0) -> str:
+        return f"\n{facts.BEGIN} {name}\n{text}\n{facts.END} {name} {rc}\n"
+
+    def rcs(names: list[str]) -> str:
+        return "\n".join(f"{x} {1 if x in host.lacking else 0}" for x in names)
+
+    return (section("criu-version", "Version: 4.2.1")
+            + section("criu-check", "Looks good.", 1 if "criu check" in host.lacking else 0)
+            + section("rsync", "rsync  version 3.2.7  protocol version 31")
+            + section("df", "/dev/x 1000 10 99999999 1% /")
+            + section("pipe-max-size", str(8 << 20)) + section("features", rcs(features))
+            + section("commands", rcs(commands)) + f"\n{facts.DONE}\n")  # fmt: skip
 
 
 def fail(host: FakeHost, match: Match) -> None:

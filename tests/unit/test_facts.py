@@ -120,7 +120,7 @@ def test_problems_and_ok() -> None:
 
 def _host(responder: Any) -> FakeHost:
     cfg = HostConfig("a", "198.18.0.1", "/k", "/kh", workdir="/wa", criu="/opt/criu/criu")
-    return FakeHost(cfg, Policy(), responders=[responder])
+    return FakeHost(cfg, Policy(), replies=[responder])
 
 
 def test_gather_runs_one_read_only_command() -> None:

@@ -11,7 +11,8 @@ from orchestrator.criu import background
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import pages_pulled
 from orchestrator.errors import MigrationError
-from orchestrator.hostcheck import HostCheck, unmet
+from orchestrator.facts import HostFacts
+from orchestrator.hostcheck import unmet
 
 ALL = frozenset(Capability)
 
@@ -45,16 +46,16 @@ def test_unknown_strategy_is_refused() -> None:
 
 def test_postcopy_needs_name_what_is_missing() -> None:
     needs = strategies.TABLE["postcopy"].needs
-    src = HostCheck("a", features=["uffd-noncoop"], pipe_max=1 << 20, missing=["python3"])
-    dst = HostCheck("b", features=[], pipe_max=4 << 20)
+    src = HostFacts("a", features=("uffd-noncoop",), pipe_max=1 << 20, commands=())
+    dst = HostFacts("b", features=(), pipe_max=4 << 20)
     problems = unmet(needs, "post-copy", src, dst)
     assert any("uffd-noncoop on b" in p for p in problems)
     assert any("fs.pipe-max-size >= 4194304 on a (it is 1048576)" in p for p in problems)
     assert any("python3 on a" in p for p in problems)
-    ok_src = HostCheck("a", features=[], pipe_max=4 << 20, missing=[])
+    ok_src = HostFacts("a", features=(), pipe_max=4 << 20, commands=("python3",))
     assert (
         unmet(
-            needs, "post-copy", ok_src, HostCheck("b", features=["uffd-noncoop"], pipe_max=8 << 20)
+            needs, "post-copy", ok_src, HostFacts("b", features=("uffd-noncoop",), pipe_max=8 << 20)
         )
         == []
     )

@@ -85,7 +85,7 @@ def test_restore_failure_rolls_back_newest_first(tmp_path: Path) -> None:
 
 def test_preflight_refusal_changes_nothing(tmp_path: Path) -> None:
     p = pair(tmp_path)
-    fail(p.src, words("criu", "check"))
+    p.src.lacking.add("criu check")
     report = run(p)
     assert report.status == "failed" and report.exit_code == 1
     assert "criu check` failed" in (report.error or "")
