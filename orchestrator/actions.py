@@ -114,6 +114,21 @@ def unmirror(ctx: Context) -> None:
         remove_dir(ctx.dst, path)
 
 
+def wipe_images_if_safe(ctx: Context, dirs: list[tuple[Host, str]]) -> None:
+    """Undo's cleanup: remove dirs, but only while the source copy runs (a failed resume may
+    have left the images the only copy: then they stay, for `recover`, and the report says
+    where)."""
+    if ctx.plan.keep_images:
+        return
+    if ctx.target is not None and not ctx.plan.dry_run:
+        if not ctx.runtime.running(ctx.src, ctx.target.root_pid):
+            kept = ", ".join(f"{h.name}:{d}" for h, d in dirs)
+            ctx.notes.append(f"images kept (the source copy does not run): {kept}")
+            return
+    for host, path in dirs:
+        remove_dir(host, path)
+
+
 def wipe_images(ctx: Context) -> None:
     """Close the source's link; remove the image dirs on both hosts unless kept."""
     ctx.link.close()

@@ -22,6 +22,8 @@ RESERVED_CRIU_OPTIONS = (
     "--images-dir", "--work-dir", "--log-file", "--pidfile", "--tree", "--leave-running",
     "--leave-stopped", "--restore-detached", "--prev-images-dir", "--page-server", "--address",
     "--port", "--lazy-pages", "--action-script", "--exec-cmd", "--config", "--status-fd",
+    "--libdir",  # loads plugins: code
+
 )  # fmt: skip
 IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")  # IFNAMSIZ - 1
 LOCATORS = ("pid", "pidfile", "systemd_unit", "match")
@@ -254,6 +256,11 @@ def _host(v: _Validator, name: Any, raw: Any) -> HostConfig:
             _check_path(value, f"{v.path}: hosts.{name}.{key}")
     if not ADDRESS_RE.match(host.address):
         raise ConfigError(f"{v.path}: hosts.{name}.address: not a host name or IP address")
+    if ":" in host.address:
+        raise ConfigError(
+            f"{v.path}: hosts.{name}.address: IPv6 addresses are not supported yet (rsync and "
+            "ssh between hosts would need them bracketed): use a host name or an IPv4 address"
+        )
     if not USER_RE.match(host.user):
         raise ConfigError(f"{v.path}: hosts.{name}.user: not a user name")
     if not IFNAME_RE.match(host.bridge):

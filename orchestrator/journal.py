@@ -8,6 +8,7 @@ undo needs; a phase that begins also moves the migration's Stage, which only goe
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ class Journal:
         self.dir = state_dir / "journal"
         self.path = self.dir / f"{migration_id}.jsonl"
         self.stage = Stage.PLANNED
+        self._held: int | None = None  # the fd whose flock says a live process owns it
 
     def write(self, event: str, **fields: Any) -> None:
         """Append one record, whole and on disk, or raise JournalError."""
@@ -67,6 +69,29 @@ class Journal:
                 _fsync_dir(self.dir)
         except OSError as e:
             raise JournalError(f"cannot write the journal {self.path}: {e.strerror or e}") from None
+
+    def hold(self) -> None:
+        """Hold this migration's journal for as long as this process lives (an flock the
+        kernel drops when it dies): a live controller is told apart from a dead one, and two
+        recovers of one migration cannot run at once. JournalError if someone holds it."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise JournalError(f"cannot open the journal {self.path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise JournalError(
+                f"migration {self.path.stem} is live: another process holds {self.path}"
+            ) from None
+        self._held = fd
+
+    def release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
 
     def advance(self, stage: Stage | None) -> None:
         """Move to stage (None: stay); going backwards is refused (a bug, or a second writer)."""
@@ -93,8 +118,12 @@ class NullJournal(Journal):
     def __init__(self) -> None:
         self.stage = Stage.PLANNED
         self.path = Path("-")
+        self._held = None
 
     def write(self, event: str, **fields: Any) -> None:
+        return None
+
+    def hold(self) -> None:
         return None
 
 
@@ -127,6 +156,16 @@ class Summary:
         return _int(self.facts.get("root_pid"))
 
     @property
+    def start_time(self) -> int | None:
+        return _int(self.facts.get("start_time"))
+
+    def holds(self, source: str, root_pid: int, start_time: int | None) -> bool:
+        """Whether this migration is about that process (a pid and its start time, on source),
+        whatever name it was given (`c1`, `pid:N`, `pidfile:P` can all be one process)."""
+        same_start = None in (start_time, self.start_time) or start_time == self.start_time
+        return self.source == source and self.root_pid == root_pid and same_start
+
+    @property
     def restored_pid(self) -> int | None:
         return _int(self.facts.get("restored_pid"))
 
@@ -156,8 +195,8 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
-FACT_KEYS = ("root_pid", "command", "restored_pid", "net", "network_lock", "new_paths",
-             "committed", "page_port", "rounds")  # fmt: skip
+FACT_KEYS = ("root_pid", "start_time", "command", "restored_pid", "net", "network_lock",
+             "new_paths", "committed", "page_port", "rounds")  # fmt: skip
 # Journals written before stages were recorded: the stage each phase's begin meant.
 _STAGE_OF = {"preflight": Stage.PLANNED, "prepare": Stage.PREPARED, "precopy": Stage.PRECOPY,
              "page-server": Stage.PREPARED, "page-tunnel": Stage.PREPARED, "dump": Stage.FROZEN,

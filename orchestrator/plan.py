@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator.config import HostConfig, Policy, WorkloadConfig
+from orchestrator.journal import Summary
 from orchestrator.layout import ImageLayout
 from orchestrator.report import Round
 from orchestrator.runtimes.base import Runtime, Target
@@ -114,6 +115,9 @@ class Context:
     precopy: PrecopyState = field(default_factory=PrecopyState)
     postcopy: PostcopyState = field(default_factory=PostcopyState)
     notes: list[str] = field(default_factory=list)
+    # Unfinished migrations in the journal (their controllers died, or run): pre-flight
+    # refuses the workload if one of them holds the same process.
+    unfinished: tuple[Summary, ...] = ()
 
     @classmethod
     def for_plan(cls, plan: Plan, strategy: Strategy, src: Host, dst: Host,

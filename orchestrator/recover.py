@@ -14,6 +14,8 @@ copy is seen running: never the last copy.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from orchestrator.report import PhaseResult, Report
 from orchestrator.runtimes import for_workload, procs
 from orchestrator.runtimes.base import Target
 from orchestrator.runtimes.net import NetInfo
-from orchestrator.transport.ssh import Host, HostError
+from orchestrator.transport.ssh import Host, HostError, LockBusy, RemoteLock
 
 RUNNING, STOPPED, GONE, UNREACHABLE = procs.RUNNING, procs.STOPPED, procs.GONE, "unreachable"
 
@@ -87,6 +89,8 @@ def decide(stage: Stage, lazy: bool, committed: bool, seen: Seen) -> Decision:
             Action.STRANDED, f"post-copy: the destination resumed; pages {seen.pages.value}"
         )
     source_copy = seen.source in (RUNNING, STOPPED) or seen.source_images
+    if stage >= Stage.CONFIRMING and dest == RUNNING and seen.source != RUNNING:
+        return Decision(Action.CONFIRM, "confirm had begun: the destination's copy was verified")
     if (
         dest == RUNNING
         and seen.source != RUNNING
@@ -133,25 +137,47 @@ def recover(
     ctx.page_port = port if isinstance(port, int) else None
     ctx.restored_pid = summary.restored_pid or 0
     t0 = time.monotonic()
+    journal = Journal(config.state_dir, summary.id)
+    journal.hold()  # JournalError if its controller (or another recover) still runs
+    lock = None
     try:
+        lock, busy = _lock(ctx, summary)
         seen = observe(ctx, summary)
         decision = decide(summary.stage, strategy.lazy, summary.committed, seen)
+        if busy:
+            decision = Decision(Action.WAIT, busy)
         report.notes.append(
             f"found: {plan.source.name} {seen.source}, {plan.destination.name} "
             f"{seen.destination} (the controller died in {summary.last_phase}): "
             f"{decision.action.value}, {decision.why}"
         )
         report.status = apply(ctx, decision, seen, report)
+        report.phases.append(PhaseResult("recover", report.status, round(time.monotonic() - t0, 3)))
+        if decision.action is not Action.WAIT:
+            journal.write("recover", status=report.status, action=decision.action.value,
+                          notes=report.notes)  # fmt: skip
+            journal.write("end", status=report.status, error=report.error, recovered=True)
     finally:
+        if lock is not None:
+            lock.release()
+        journal.release()
         src.close()
         dst.close()
-    report.phases.append(PhaseResult("recover", report.status, round(time.monotonic() - t0, 3)))
-    if decision.action is not Action.WAIT:
-        journal = Journal(config.state_dir, summary.id)
-        journal.write("recover", status=report.status, action=decision.action.value,
-                      notes=report.notes)  # fmt: skip
-        journal.write("end", status=report.status, error=report.error, recovered=True)
     return report
+
+
+def _lock(ctx: Context, summary: Summary) -> tuple[RemoteLock | None, str | None]:
+    """Take the workload's lock on the source, as a migration does: (lock, None), or (None,
+    why not) when a live migration holds it; (None, None) if the source cannot be asked."""
+    if ctx.target is None:
+        return None, None
+    holder = f"recover of {summary.id} by {socket.gethostname()} pid {os.getpid()}"
+    try:
+        return ctx.src.lock(ctx.plan.lock_path(ctx.target.root_pid), holder), None
+    except LockBusy as e:
+        return None, f"a live migration holds the workload's lock: {e}"
+    except HostError:
+        return None, None
 
 
 def _workload(summary: Summary) -> WorkloadConfig:
@@ -171,6 +197,7 @@ def _target(summary: Summary) -> Target | None:
     f = summary.facts
     return Target(
         root_pid=summary.root_pid, pids=[], rss_kb=0, command=str(f.get("command") or ""),
+        start_time=summary.start_time,
         net=NetInfo(**f["net"]) if isinstance(f.get("net"), dict) else None,
         network_lock=f.get("network_lock") if isinstance(f.get("network_lock"), str) else None,
         new_paths=[p for p in f.get("new_paths") or [] if isinstance(p, str)],
@@ -187,7 +214,7 @@ def observe(ctx: Context, summary: Summary) -> Seen:
         for host, root in ((ctx.src, ctx.src_images.root), (ctx.dst, ctx.dst_images.root)):
             _safe(lambda h=host, r=root: actions.settle(h, r, policy.command_timeout))
     command = ctx.target.command
-    source = _copy(ctx, ctx.src, ctx.target.root_pid, command)
+    source = _copy(ctx, ctx.src, ctx.target.root_pid, command, ctx.target.start_time)
     images = False
     if source == GONE:
         images = bool(_safe(lambda: ctx.runtime.checkpointed(ctx.src, ctx.src_images.final)))
@@ -208,7 +235,7 @@ def observe(ctx: Context, summary: Summary) -> Seen:
     healthy = None
     health = ctx.plan.workload.health
     if dest == RUNNING and health:  # as verify would have checked
-        r = _safe(lambda: ctx.dst.run(["sh", "-c", health], mutates=False))
+        r = _safe(lambda: ctx.dst.run(["sh", "-c", health]))
         healthy = bool(r and r.ok)
     return Seen(source, dest, images, healthy, pages)
 
@@ -284,12 +311,17 @@ def _reachable(host: Host) -> str:
         return UNREACHABLE
 
 
-def _copy(ctx: Context, host: Host, pid: int, command: str) -> str:
-    """The state of the copy at pid on host; a reused pid running something else is gone."""
+def _copy(ctx: Context, host: Host, pid: int, command: str, start: int | None = None) -> str:
+    """The state of the copy at pid on host; a reused pid running something else is gone.
+    With its start time known, (pid, start time) says whether it is the same process."""
     try:
         table = procs.table(host)
         if pid not in table or (command and table[pid].args != command):
             return GONE
+        if start is not None:
+            ns = procs.namespaces(host, pid)
+            if ns is None or (ns.start_time is not None and ns.start_time != start):
+                return GONE
         return ctx.runtime.state(host, pid)
     except HostError:
         return UNREACHABLE

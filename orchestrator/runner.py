@@ -34,7 +34,9 @@ def run(
     done: list[Phase] = []
     failure: BaseException | None = None
     stranded: BaseException | None = None
+    settled = True  # False: left for `recover` (no end record)
     try:
+        journal.hold()  # released at the end: while held, recover knows this run is live
         journal.write(
             "start", id=plan.id, workload=plan.workload.name, source=plan.source.name,
             destination=plan.destination.name, strategy=ctx.strategy.name,
@@ -45,6 +47,11 @@ def run(
         failure = e
         phases = []
     for phase in phases:
+        lost = _keep_lock(ctx, phase)
+        if lost is not None:  # never go on unlocked: stop here, as if the last phase failed
+            failure = lost
+            report.phases.append(PhaseResult(phase.name, "failed", 0.0, _message(lost)))
+            break
         emit(phase.name, None)
         t0 = time.monotonic()
         try:
@@ -92,16 +99,37 @@ def run(
         report.status = "succeeded"
     else:
         _fail(report, failure)
-        report.status = _rollback(ctx, done, journal, report, emit)
+        report.status, settled = _rollback(ctx, done, journal, report, emit)
     _fill(report, ctx)
     report.total_ms = round((time.monotonic() - started) * 1000)
     try:
-        journal.write("end", status=report.status, error=report.error)
+        if settled:
+            journal.write("end", status=report.status, error=report.error)
     except MigrationError as e:
         report.notes.append(f"{e}: `migrate recover {plan.id}` will find it unfinished")
     if ctx.lock is not None:
         ctx.lock.release()
+    journal.release()
     return report
+
+
+def _keep_lock(ctx: Context, phase: Phase) -> MigrationError | None:
+    """Before each phase: the source's lock is still held, or taken again if its connection
+    dropped and came back; the error that stops the migration if it cannot be."""
+    if ctx.lock is None:
+        return None
+    try:
+        if ctx.lock.ensure():
+            ctx.notes.append(
+                f"the lock on {ctx.src.name} was lost with its ssh connection and taken again "
+                f"before {phase.name}"
+            )
+        return None
+    except MigrationError as e:
+        return MigrationError(
+            f"lost the workload's lock on {ctx.src.name} (its ssh connection dropped) and "
+            f"cannot take it again before {phase.name}: {e}"
+        )
 
 
 def _record(journal: Journal, phase: Phase, state: str, ctx: Context, error: str | None = None,
@@ -187,11 +215,13 @@ def _undo_all(
 
 def _rollback(
     ctx: Context, done: list[Phase], journal: Journal, report: Report, emit: Listener
-) -> str:
-    """Undo phases newest first; `rolled_back` only if the source copy is seen running again."""
+) -> tuple[str, bool]:
+    """Undo phases newest first; `rolled_back` only if the source copy is seen running again.
+    Also whether that settles it (False: no copy is seen running, the journal stays open and
+    the images stay for `recover`)."""
     if [p.name for p in done] in ([], ["preflight"]):
         report.notes.append("refused in preflight: nothing was changed on either host")
-        return "failed"
+        return "failed", True
     failed = done[-1].name
     undoable = [p for p in reversed(done) if type(p).undo is not Phase.undo]
     try:
@@ -203,7 +233,7 @@ def _rollback(
 
     ctx.restored_pid = 0
     if ctx.target is None:
-        return "failed"
+        return "failed", True
     src, dst = ctx.plan.source.name, ctx.plan.destination.name
     try:
         state = "running" if ctx.plan.dry_run else ctx.runtime.state(ctx.src, ctx.target.root_pid)
@@ -216,19 +246,20 @@ def _rollback(
         report.notes.append(
             f"rolled back: the workload runs on {src} again (pid {ctx.target.root_pid})"
         )
-        return "rolled_back"
+        return "rolled_back", True
     if state == procs.GONE and clean:
         report.notes.append(f"first error: {report.error}")
         report.error = (
             f"workload {ctx.plan.workload.name} (pid {ctx.target.root_pid}) exited by itself "
             f"on {src} during {failed}: nothing to migrate; nothing was left on either host"
         )
-        return "failed"
+        return "failed", True
     report.notes.append(
         f"ROLLBACK INCOMPLETE: the workload is {state} on {src}; check {src} and {dst} by hand "
-        f"or run `migrate recover {ctx.plan.id}` (journal {journal.path})"
+        f"or run `migrate recover {ctx.plan.id}` (journal {journal.path}; it stays open, "
+        "with the images)"
     )
-    return "failed"
+    return "failed", False
 
 
 @contextmanager
@@ -255,6 +286,7 @@ def facts(ctx: Context) -> dict[str, object]:
     t = ctx.target
     return {
         "root_pid": t.root_pid if t else None,
+        "start_time": t.start_time if t else None,
         "command": t.command if t else None,
         "restored_pid": ctx.restored_pid or None,
         "net": asdict(t.net) if t and t.net else None,

@@ -94,6 +94,7 @@ def open_session(
     ctx = Context.for_plan(plan, strategies.get(plan.strategy), src, dst, runtime)
     if auto_note:
         ctx.notes.append(auto_note)
+    ctx.unfinished = tuple(j for j in history if j.status is None)
     record = NullJournal() if plan.dry_run else Journal(config.state_dir, plan.id)
     return Session(ctx, record)
 

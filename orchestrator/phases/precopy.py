@@ -15,7 +15,7 @@ from orchestrator.criu import images
 from orchestrator.criu.logs import PAGE_SIZE
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Stage
-from orchestrator.layout import make_private_dir, remove_dir
+from orchestrator.layout import make_private_dir
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 from orchestrator.report import Round
@@ -103,13 +103,9 @@ class Precopy(Phase):
         """Wipe the round dirs (and the final one) on both hosts."""
         plan = ctx.plan
         actions.settle(ctx.src, ctx.src_images.root, plan.policy.command_timeout)
-        src_dirs, dst_dirs = ctx.src_images.subdirs, ctx.dst_images.subdirs
-        ctx.src_images, ctx.dst_images = plan.src_layout, plan.dst_layout
-        if plan.keep_images:
-            return
-        for s, d in zip(src_dirs, dst_dirs, strict=True):
-            remove_dir(ctx.src, s)
-            remove_dir(ctx.dst, d)
+        dirs = [*((ctx.src, d) for d in ctx.src_images.subdirs),
+                *((ctx.dst, d) for d in ctx.dst_images.subdirs)]  # fmt: skip
+        actions.wipe_images_if_safe(ctx, dirs)
 
 
 class FinalRound(Phase):

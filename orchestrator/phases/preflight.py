@@ -39,6 +39,12 @@ class Preflight(Phase):
             )
         target = ctx.runtime.locate(ctx.src)
         ctx.target = target
+        for j in ctx.unfinished:
+            if j.holds(ctx.plan.source.name, target.root_pid, target.start_time):
+                raise MigrationError(
+                    f"pid {target.root_pid} on {ctx.src.name} is the workload of the unfinished "
+                    f"migration {j.id} ({j.workload}): run `migrate recover {j.id}` first"
+                )
         if not ctx.plan.dry_run:
             holder = f"migration {ctx.plan.id} by {socket.gethostname()} pid {os.getpid()}"
             ctx.lock = ctx.src.lock(ctx.plan.lock_path(target.root_pid), holder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from orchestrator import actions
 from orchestrator.journal import Stage
-from orchestrator.layout import make_private_dir, remove_dir
+from orchestrator.layout import make_private_dir
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 
@@ -23,6 +23,5 @@ class Prepare(Phase):
     def undo(self, ctx: Context) -> None:
         ctx.link.close()
         actions.unmirror(ctx)
-        if not ctx.plan.keep_images:
-            remove_dir(ctx.src, ctx.src_images.root)
-            remove_dir(ctx.dst, ctx.dst_images.root)
+        actions.wipe_images_if_safe(ctx, [(ctx.src, ctx.src_images.root),
+                                          (ctx.dst, ctx.dst_images.root)])  # fmt: skip

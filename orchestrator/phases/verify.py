@@ -23,6 +23,6 @@ class Verify(Phase):
             )
         health = ctx.plan.workload.health
         if health:
-            r = ctx.dst.run(["sh", "-c", health], mutates=False)
+            r = ctx.dst.run(["sh", "-c", health])  # (not retried: it may not be read-only)
             if not r.ok:
                 raise MigrationError(f"health check failed on {ctx.dst}: {r.error_line()}")

@@ -20,6 +20,7 @@ class Target:
     pids: list[int]
     rss_kb: int
     command: str
+    start_time: int | None = None  # of root_pid: (pid, start time) names one process
     pidns_init: bool = False
     own_mntns: bool = False
     own_netns: bool = False

@@ -30,14 +30,24 @@ class ProcessRuntime(Runtime):
                 f"workload {self.workload.name}: pid {pid} is not running on {host} "
                 "(it exited, or the pid is wrong)"
             )
-        if table[pid].state.startswith("Z"):
+        state = table[pid].state
+        if state.startswith("Z"):
             raise MigrationError(f"workload {self.workload.name}: pid {pid} is a zombie on {host}")
+        if state.startswith(("T", "t")):
+            raise MigrationError(
+                f"workload {self.workload.name}: pid {pid} is stopped ({state}) on {host}: "
+                "another migration may hold it frozen (see `migrate history`/`recover`), or it "
+                "was stopped by hand (kill -CONT it first)"
+            )
+        if pid == 1:
+            raise MigrationError(f"workload {self.workload.name}: pid 1 on {host} is its init")
         pids = procs.tree(table, pid)
         target = Target(
             root_pid=pid,
             pids=pids,
             rss_kb=sum(table[p].rss_kb for p in pids),
             command=table[pid].args,
+            start_time=ns.start_time,
             pidns_init=ns.pidns_init,
             own_mntns=ns.own_mntns,
             own_netns=ns.own_netns,
@@ -179,6 +189,10 @@ class ProcessRuntime(Runtime):
 
     def resume(self, host: Host, target: Target, images_dir: str) -> None:
         state = procs.state(host, target.root_pid)
+        if state == procs.GONE and self.checkpointed(host, images_dir):
+            # An earlier resume killed it and its restore failed: its images are the copy.
+            self._restore_here(host, target, images_dir)
+            return
         if target.net is None or state != procs.STOPPED:
             # Left stopped by a dump: continue it. (A dump that failed has already let it run
             # on, unlocked; a workload that is gone cannot be resumed.)
@@ -186,8 +200,19 @@ class ProcessRuntime(Runtime):
             return
         # A completed dump left its sockets in TCP repair mode and its network locked: only a
         # restore brings those back. The stopped copy goes silently (repair mode sends no RST)
-        # and its own images bring it back here, connections and all.
+        # and its own images bring it back here, connections and all. If that restore fails,
+        # the images are the only copy: they are kept (see actions.wipe_images_if_safe).
         self.remove(host, target.root_pid)
+        self._restore_here(host, target, images_dir)
+
+    def checkpointed(self, host: Host, images_dir: str) -> bool:
+        """A complete dump (its inventory written) is in images_dir on host."""
+        return host.run(["test", "-s", f"{images_dir}/inventory.img"], mutates=False).ok
+
+    def _restore_here(self, host: Host, target: Target, images_dir: str) -> None:
+        if target.net is None:
+            target.root_pid = self._restore(host, target, images_dir, host.config.bridge)
+            return
         net.wait_veth_gone(host, target.net.veth, timeout=10)
         bridge = target.net.source_bridge or host.config.bridge
         target.root_pid = self._restore(host, target, images_dir, bridge)

@@ -55,7 +55,9 @@ def tree_of(host: Host, root: int) -> list[int]:
 _NS_SCRIPT = (
     'p=$1; test -d "/proc/$p" || exit 3; grep "^NSpid:" "/proc/$p/status"; '
     'for ns in pid mnt net; do a=$(readlink "/proc/$p/ns/$ns"); b=$(readlink "/proc/$$/ns/$ns"); '
-    'if [ "$a" = "$b" ]; then echo "$ns same"; else echo "$ns own"; fi; done'
+    'if [ "$a" = "$b" ]; then echo "$ns same"; else echo "$ns own"; fi; done; '
+    # its start time (field 22 of /proc/PID/stat, counted after the command name's ")")
+    's=$(cat "/proc/$p/stat") && s=${s##*) } && set -- $s && echo "start ${20}"'
 )
 
 
@@ -65,6 +67,7 @@ class Namespaces:
     own_pidns: bool
     own_mntns: bool
     own_netns: bool
+    start_time: int | None = None  # clock ticks after boot: with the pid, who it is
 
 
 def namespaces(host: Host, pid: int) -> Namespaces | None:
@@ -82,6 +85,14 @@ def namespaces(host: Host, pid: int) -> Namespaces | None:
         own_pidns="pid" in own,
         own_mntns="mnt" in own,
         own_netns="net" in own,
+        start_time=next(
+            (
+                int(ln.split()[1])
+                for ln in lines
+                if ln.startswith("start ") and ln.split()[1:2] and ln.split()[1].isdigit()
+            ),
+            None,
+        ),
     )
 
 

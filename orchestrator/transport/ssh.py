@@ -83,8 +83,30 @@ class LockBusy(HostError):
 
 @dataclass
 class RemoteLock:
+    """A lock held by a remote `flock ... cat` on one channel of a host's connection: it is
+    held exactly as long as that channel lives."""
+
     channel: paramiko.Channel
     path: str
+    host: Host | None = None
+    holder: str = ""
+
+    def held(self) -> bool:
+        """Whether the channel holding the lock is still open (a dropped connection, even one
+        the host has since reconnected, has lost it)."""
+        ch = self.channel
+        transport = ch.get_transport() if hasattr(ch, "get_transport") else None
+        alive = transport is not None and transport.is_active()
+        return alive and not ch.closed and not ch.exit_status_ready()
+
+    def ensure(self) -> bool:
+        """Hold the lock: True if it had been lost and is taken again on a fresh channel;
+        LockBusy (another migration took it) or HostError if it cannot be."""
+        if self.held() or self.host is None:
+            return False
+        self.channel.close()
+        self.channel = self.host.lock(self.path, self.holder).channel
+        return True
 
     def release(self) -> None:
         self.channel.close()
@@ -269,7 +291,7 @@ class Host:
         channel.exec_command(quote(["sh", "-c", _LOCK, "sh", path, holder]))
         reply = channel.makefile("r").readline().strip()
         if reply == "locked":
-            return RemoteLock(channel, path)
+            return RemoteLock(channel, path, self, holder)
         status = channel.recv_exit_status()
         channel.close()
         if status == LOCK_BUSY:

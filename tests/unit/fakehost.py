@@ -92,6 +92,9 @@ class _FakeLock(RemoteLock):
     def __init__(self, host: FakeHost, path: str) -> None:
         self.host, self.path = host, path
 
+    def ensure(self) -> bool:
+        return False
+
     def release(self) -> None:
         self.host.log.append((self.host.name, ["unlock", self.path]))
 

@@ -130,3 +130,31 @@ def test_the_example_config_is_valid(tmp_path: Path, keys: dict[str, str]) -> No
     cfg = load(write(tmp_path, data))
     assert cfg.workload("counter").network.tcp == "keep"
     assert cfg.workload("web-podman").container == "web"
+
+
+def test_hostile_and_odd_input_is_one_line(tmp_path: Path, keys: dict[str, str]) -> None:
+    """Unicode digits in pid:, NaN/inf policy numbers, IPv6, code-loading CRIU options, and
+    one machine under two names: each refused with one line naming what."""
+    cfg = load(write(tmp_path, good(keys)))
+    for spec in ("pid:١٢٣", "pid:1", "pid:-5", "pid:"):
+        with pytest.raises(ConfigError, match="pid must be a number > 1"):
+            cfg.workload(spec)
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(ConfigError, match="--max-precopy-seconds: must be a finite number"):
+            cfg.with_policy(max_precopy_seconds=float(value))
+    with pytest.raises(ConfigError, match="retry_deadline: must be a finite number"):
+        load(write(tmp_path, {**good(keys), "policy": {"retry_deadline": float("nan")}}))
+    with pytest.raises(ConfigError, match="--bwlimit must be a positive"):
+        cfg.with_policy(bwlimit=0)
+    six = good(keys)
+    six["hosts"]["host-b"]["address"] = "2001:db8::2"
+    with pytest.raises(ConfigError, match="IPv6 addresses are not supported yet"):
+        load(write(tmp_path, six))
+    lib = good(keys)
+    lib["workloads"]["counter"]["criu_options"] = ["--libdir=/tmp/evil"]
+    with pytest.raises(ConfigError, match="--libdir is set by migrate itself"):
+        load(write(tmp_path, lib))
+    twice = good(keys)
+    twice["hosts"]["host-c"] = {"address": "198.18.0.1", **keys}
+    with pytest.raises(ConfigError, match="host-a and host-c are one machine"):
+        load(write(tmp_path, twice)).route("host-a", "host-c")

@@ -64,7 +64,8 @@ def check_case(case: tuple) -> None:  # type: ignore[type-arg]
     dest_runs = dest_may_hold and dst == RUNNING
     if d.action is Action.CONFIRM:
         assert dest_runs and src != RUNNING  # the destination keeps the one copy
-        assert healthy is not False or not source_copy  # unhealthy only if nothing else
+        # unhealthy only if nothing else, or once confirm had begun (verified then)
+        assert healthy is not False or not source_copy or stage >= Stage.CONFIRMING
     elif d.action in (Action.ROLLBACK, Action.ABORT_LAZY):
         assert source_copy  # something to resume: never the last copy removed
         assert (d.action is Action.ABORT_LAZY) == (lazy and stage >= Stage.FROZEN)
@@ -106,7 +107,7 @@ def test_unhealthy_destination_is_kept_only_without_a_source_copy() -> None:
     sick = Seen(STOPPED, RUNNING, healthy=False)
     assert decide(Stage.RESTORING, False, False, sick).action is Action.ROLLBACK
     alone = Seen(GONE, RUNNING, healthy=False)
-    d = decide(Stage.CONFIRMING, False, False, alone)
+    d = decide(Stage.RESTORING, False, False, alone)
     assert d.action is Action.CONFIRM and "unhealthy" in d.why
 
 
@@ -136,6 +137,7 @@ def died_at(tmp_path: Path, phase: str, strategy: str = "stopcopy") -> Pair:
     Killed.stage = built[i].stage
     with pytest.raises(_Death):
         runner.run(p.ctx, [*built[:i], Killed()], p.journal)
+    p.journal.release()  # as the kernel does for a dead process
     return p
 
 
@@ -205,6 +207,7 @@ def test_recover_never_wipes_the_last_copy(tmp_path: Path) -> None:
     p = died_at(tmp_path, "confirm")
     p.src.on(words("ps", "-ww", "-e"), "1 0 Ss 100 sshd\n")
     p.dst.on(words("ps", "-ww", "-e"), "1 0 Ss 100 sshd\n")
+    p.src.on(words("test", "-s"), code=1)  # and no complete images on the source
     report = recovered(tmp_path, p)
     assert report.status == "failed" and f"a:/wa/images/{ID}" in (report.error or "")
     assert not any("rm -rf" in v for v in verbs(p.log))
@@ -244,3 +247,43 @@ def test_recover_of_post_copy_after_resume_waits_for_pages(tmp_path: Path) -> No
 
 
 _ = (Dies, criu, fail, FakeHost)
+
+
+def test_recover_refuses_a_live_migration(tmp_path: Path) -> None:
+    """While its controller runs (it holds the journal), recover changes nothing; the same
+    holds for a second recover while a first one runs."""
+    p = died_at(tmp_path, "transfer")
+    p.journal.hold()  # stands for the live controller
+    with pytest.raises(MigrationError, match="is live"):
+        recovered(tmp_path, p)
+    assert verbs(p.log) == []
+    p.journal.release()
+
+
+def test_recover_waits_while_a_live_migration_holds_the_lock(tmp_path: Path) -> None:
+    from orchestrator.transport.ssh import LockBusy
+
+    p = died_at(tmp_path, "dump")
+
+    def busy(path: str, holder: str):  # type: ignore[no-untyped-def]
+        raise LockBusy(f"{path} on a is held by another migration (migration X)")
+
+    p.src.lock = busy  # type: ignore[method-assign]
+    report = recovered(tmp_path, p)
+    assert report.status == "failed" and "holds the workload's lock" in (report.error or "")
+    assert verbs(p.log) == []
+
+
+def test_recover_restores_a_source_that_exists_only_as_its_images(tmp_path: Path) -> None:
+    """A rollback that killed the stopped source and failed to restore it left the journal
+    open and the images in place: recover restores it from them."""
+    p = died_at(tmp_path, "restore")
+    p.src.on(words("ps", "-ww", "-e"), "1 0 Ss 100 sshd\n")  # the source copy is gone...
+    p.dst.on(words("ps", "-ww", "-e"), "1 0 Ss 100 sshd\n")
+    back: list[bool] = []
+    p.src.watchers.append(lambda a: back.append(True) if criu("restore")(a) else None)
+    p.src.answer(lambda a: Result("a", a, 0 if back else 1, "S\n" if back else "")
+                 if words("ps", "-o", "stat=")(a) else None)  # fmt: skip
+    report = recovered(tmp_path, p)  # ...but `test -s inventory.img` finds its images
+    assert report.status == "rolled_back", report.error
+    assert "a: criu restore" in verbs(p.log)
