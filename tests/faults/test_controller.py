@@ -208,9 +208,10 @@ def test_two_controllers_one_wins(
     assert first.returncode == 0, out + err
     assert second.returncode == 1, second.stdout + second.stderr
     refused = json.loads(second.stdout)
-    # Refused either way: by the first one's lock, or (if the first was already done) because
-    # the workload has left host-a.
+    # Refused either way: by the first one's lock, or because the first one holds it stopped,
+    # or (if the first was already done) because the workload has left host-a.
     assert ("held by another migration" in refused["error"]
+            or "is stopped" in refused["error"]
             or "is not running on host-a" in refused["error"]), refused  # fmt: skip
     assert "refused in preflight: nothing was changed on either host" in refused["notes"]
     assert copies(lab, wl) == {"host-b": "running"}
