@@ -195,9 +195,14 @@ def _target(summary: Summary) -> Target | None:
     if summary.root_pid is None:
         return None
     f = summary.facts
+    raw = f.get("namespaces")
+    ns: list[str] = raw if isinstance(raw, list) else []
     return Target(
         root_pid=summary.root_pid, pids=[], rss_kb=0, command=str(f.get("command") or ""),
         start_time=summary.start_time,
+        pidns_init="pidns_init" in ns,
+        own_mntns="own_mntns" in ns,
+        own_netns="own_netns" in ns,
         net=NetInfo(**f["net"]) if isinstance(f.get("net"), dict) else None,
         network_lock=f.get("network_lock") if isinstance(f.get("network_lock"), str) else None,
         new_paths=[p for p in f.get("new_paths") or [] if isinstance(p, str)],

@@ -288,6 +288,9 @@ def facts(ctx: Context) -> dict[str, object]:
         "root_pid": t.root_pid if t else None,
         "start_time": t.start_time if t else None,
         "command": t.command if t else None,
+        "namespaces": [n for n in ("pidns_init", "own_mntns", "own_netns") if getattr(t, n)]
+        if t
+        else None,
         "restored_pid": ctx.restored_pid or None,
         "net": asdict(t.net) if t and t.net else None,
         "network_lock": t.network_lock if t else None,

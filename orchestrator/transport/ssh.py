@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shlex
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ class Result:
 
 
 LOCK_BUSY = 75
+STALE_LOCK_WAIT = 15.0  # seconds for a dropped connection's lock holder to let go
 # Take the lock without waiting, say who holds it, then hold it until stdin (the channel) closes.
 _LOCK = (
     'mkdir -p -m 0700 -- "$(dirname -- "$1")" && exec flock -n -E 75 "$1" '
@@ -105,8 +107,16 @@ class RemoteLock:
         if self.held() or self.host is None:
             return False
         self.channel.close()
-        self.channel = self.host.lock(self.path, self.holder).channel
-        return True
+        deadline = time.monotonic() + STALE_LOCK_WAIT
+        while True:
+            try:
+                self.channel = self.host.lock(self.path, self.holder).channel
+                return True
+            except LockBusy as e:
+                # Our own old holder may take a moment to see its channel gone and let go.
+                if self.holder not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def release(self) -> None:
         self.channel.close()
@@ -285,11 +295,21 @@ class Host:
         controller never leaves a stale lock behind. Raises LockBusy naming the holder.
         """
         self.connect()
-        assert self._conn is not None and self._conn.transport is not None
-        channel = self._conn.transport.open_session()
-        channel.settimeout(self.policy.command_timeout)
-        channel.exec_command(quote(["sh", "-c", _LOCK, "sh", path, holder]))
-        reply = channel.makefile("r").readline().strip()
+        assert self._conn is not None
+        transport = self._conn.transport
+        if transport is None or not transport.is_active():  # dropped: start afresh
+            self.close()
+            self.connect()
+            transport = self._conn.transport if self._conn else None
+        try:
+            assert transport is not None
+            channel = transport.open_session()
+            channel.settimeout(self.policy.command_timeout)
+            channel.exec_command(quote(["sh", "-c", _LOCK, "sh", path, holder]))
+            reply = channel.makefile("r").readline().strip()
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            self.close()
+            raise _Lost(f"{self}: connection lost taking lock {path}: {e}") from None
         if reply == "locked":
             return RemoteLock(channel, path, self, holder)
         status = channel.recv_exit_status()

@@ -1,0 +1,201 @@
+"""Never lose a workload, round two: the faults issue 13 found, each held at the phase it needs
+by a gate (a health check that waits for a file), never by a sleep.
+
+- the controller's connection to the source drops mid-migration: the lock is taken again (or
+  the migration stops), and a second controller meanwhile is refused;
+- `recover` while the controller lives changes nothing;
+- restore fails on both hosts for a workload with its own network: the rollback's own restore
+  fails too, the images are kept and the journal stays open, and `recover` brings it back;
+- the controller's state dir turns read-only mid-migration: one line, rolled back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator import lab as labmod
+from tests.faults.kit import (
+    Background,
+    Case,
+    assert_one_copy,
+    census,
+    fault_config,
+    image_dirs,
+    leftovers,
+    run_migrate,
+)  # fmt: skip
+from tests.labkit import BROKEN_CRIU, COUNTER, Workload, on, start, start_net_container, wait_for
+
+pytestmark = pytest.mark.lab
+
+ADDRESS, MAC, VETH = "198.18.0.61", "02:6d:67:00:05:61", "vrt2"
+
+
+@pytest.fixture
+def gate(lab: labmod.Lab) -> Iterator[Path]:
+    """A file whose appearance lets a gated health check pass (opened at the end in any case)."""
+    path = lab.dir / "workloads" / "gate"
+    path.parent.mkdir(exist_ok=True)
+    path.unlink(missing_ok=True)
+    yield path
+    path.touch()
+
+
+def gated(lab: labmod.Lab, tmp: Path, wl: Workload, gate: Path, state: Path, name: str) -> Path:
+    """A config whose workload `gated` (wl, by its pidfile) waits at verify until gate exists."""
+    health = f'while [ ! -e "{gate}" ]; do sleep 0.05; done'
+    return fault_config(lab, tmp / f"{name}.yaml", state_dir=state,
+                        policy={"command_timeout": 120},
+                        workloads={"gated": {"pidfile": f"{wl.count_file}.pid",
+                                             "health": health}})  # fmt: skip
+
+
+def sshd_sessions(lab: labmod.Lab, host: str) -> list[int]:
+    """The sshd processes serving established connections to host's port 22."""
+    out = on(lab, host, "ss -Htnp state established '( sport = :22 )'")
+    return sorted({int(p) for p in re.findall(r"pid=(\d+)", out)})
+
+
+def test_lost_connection_retakes_the_lock_and_a_second_controller_is_refused(
+    lab: labmod.Lab, cleanup: list[Path], case: Case, tmp_path: Path, gate: Path,
+    background: Callable[..., Background],
+) -> None:  # fmt: skip
+    case.fault = "controller's ssh to the source dropped at verify; a 2nd controller tries"
+    wl = start(lab, "host-a", "counter-lostlock", container=False)
+    cleanup.append(wl.count_file)
+    state = tmp_path / "state"
+    cfg = gated(lab, tmp_path, wl, gate, state, "first")
+    run = background("run", "gated", "host-a", "host-b", "--json", config=cfg, state_dir=state)
+    run.wait("verify")
+    before = wl.count()
+    sessions = sshd_sessions(lab, "host-a")
+    assert sessions, "the controller's connection to host-a"
+    on(lab, "host-a", 'kill -KILL "$@"', *map(str, sessions))
+    other = gated(lab, tmp_path, wl, gate, tmp_path / "other", "second")
+    second = run_migrate("run", "gated", "host-a", "host-c", "--json", config=other)
+    gate.touch()
+    out = run.finish()
+    case.ended(out)
+    assert second.rc == 1 and "is stopped" in second.error, second
+    assert out.rc == 0 and out.status == "succeeded", out
+    assert any("taken again before confirm" in n for n in out.report["notes"]), out.report  # type: ignore[index]
+    assert_one_copy(lab, wl, "host-b", before)
+    assert census(lab, wl.count_file, ["host-c"]).copies == 0
+    assert leftovers(lab, out.id) == []
+
+
+def test_recover_of_a_live_migration_changes_nothing(
+    lab: labmod.Lab, cleanup: list[Path], case: Case, tmp_path: Path, gate: Path,
+    background: Callable[..., Background],
+) -> None:  # fmt: skip
+    case.fault = "migrate recover run during a live migration (held at verify)"
+    wl = start(lab, "host-a", "counter-liverecover", container=False)
+    cleanup.append(wl.count_file)
+    state = tmp_path / "state"
+    cfg = gated(lab, tmp_path, wl, gate, state, "live")
+    run = background("run", "gated", "host-a", "host-b", "--json", config=cfg, state_dir=state)
+    run.wait("verify")
+    before = wl.count()
+    rec = run_migrate("recover", config=cfg)
+    gate.touch()
+    out = run.finish()
+    case.ended(out)
+    assert rec.rc == 1 and "is live" in rec.stderr, rec
+    assert out.rc == 0 and out.status == "succeeded", out
+    ended = [e for e in run.events() if e["event"] == "end"]
+    assert len(ended) == 1 and "recovered" not in ended[0]
+    assert_one_copy(lab, wl, "host-b", before)
+
+
+@pytest.fixture
+def net_counter(lab: labmod.Lab, cleanup: list[Path]) -> Iterator[Workload]:
+    """The counter as init of a container with its own network (veth, address) on host-a."""
+    work = lab.dir / "workloads"
+    work.mkdir(exist_ok=True)
+    script, count = work / "counter.sh", work / "counter-lastcopy"
+    script.write_text(COUNTER)
+    cleanup.append(count)
+    pid = start_net_container(lab, "host-a", f"{ADDRESS}/24", MAC, VETH, "sh", str(script),
+                              str(count))  # fmt: skip
+    wl = Workload("lastcopy", count, f"pid:{pid}", pid)
+    wait_for(lambda: wl.count() >= 20, what="the counter to reach 20")
+    yield wl
+    for host in lab.names:  # its namespace, and veth, go asynchronously after the kill
+        pids = [int(p) for p in on(lab, host, 'pgrep -f -- "$1" || true', str(count)).split()]
+        if pids:
+            on(lab, host, 'kill -KILL "$@"', *map(str, pids), check=False)
+    for host in lab.names:
+        wait_for(lambda h=host: not on(lab, h, f"ip link show {VETH}", check=False), what=VETH)
+
+
+def test_rollback_that_cannot_restore_keeps_the_last_copy_for_recover(
+    lab: labmod.Lab, case: Case, tmp_path: Path, net_counter: Workload
+) -> None:
+    case.fault = "restore fails on both hosts (own network: rollback restores the source)"
+    wl = net_counter
+    broken = tmp_path / "criu-fails-restore"
+    broken.write_text(BROKEN_CRIU)
+    broken.chmod(0o755)
+    state = tmp_path / "state"
+    both = {h: {"criu": str(broken)} for h in ("host-a", "host-b")}
+    cfg = fault_config(lab, tmp_path / "broken.yaml", state_dir=state, hosts=both)
+    out = run_migrate("run", wl.spec, "host-a", "host-b", "--json", config=cfg)
+    case.ended(out)
+    notes = " ".join(out.report["notes"])  # type: ignore[index]
+    assert out.rc == 1 and out.status == "failed", out
+    assert "ROLLBACK INCOMPLETE" in notes and "images kept" in notes, notes
+    assert any(out.id in d for d in image_dirs(lab, "host-a")), "the source's images are kept"
+    hist = run_migrate("history", "--json", config=cfg)
+    assert next(h for h in json.loads(hist.stdout) if h["id"] == out.id)["status"] is None
+    dumped = wl.count()  # the count at the dump: what the images hold
+
+    good = fault_config(lab, tmp_path / "good.yaml", state_dir=state)
+    rec = run_migrate("recover", out.id, "--json", config=good)
+    case.outcome += f"; recover: {rec.status} (exit {rec.rc})"
+    assert rec.rc == 3 and rec.status == "rolled_back", rec
+    assert_one_copy(lab, wl, "host-a", dumped)
+    assert leftovers(lab, out.id) == []
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
+    """read_only(dir) makes dir read-only (a bind mount over it) until the test ends."""
+    mounted: list[Path] = []
+
+    def make(path: Path) -> None:
+        subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+        mounted.append(path)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_state_dir_read_only_mid_migration_rolls_back_in_one_line(
+    lab: labmod.Lab, cleanup: list[Path], case: Case, tmp_path: Path, gate: Path,
+    background: Callable[..., Background], read_only: Callable[[Path], None],
+) -> None:  # fmt: skip
+    case.fault = "controller's state dir read-only at verify"
+    wl = start(lab, "host-a", "counter-rostate", container=False)
+    cleanup.append(wl.count_file)
+    state = tmp_path / "state"
+    cfg = gated(lab, tmp_path, wl, gate, state, "ro")
+    run = background("run", "gated", "host-a", "host-b", "--json", config=cfg, state_dir=state)
+    run.wait("verify")
+    before = wl.count()
+    read_only(state / "journal")
+    gate.touch()
+    out = run.finish()
+    case.ended(out)
+    assert out.rc == 3 and out.status == "rolled_back", out
+    assert "cannot write the journal" in out.error and "Read-only file system" in out.error
+    assert "Traceback" not in out.stderr
+    assert_one_copy(lab, wl, "host-a", before)
+    assert leftovers(lab, out.id) == []
