@@ -7,7 +7,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from orchestrator.errors import MigrationError
@@ -22,6 +22,15 @@ log = logging.getLogger("migrate")
 Listener = Callable[[str, PhaseResult | None], None]
 
 
+@dataclass
+class _Walk:
+    """Where walking the phases ended."""
+
+    done: list[Phase] = field(default_factory=list)
+    failure: BaseException | None = None  # before the point of no return: roll back
+    stranded: BaseException | None = None  # after it: undo nothing, alarm
+
+
 def run(
     ctx: Context, phases: list[Phase], journal: Journal, listen: Listener | None = None
 ) -> Report:
@@ -31,10 +40,6 @@ def run(
                     destination=plan.destination.name, strategy=ctx.strategy.name)  # fmt: skip
     emit = listen or (lambda _name, _result: None)
     started = time.monotonic()
-    done: list[Phase] = []
-    failure: BaseException | None = None
-    stranded: BaseException | None = None
-    settled = True  # False: left for `recover` (no end record)
     try:
         journal.hold()  # released at the end: while held, recover knows this run is live
         journal.write(
@@ -43,63 +48,23 @@ def run(
             src_images=ctx.src_images.root, dst_images=ctx.dst_images.root,
             keep_images=plan.keep_images, workload_config=asdict(plan.workload),
         )  # fmt: skip
-    except MigrationError as e:
-        failure = e
-        phases = []
-    for phase in phases:
-        lost = _keep_lock(ctx, phase)
-        if lost is not None:  # never go on unlocked: stop here, as if the last phase failed
-            failure = lost
-            report.phases.append(PhaseResult(phase.name, "failed", 0.0, _message(lost)))
-            break
-        emit(phase.name, None)
-        t0 = time.monotonic()
-        try:
-            journal.advance(phase.stage)
-            _record(journal, phase, PhaseState.BEGIN, ctx)
-            phase.act(ctx)
-            if phase.name == ctx.strategy.no_return:
-                ctx.committed = True
-                if ctx.strategy.lazy:
-                    ctx.notes.append(f"{ctx.strategy.title}: {plan.destination.name} runs the "
-                                     "workload from here on; no rollback is possible")  # fmt: skip
-            _record(journal, phase, PhaseState.DONE, ctx)
-        except (Exception, KeyboardInterrupt) as e:  # the one broad catch: all roads roll back
-            if not isinstance(e, (MigrationError, KeyboardInterrupt)):
-                log.exception("unexpected error in %s (a bug): rolling back", phase.name)
-            result = PhaseResult(phase.name, "failed", _secs(t0), _message(e))
-            report.phases.append(result)
-            _record(journal, phase, PhaseState.FAILED, ctx, error=_message(e), report=report)
-            emit(phase.name, result)
-            if phase.cleanup:  # verified on the destination: report, never roll back
-                report.notes.append(
-                    f"{phase.name}: {_message(e)} (the workload runs on "
-                    f"{plan.destination.name}; clean up {plan.source.name})"
-                )
-                continue
-            if ctx.committed:  # the destination has resumed: stop, undo nothing, alarm
-                stranded = e
-                break
-            failure = e
-            done.append(phase)  # a failed phase may have acted in part: undo it too
-            break
-        result = PhaseResult(phase.name, "ok", _secs(t0))
-        report.phases.append(result)
-        emit(phase.name, result)
-        done.append(phase)
-
-    if stranded is not None:
+    except MigrationError as e:  # nothing was done yet: a one-line failure
+        walk = _Walk(failure=e)
+    else:
+        walk = _walk(ctx, phases, journal, report, emit)
+    settled = True  # False: left for `recover` (no end record)
+    if walk.stranded is not None:
         report.status = "stranded"
-        _fail(report, stranded)
+        _fail(report, walk.stranded)
         report.notes.append(
             f"NO ROLLBACK: {plan.destination.name} had resumed the workload; nothing was undone "
             f"and {plan.source.name} was not confirmed. Journal {journal.path}"
         )
-    elif failure is None:
+    elif walk.failure is None:
         report.status = "succeeded"
     else:
-        _fail(report, failure)
-        report.status, settled = _rollback(ctx, done, journal, report, emit)
+        _fail(report, walk.failure)
+        report.status, settled = _rollback(ctx, walk.done, journal, report, emit)
     _fill(report, ctx)
     report.total_ms = round((time.monotonic() - started) * 1000)
     try:
@@ -111,6 +76,61 @@ def run(
         ctx.lock.release()
     journal.release()
     return report
+
+
+def _walk(
+    ctx: Context, phases: list[Phase], journal: Journal, report: Report, emit: Listener
+) -> _Walk:
+    """Act each phase in turn, journaled before and after, until one fails."""
+    walk = _Walk()
+    for phase in phases:
+        lost = _keep_lock(ctx, phase)
+        if lost is not None:  # never go on unlocked: stop here, as if the last phase failed
+            walk.failure = lost
+            report.phases.append(PhaseResult(phase.name, "failed", 0.0, _message(lost)))
+            break
+        emit(phase.name, None)
+        t0 = time.monotonic()
+        try:
+            journal.advance(phase.stage)
+            _record(journal, phase, PhaseState.BEGIN, ctx)
+            phase.act(ctx)
+            _passed(ctx, phase)
+            _record(journal, phase, PhaseState.DONE, ctx)
+        except (Exception, KeyboardInterrupt) as e:  # the one broad catch: all roads roll back
+            if not isinstance(e, (MigrationError, KeyboardInterrupt)):
+                log.exception("unexpected error in %s (a bug): rolling back", phase.name)
+            result = PhaseResult(phase.name, "failed", _secs(t0), _message(e))
+            report.phases.append(result)
+            _record(journal, phase, PhaseState.FAILED, ctx, error=_message(e), report=report)
+            emit(phase.name, result)
+            if phase.cleanup:  # verified on the destination: report, never roll back
+                report.notes.append(
+                    f"{phase.name}: {_message(e)} (the workload runs on "
+                    f"{ctx.plan.destination.name}; clean up {ctx.plan.source.name})"
+                )
+                continue
+            if ctx.committed:  # the destination has resumed: stop, undo nothing, alarm
+                walk.stranded = e
+                break
+            walk.failure = e
+            walk.done.append(phase)  # a failed phase may have acted in part: undo it too
+            break
+        result = PhaseResult(phase.name, "ok", _secs(t0))
+        report.phases.append(result)
+        emit(phase.name, result)
+        walk.done.append(phase)
+    return walk
+
+
+def _passed(ctx: Context, phase: Phase) -> None:
+    """After a phase succeeded: past the strategy's point of no return, nothing is undone."""
+    if phase.name != ctx.strategy.no_return:
+        return
+    ctx.committed = True
+    if ctx.strategy.lazy:
+        ctx.notes.append(f"{ctx.strategy.title}: {ctx.plan.destination.name} runs the workload "
+                         "from here on; no rollback is possible")  # fmt: skip
 
 
 def _keep_lock(ctx: Context, phase: Phase) -> MigrationError | None:
