@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator import __version__, evacuate, journal, metrics, progress, render, strategies
+from orchestrator import __version__, evacuate, gc, journal, metrics, progress, render, strategies
 from orchestrator.config import Config, ConfigError, config_path, load
 from orchestrator.errors import MigrationError
 from orchestrator.hostcheck import check_hosts
@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--config")
     rc.add_argument("--json", action="store_true")
 
+    gc = sub.add_parser("gc", help="leftovers no migration owns, on every host (dry run)")
+    gc.add_argument("hosts", nargs="*", help="default: every configured host")
+    gc.add_argument("--apply", action="store_true", help="remove them (default: only show)")
+    gc.add_argument("--unknown", action="store_true",
+                    help="also those of migrations this controller never journaled")  # fmt: skip
+    gc.add_argument("--config")
+    gc.add_argument("--json", action="store_true")
+
     lab = sub.add_parser("lab", help="a local lab of hosts in network namespaces (root)")
     lsub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
     up = lsub.add_parser("up", help="create the lab and write DIR/migrate.yaml")
@@ -131,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_show(args)
         if args.command == "recover":
             return cmd_recover(args)
+        if args.command == "gc":
+            return cmd_gc(args)
         return cmd_lab(args)
     except ConfigError as e:
         print(f"migrate: error: {e}", file=sys.stderr)
@@ -270,6 +280,25 @@ def cmd_recover(args: argparse.Namespace) -> int:
             render.report(report)
         codes.append(report.exit_code)
     return max(codes)
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    config = _config(args)
+    names = args.hosts or sorted(config.hosts)
+    verdicts, failed = [], []
+    for name in names:
+        host = Host(config.host(name), config.policy)
+        try:
+            found = gc.survey(host, config.state_dir, args.unknown)
+            verdicts += found
+            if args.apply:
+                failed += gc.remove(host, found)
+        except MigrationError as e:
+            failed.append(str(e))
+        finally:
+            host.close()
+    render.leftovers(verdicts, args.apply, failed, args.json)
+    return 1 if failed else 0
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

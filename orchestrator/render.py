@@ -12,6 +12,7 @@ from typing import Any
 
 from orchestrator.evacuate import Survey
 from orchestrator.facts import HostFacts
+from orchestrator.gc import Verdict
 from orchestrator.journal import Summary
 from orchestrator.progress import human_bytes
 from orchestrator.report import PhaseResult, Report
@@ -202,3 +203,21 @@ def show(j: Summary, as_json: bool = False) -> None:
         t = ev.get("t")
         offset = f"+{t - t0:8.3f}s" if isinstance(t, (int, float)) else " " * 10
         print(f"  {offset} {ev['event']:<9} {detail}")
+
+
+def leftovers(verdicts: list[Verdict], applied: bool, failed: list[str], as_json: bool) -> None:
+    """`migrate gc`: one line per leftover, whether it is (or was) removed, and why."""
+    if as_json:
+        rows = [asdict(v.leftover) | {"garbage": v.garbage, "why": v.why} for v in verdicts]
+        print(json.dumps({"applied": applied, "leftovers": rows, "failed": failed}, indent=2))
+        return
+    garbage = [v for v in verdicts if v.garbage]
+    for v in verdicts:
+        mark = ("removed" if applied else "would remove") if v.garbage else "kept"
+        print(f"{v.leftover.host:<10} {mark:<13} {v.leftover.kind:<8} {v.leftover.what}: {v.why}")
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    if not applied and garbage:
+        print(f"{len(garbage)} leftover(s) to remove: run `migrate gc --apply`")
+    elif not verdicts:
+        print("no leftovers")

@@ -63,7 +63,7 @@ class PageServer(PageTunnel):
         if not ctx.link.spec.socket:
             ctx.link.forward(port)  # raises: names the too-long socket path
         argv = criu.page_server(ctx.plan.destination.criu, ctx.dst_images.root, port)
-        server = ctx.dst.run(argv)
+        server = ctx.dst.run(argv, private=True)
         if not server.ok:
             ctx.page_port = port  # undo ends it if it did start
             return f"page server on {ctx.dst.name}: {server.error_line()}"

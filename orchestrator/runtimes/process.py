@@ -14,7 +14,7 @@ from orchestrator.runtimes.base import Runtime, Target
 from orchestrator.transport.ssh import Host
 
 PIDFILE = "restored.pid"
-_THEN_CAT = 'pf=$1; shift; "$@" || exit $?; cat -- "$pf"'
+_THEN_CAT = 'umask 077; pf=$1; shift; "$@" || exit $?; cat -- "$pf"'
 
 
 class ProcessRuntime(Runtime):
@@ -139,14 +139,15 @@ class ProcessRuntime(Runtime):
         )
         if cp.running:
             argv = criu.pre_dump(host.config.criu, options)
-            r = host.run(argv)
+            r = host.run(argv, private=True)
             raise_on_failure(host, r, cp.images_dir, criu.PRE_DUMP_LOG, "pre-dump")
             return
         argv = criu.dump(host.config.criu, options)
         if cp.pages is Pages.LAZY:
             background.start(host, cp.images_dir, background.DUMP, argv, criu.DUMP_LOG, "dump")
             return
-        raise_on_failure(host, host.run(argv), cp.images_dir, criu.DUMP_LOG, "dump")
+        r = host.run(argv, private=True)
+        raise_on_failure(host, r, cp.images_dir, criu.DUMP_LOG, "dump")
 
     def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
         pid = self._restore(host, target, images_dir, host.config.bridge, lazy)

@@ -242,14 +242,19 @@ class Host:
         timeout: float | None = None,
         mutates: bool = True,
         check: bool = False,
+        private: bool = False,
     ) -> Result:
-        """Run argv (quoted here, nowhere else); never raises for a non-zero exit unless check."""
+        """Run argv (quoted here, nowhere else); never raises for a non-zero exit unless check.
+        With private, under umask 077 (in the same shell: no process more), so that what it
+        writes (CRIU's images hold process memory) is 0600."""
         argv = [str(a) for a in argv]
         line = quote(argv)
         if self.dry_run and mutates:
             self.planned.append(f"{self.name}$ {line}")
             return Result(self.name, argv, 0, dry=True)
         limit = timeout or self.policy.command_timeout
+        if private:
+            line = f"umask 077; {line}"
         if mutates:  # never repeated blindly: the first run may have acted
             result = self._execute(argv, line, limit)
         else:  # a read is safe to repeat on a fresh connection

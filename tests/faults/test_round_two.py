@@ -199,3 +199,40 @@ def test_state_dir_read_only_mid_migration_rolls_back_in_one_line(
     assert "Traceback" not in out.stderr
     assert_one_copy(lab, wl, "host-a", before)
     assert leftovers(lab, out.id) == []
+
+
+def test_gc_removes_only_what_no_migration_owns(
+    lab: labmod.Lab, cleanup: list[Path], case: Case, tmp_path: Path
+) -> None:
+    case.fault = "leftovers on hosts: an ended migration's dir, a stale lock, an open one's dir"
+    wl = start(lab, "host-a", "counter-gc", container=False)
+    cleanup.append(wl.count_file)
+    state = tmp_path / "state"
+    cfg = fault_config(lab, tmp_path / "gc.yaml", state_dir=state)
+    out = run_migrate("run", wl.spec, "host-a", "host-b", "--json", config=cfg)
+    assert out.rc == 0, out
+    ended = out.id
+    unfinished = "20261203T000000-0a0b0c"
+    (state / "journal" / f"{unfinished}.jsonl").write_text(json.dumps({
+        "t": 1.0, "event": "start", "id": unfinished, "workload": "w", "source": "host-a",
+        "destination": "host-b", "strategy": "stopcopy",
+    }) + "\n")  # fmt: skip
+    wd_a, wd_b = lab.host("host-a").workdir, lab.host("host-b").workdir
+    on(lab, "host-a", 'mkdir -p "$1/images/$2" "$1/locks" && touch "$1/locks/pid-99999.lock"',
+       str(wd_a), ended)  # fmt: skip
+    on(lab, "host-b", 'mkdir -p "$1/images/$2"', str(wd_b), unfinished)
+    try:
+        shown = run_migrate("gc", "--json", config=cfg)
+        rows = json.loads(shown.stdout)["leftovers"]
+        verdict = {(r["host"], r["what"].rsplit("/", 1)[1]): r["garbage"] for r in rows}
+        assert verdict[("host-a", ended)] and verdict[("host-a", "pid-99999.lock")]
+        assert verdict[("host-b", unfinished)] is False
+        assert ended in image_dirs(lab, "host-a"), "a dry run removes nothing"
+        applied = run_migrate("gc", "--apply", config=cfg)
+        case.outcome = f"gc --apply: exit {applied.rc}"
+        assert applied.rc == 0, applied
+        assert ended not in image_dirs(lab, "host-a")
+        assert not on(lab, "host-a", 'ls -- "$1/locks"', str(wd_a)).count("pid-99999.lock")
+        assert unfinished in image_dirs(lab, "host-b"), "an unfinished migration's images stay"
+    finally:
+        on(lab, "host-b", 'rm -rf -- "$1/images/$2"', str(wd_b), unfinished)
