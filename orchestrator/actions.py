@@ -115,13 +115,16 @@ def unmirror(ctx: Context) -> None:
 
 
 def wipe_images_if_safe(ctx: Context, dirs: list[tuple[Host, str]]) -> None:
-    """Undo's cleanup: remove dirs, but only while the source copy runs (a failed resume may
-    have left the images the only copy: then they stay, for `recover`, and the report says
-    where)."""
+    """Undo's cleanup: remove dirs, unless the source copy does not run and its complete
+    images are there (a failed resume left them the only copy: they stay, for `recover`, and
+    the report says where)."""
     if ctx.plan.keep_images:
         return
     if ctx.target is not None and not ctx.plan.dry_run:
-        if not ctx.runtime.running(ctx.src, ctx.target.root_pid):
+        src, final = ctx.src, ctx.src_images.final
+        if not ctx.runtime.running(src, ctx.target.root_pid) and ctx.runtime.checkpointed(
+            src, final
+        ):
             kept = ", ".join(f"{h.name}:{d}" for h, d in dirs)
             ctx.notes.append(f"images kept (the source copy does not run): {kept}")
             return

@@ -104,7 +104,8 @@ def decide(stage: Stage, lazy: bool, committed: bool, seen: Seen) -> Decision:
         return Decision(Action.LOST, f"no copy runs (source {seen.source}, destination {dest})")
     if lazy and stage >= Stage.FROZEN and not committed:
         return Decision(Action.ABORT_LAZY, "post-copy before the destination resumed")
-    return Decision(Action.ROLLBACK, f"source {seen.source}, destination {dest}")
+    sick = " (the destination's copy fails its health check)" if seen.healthy is False else ""
+    return Decision(Action.ROLLBACK, f"source {seen.source}, destination {dest}{sick}")
 
 
 def recover(
