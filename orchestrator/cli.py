@@ -174,12 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     plan, ctx = session.plan, session.ctx
     if not args.json:
-        print(
-            f"migrate {plan.workload.name}: {ctx.src} -> {ctx.dst}, strategy {plan.strategy}, "
-            f"id {plan.id}"
-        )
-        for note in (n for n in ctx.notes if n.startswith("auto: ")):
-            print(f"  note: {note}")
+        render.run_header(plan, str(ctx.src), str(ctx.dst), ctx.notes)
     _interrupt_on_sigterm()
     if args.json or not progress.interactive():
         report = session.run(None if args.json else render.phase_line)
@@ -307,26 +302,14 @@ def cmd_lab(args: argparse.Namespace) -> int:
     lab_dir = args.dir or lab.DEFAULT_DIR
     try:
         if args.lab_command == "up":
-            made = lab.up(lab_dir, hosts=args.hosts)
-            for h in made.hosts:
-                print(f"{h.name:<8} {h.address:<14} netns {h.netns}")
-            print(f"{lab.CLIENT:<8} {lab.CLIENT_ADDRESS:<14} (for test clients: lab exec client)")
-            print(f"config: {made.config_path}")
-            print(
-                f"try: MIGRATE_CONFIG={made.config_path} migrate check "
-                + " ".join(h.name for h in made.hosts)
-            )
+            render.lab_up(lab.up(lab_dir, hosts=args.hosts))
             return 0
         if args.lab_command == "down":
             lab.down(lab_dir)
             print("lab down")
             return 0
         if args.lab_command == "status":
-            for s in lab.status(lab_dir):
-                print(
-                    f"{s.name:<8} {s.address:<14} sshd pid {s.sshd_pid:<8} "
-                    f"{'up' if s.alive else 'DOWN'}"
-                )
+            render.lab_status(lab.status(lab_dir))
             return 0
         cmd = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         if not cmd:

@@ -14,6 +14,7 @@ from orchestrator.evacuate import Survey
 from orchestrator.facts import HostFacts
 from orchestrator.gc import Verdict
 from orchestrator.journal import Summary
+from orchestrator.plan import Plan
 from orchestrator.progress import human_bytes
 from orchestrator.report import PhaseResult, Report
 
@@ -221,3 +222,26 @@ def leftovers(verdicts: list[Verdict], applied: bool, failed: list[str], as_json
         print(f"{len(garbage)} leftover(s) to remove: run `migrate gc --apply`")
     elif not verdicts:
         print("no leftovers")
+
+
+def run_header(plan: Plan, src: str, dst: str, notes: list[str]) -> None:
+    print(f"migrate {plan.workload.name}: {src} -> {dst}, strategy {plan.strategy}, id {plan.id}")
+    for note in (n for n in notes if n.startswith("auto: ")):
+        print(f"  note: {note}")
+
+
+def lab_up(made: Any) -> None:
+    from orchestrator import lab
+
+    for h in made.hosts:
+        print(f"{h.name:<8} {h.address:<14} netns {h.netns}")
+    print(f"{lab.CLIENT:<8} {lab.CLIENT_ADDRESS:<14} (for test clients: lab exec client)")
+    print(f"config: {made.config_path}")
+    names = " ".join(h.name for h in made.hosts)
+    print(f"try: MIGRATE_CONFIG={made.config_path} migrate check {names}")
+
+
+def lab_status(hosts: Any) -> None:
+    for s in hosts:
+        state = "up" if s.alive else "DOWN"
+        print(f"{s.name:<8} {s.address:<14} sshd pid {s.sshd_pid:<8} {state}")
