@@ -76,6 +76,8 @@ class Journal:
         recovers of one migration cannot run at once. JournalError if someone holds it."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for d in (self.dir.parent, self.dir):
+                _check_private(d)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as e:
             raise JournalError(f"cannot open the journal {self.path}: {e.strerror or e}") from None
@@ -102,6 +104,18 @@ class Journal:
                 f"journal {self.path}: {stage.name} would go back from {self.stage.name}"
             )
         self.stage = stage
+
+
+def _check_private(path: Path) -> None:
+    """A state dir another user could write to (or that someone else owns) could be fed a
+    journal that `recover` acts on: refused."""
+    st = path.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise JournalError(
+            f"the state dir {path} is owned by uid {st.st_uid} with mode "
+            f"{st.st_mode & 0o777:o}: it must be yours and not group/world-writable "
+            f"(chmod go-w {path})"
+        )
 
 
 def _fsync_dir(path: Path) -> None:

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from orchestrator.evacuate import Survey
+from orchestrator.evacuate import Survey, exit_code
 from orchestrator.facts import HostFacts
 from orchestrator.gc import Verdict
 from orchestrator.journal import Summary
@@ -75,7 +75,9 @@ def evacuation_dict(s: Survey, reports: list[Report]) -> dict[str, Any]:
     return {
         "source": s.source,
         "destinations": s.destinations,
-        "status": "succeeded" if all(r.status == "succeeded" for r in reports) else "failed",
+        "status": {0: "succeeded", 3: "rolled_back", 4: "stranded"}.get(
+            exit_code(reports), "failed"
+        ),
         "placement": {
             "assigned": s.placement.assigned,
             "unplaced": s.placement.unplaced,

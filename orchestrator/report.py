@@ -52,16 +52,20 @@ class Report:
     criu_errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     planned_commands: list[str] = field(default_factory=list)
+    bad_input: bool = False  # refused in pre-flight for what was asked (exit 2), not a fault
 
     # stranded: failed past the point of no return (post-copy), nothing undone: see the notes.
     EXIT_CODES = {"succeeded": 0, "rolled_back": 3, "failed": 1, "stranded": 4}
 
     @property
     def exit_code(self) -> int:
+        if self.bad_input and self.status == "failed":
+            return 2
         return self.EXIT_CODES.get(self.status, 1)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if not self.planned_commands:
             d.pop("planned_commands")
+        d.pop("bad_input")
         return d

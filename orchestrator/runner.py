@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from orchestrator.config import ConfigError
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, PhaseState
 from orchestrator.phases.base import Phase
@@ -65,6 +66,8 @@ def run(
     else:
         _fail(report, walk.failure)
         report.status, settled = _rollback(ctx, walk.done, journal, report, emit)
+        # Refused for what was asked (pid 1, a zombie, ...): bad input, exit 2.
+        report.bad_input = isinstance(walk.failure, ConfigError) and len(walk.done) <= 1
     _fill(report, ctx)
     report.total_ms = round((time.monotonic() - started) * 1000)
     try:

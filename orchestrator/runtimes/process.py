@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from orchestrator.checkpoint import Capability, Checkpoint, Pages
+from orchestrator.config import ConfigError
 from orchestrator.criu import background
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import raise_on_failure
@@ -30,18 +31,24 @@ class ProcessRuntime(Runtime):
                 f"workload {self.workload.name}: pid {pid} is not running on {host} "
                 "(it exited, or the pid is wrong)"
             )
-        state = table[pid].state
-        if state.startswith("Z"):
-            raise MigrationError(f"workload {self.workload.name}: pid {pid} is a zombie on {host}")
+        state, name = table[pid].state, self.workload.name
+        if pid == 1 or ns.kernel_thread or state.startswith("Z"):
+            what = "its init" if pid == 1 else "a kernel thread" if ns.kernel_thread else "a zombie"
+            raise ConfigError(f"workload {name}: pid {pid} on {host} is {what}: not a workload")
         if state.startswith(("T", "t")):
             raise MigrationError(
                 f"workload {self.workload.name}: pid {pid} is stopped ({state}) on {host}: "
                 "another migration may hold it frozen (see `migrate history`/`recover`), or it "
                 "was stopped by hand (kill -CONT it first)"
             )
-        if pid == 1:
-            raise MigrationError(f"workload {self.workload.name}: pid 1 on {host} is its init")
         pids = procs.tree(table, pid)
+        sessions = [p for p in pids if table[p].args.startswith(("sshd:", "sshd-session:"))]
+        if sessions:
+            raise ConfigError(
+                f"workload {name}: its tree holds an ssh session on {host} (pid {sessions[0]}: "
+                f"{table[sessions[0]].args[:60]}); freezing it would freeze a connection, maybe "
+                "the controller's own"
+            )
         target = Target(
             root_pid=pid,
             pids=pids,

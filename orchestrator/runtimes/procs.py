@@ -57,7 +57,7 @@ _NS_SCRIPT = (
     'for ns in pid mnt net; do a=$(readlink "/proc/$p/ns/$ns"); b=$(readlink "/proc/$$/ns/$ns"); '
     'if [ "$a" = "$b" ]; then echo "$ns same"; else echo "$ns own"; fi; done; '
     # its start time (field 22 of /proc/PID/stat, counted after the command name's ")")
-    's=$(cat "/proc/$p/stat") && s=${s##*) } && set -- $s && echo "start ${20}"'
+    's=$(cat "/proc/$p/stat") && s=${s##*) } && set -- $s && echo "start ${20}" && echo "flags $7"'
 )
 
 
@@ -68,6 +68,7 @@ class Namespaces:
     own_mntns: bool
     own_netns: bool
     start_time: int | None = None  # clock ticks after boot: with the pid, who it is
+    kernel_thread: bool = False  # PF_KTHREAD
 
 
 def namespaces(host: Host, pid: int) -> Namespaces | None:
@@ -85,15 +86,21 @@ def namespaces(host: Host, pid: int) -> Namespaces | None:
         own_pidns="pid" in own,
         own_mntns="mnt" in own,
         own_netns="net" in own,
-        start_time=next(
-            (
-                int(ln.split()[1])
-                for ln in lines
-                if ln.startswith("start ") and ln.split()[1:2] and ln.split()[1].isdigit()
-            ),
-            None,
-        ),
+        start_time=_field(lines, "start"),
+        kernel_thread=bool((_field(lines, "flags") or 0) & PF_KTHREAD),
     )
+
+
+PF_KTHREAD = 0x00200000
+
+
+def _field(lines: list[str], name: str) -> int | None:
+    """The number on the line `NAME N`, if any."""
+    for ln in lines:
+        parts = ln.split()
+        if parts[:1] == [name] and len(parts) == 2 and parts[1].isdigit():
+            return int(parts[1])
+    return None
 
 
 RUNNING, STOPPED, GONE = "running", "stopped", "gone"

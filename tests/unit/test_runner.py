@@ -224,3 +224,32 @@ def test_failure_after_the_point_of_no_return_is_stranded(tmp_path: Path) -> Non
     assert any(n.startswith("NO ROLLBACK") for n in report.notes)
     assert [x.name for x in report.phases] == ["lazy-restore", "pull-pages"]
     assert summarize(p.journal.path).committed  # type: ignore[union-attr]
+
+
+def test_a_state_dir_others_can_write_is_refused(tmp_path: Path) -> None:
+    p = pair(tmp_path)
+    tmp_path.chmod(0o777)
+    try:
+        report = run(p)
+    finally:
+        tmp_path.chmod(0o700)
+    assert report.status == "failed" and "must be yours and not group/world-writable" in (
+        report.error or ""
+    )
+    assert verbs(p.log) == []
+
+
+@pytest.mark.parametrize(
+    ("table", "why"),
+    [
+        ("100 1 Zs 0 [w] <defunct>\n", "is a zombie"),
+        ("100 1 Ss 2048 /bin/sh /w.sh\n101 100 S 1024 sshd: root@notty\n", "an ssh session"),
+    ],
+)
+def test_what_is_no_workload_is_bad_input(tmp_path: Path, table: str, why: str) -> None:
+    """Refused in pre-flight with exit 2, before any lock or freeze."""
+    p = pair(tmp_path)
+    p.src.on(words("ps", "-ww", "-e"), table)
+    report = run(p)
+    assert report.status == "failed" and report.exit_code == 2 and why in (report.error or "")
+    assert verbs(p.log) == [] and not any(argv[0] == "lock" for _, argv in p.log)
