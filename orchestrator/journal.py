@@ -209,8 +209,10 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
-FACT_KEYS = ("root_pid", "start_time", "command", "namespaces", "restored_pid", "net",
-             "network_lock", "new_paths", "committed", "page_port", "rounds")  # fmt: skip
+FACT_KEYS = (
+    "root_pid", "start_time", "command", "namespaces", "restored_pid", "restored_start", "net",
+    "network_lock", "new_paths", "committed", "page_port", "rounds",
+)  # fmt: skip
 # Journals written before stages were recorded: the stage each phase's begin meant.
 _STAGE_OF = {"preflight": Stage.PLANNED, "prepare": Stage.PREPARED, "precopy": Stage.PRECOPY,
              "page-server": Stage.PREPARED, "page-tunnel": Stage.PREPARED, "dump": Stage.FROZEN,

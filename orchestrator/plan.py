@@ -109,6 +109,7 @@ class Context:
     lock: RemoteLock | None = None  # held on the source from pre-flight to the end
     page_port: int | None = None  # stream/post-copy: the page channel's port (127.0.0.1)
     restored_pid: int = 0
+    restored_start: int | None = None  # its start time there (verify reads it)
     committed: bool = False  # the destination has resumed: no rollback from here on
     connections_kept: int | None = None  # established TCP connections in the images
     clock: Clock = field(default_factory=Clock)

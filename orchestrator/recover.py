@@ -227,7 +227,9 @@ def observe(ctx: Context, summary: Summary) -> Seen:
     found = _safe(lambda: ctx.runtime.find_restored(ctx.dst, ctx.dst_images.final))
     ctx.restored_pid = ctx.restored_pid or int(found or 0)
     if ctx.restored_pid:
-        dest = _copy(ctx, ctx.dst, ctx.restored_pid, command)
+        start = summary.facts.get("restored_start")
+        dest = _copy(ctx, ctx.dst, ctx.restored_pid, command,
+                     start if isinstance(start, int) else None)  # fmt: skip
     else:
         dest = _reachable(ctx.dst)
     pages = Pages.NOT_LAZY

@@ -315,6 +315,7 @@ def facts(ctx: Context) -> dict[str, object]:
         if t
         else None,
         "restored_pid": ctx.restored_pid or None,
+        "restored_start": ctx.restored_start,
         "net": asdict(t.net) if t and t.net else None,
         "network_lock": t.network_lock if t else None,
         "new_paths": list(t.new_paths) if t and t.new_paths else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from orchestrator.errors import MigrationError
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
+from orchestrator.runtimes import procs
 
 
 class Verify(Phase):
@@ -16,6 +17,8 @@ class Verify(Phase):
         pid = ctx.restored_pid
         if not pid or not ctx.runtime.running(ctx.dst, pid):
             raise MigrationError(f"restored workload (pid {pid}) is not running on {ctx.dst}")
+        ns = procs.namespaces(ctx.dst, pid)  # (pid, start time): who it is, for recover
+        ctx.restored_start = ns.start_time if ns else None
         if ctx.target and ctx.target.net:  # CRIU writes one image per established connection
             listing = ctx.dst.run(["ls", "--", ctx.dst_images.final], mutates=False)
             ctx.connections_kept = sum(
