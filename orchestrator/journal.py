@@ -214,7 +214,8 @@ FACT_KEYS = (
     "network_lock", "new_paths", "committed", "page_port", "rounds",
 )  # fmt: skip
 # Journals written before stages were recorded: the stage each phase's begin meant.
-_STAGE_OF = {"preflight": Stage.PLANNED, "prepare": Stage.PREPARED, "precopy": Stage.PRECOPY,
+_STAGE_OF = {"preflight": Stage.PLANNED, "prepare": Stage.PREPARED, "rounds": Stage.PRECOPY,
+             "precopy": Stage.PRECOPY,
              "page-server": Stage.PREPARED, "page-tunnel": Stage.PREPARED, "dump": Stage.FROZEN,
              "lazy-dump": Stage.FROZEN, "restore": Stage.RESTORING,
              "lazy-restore": Stage.RESTORING, "pull-pages": Stage.RESUMED,

@@ -90,7 +90,7 @@ TABLE: dict[str, Strategy] = {
             "precopy", "pre-copy",
             "Rounds of pre-dumps while the workload runs (each sends only the pages dirtied "
             "since the one before) until the stop rule says freeze; the final dump is small.",
-            ("preflight", "prepare", "precopy", "dump", *_COPY, "final-round", "confirm"),
+            ("preflight", "prepare", "rounds", "dump", *_COPY, "final-round", "confirm"),
             Needs(src_features=(DIRTY_TRACKING,), runtime=frozenset({Capability.PRE_DUMP})),
             Pages.FILES, rounds=True,
         ),
@@ -105,7 +105,7 @@ TABLE: dict[str, Strategy] = {
             "hybrid", "hybrid (pre-copy, then post-copy)",
             "Pre-copy rounds while the workload runs, then post-copy for what they left: the "
             "freeze moves no pages, and fewer are left to pull after the destination resumes.",
-            ("preflight", "prepare", "precopy", "page-tunnel", *_LAZY, "final-round", "confirm"),
+            ("preflight", "prepare", "rounds", "page-tunnel", *_LAZY, "final-round", "confirm"),
             Needs(src_features=(DIRTY_TRACKING,), dst_features=_POSTCOPY.dst_features,
                   pipe_max_bytes=LAZY_PIPE_BYTES, src_commands=_POSTCOPY.src_commands,
                   runtime=frozenset({Capability.PRE_DUMP, Capability.LAZY_PAGES})),

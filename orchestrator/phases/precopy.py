@@ -35,7 +35,7 @@ def read_stats(host: Host, images_dir: str) -> images.DumpStats:
 
 
 class Precopy(Phase):
-    name = "precopy"
+    name = "rounds"
     stage = Stage.PRECOPY
 
     def act(self, ctx: Context) -> None:
