@@ -18,8 +18,23 @@ _PULLED = re.compile(r"UFFD transferred pages: \((\d+)/(\d+)\)")
 PAGE_SIZE = 4096
 
 
-def error_lines(log: str, limit: int = 6) -> list[str]:
-    """CRIU's own error lines from a log (last `limit`), without timestamps and known noise."""
+# Lines that only say that something failed, not why (CRIU's summaries of a failure).
+_SUMMARY = re.compile(
+    r"(Dumping|Restoring|Pre-dumping|Dump|Restore) (FAILED|failed)|exited, status=|"
+    r"killed by signal|Failed to (dump|restore|checkpoint)",
+    re.IGNORECASE,
+)
+
+
+def cause(lines: list[str]) -> str | None:
+    """The first error in causal order (CRIU logs the cause first, then its echoes and a
+    summary such as "Restoring FAILED"): the first line that is not a mere summary."""
+    return next((ln for ln in lines if not _SUMMARY.search(ln)), lines[0] if lines else None)
+
+
+def error_lines(log: str, limit: int | None = 6) -> list[str]:
+    """CRIU's own error lines from a log (the last `limit`; None: all), without timestamps and
+    known noise."""
     found = []
     for raw in log.splitlines():
         line = _PREFIX.sub("", raw.strip())
@@ -27,7 +42,7 @@ def error_lines(log: str, limit: int = 6) -> list[str]:
             continue
         if _ERROR.search(line) and not line.lower().startswith("warn"):
             found.append(line)
-    return found[-limit:]
+    return found if limit is None else found[-limit:]
 
 
 def pages_pulled(log: str) -> tuple[int, int]:
@@ -44,7 +59,8 @@ def raise_on_failure(host: Host, result: Result, images_dir: str, log: str, what
     if result.ok:
         return
     text = host.run(["cat", "--", f"{images_dir}/{log}"], mutates=False).stdout
-    lines = error_lines(text) or error_lines(result.stderr) or [result.error_line()]
+    every = error_lines(text, None) or error_lines(result.stderr, None) or [result.error_line()]
     raise MigrationError(
-        f"criu {what} failed on {host} (exit {result.exit_code}): {lines[-1]}", details=lines
+        f"criu {what} failed on {host} (exit {result.exit_code}): {cause(every)}",
+        details=every[-6:],  # the tail, as before
     )

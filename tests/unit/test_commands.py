@@ -6,7 +6,7 @@ import shlex
 
 from orchestrator.config import HostConfig, Policy
 from orchestrator.criu import commands as criu
-from orchestrator.criu.logs import error_lines
+from orchestrator.criu.logs import cause, error_lines
 from orchestrator.transport import rsync
 from orchestrator.transport.ssh import quote
 
@@ -93,3 +93,16 @@ def test_network_options() -> None:
     r = criu.restore("criu", ropts)
     assert r[r.index("--external") + 1] == "veth[eth0]:vctr0@br0"
     assert "--tcp-established" in r and "--tcp-close" in r and "--network-lock" not in r
+
+
+def test_the_cause_is_the_first_error_not_the_summary() -> None:
+    log = """(00.001) Error (criu/files-reg.c:1): Can't open file x on restore: No such file
+(00.002) Error (criu/cr-restore.c:2): Can't fork for 848: File exists
+(00.003) Error (criu/cr-restore.c:3): Restoring FAILED.
+"""
+    lines = error_lines(log, None)
+    assert cause(lines) == "Error (criu/files-reg.c:1): Can't open file x on restore: No such file"
+    assert cause(["Error (criu/cr-restore.c:3): Restoring FAILED."]) == (
+        "Error (criu/cr-restore.c:3): Restoring FAILED."
+    )
+    assert cause([]) is None
