@@ -65,7 +65,7 @@ def abort_lazy_dump(ctx: Context) -> None:
         # The dump ended as if every page had been pulled (its client went away cleanly):
         # the tasks keep all their memory, stopped.
         unlock_network(ctx)
-        procs.signal(src, "CONT", procs.tree_of(src, ctx.target.root_pid))
+        procs.signal(src, "CONT", ctx.target.to_continue(procs.tree_of(src, ctx.target.root_pid)))
 
 
 def _lazy_dump_running(ctx: Context) -> bool:

@@ -211,7 +211,7 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 FACT_KEYS = (
     "root_pid", "start_time", "command", "namespaces", "restored_pid", "restored_start", "net",
-    "network_lock", "new_paths", "committed", "page_port", "rounds",
+    "network_lock", "new_paths", "self_stopped", "committed", "page_port", "rounds",
 )  # fmt: skip
 # Journals written before stages were recorded: the stage each phase's begin meant.
 _STAGE_OF = {"preflight": Stage.PLANNED, "prepare": Stage.PREPARED, "rounds": Stage.PRECOPY,

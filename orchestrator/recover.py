@@ -207,6 +207,7 @@ def _target(summary: Summary) -> Target | None:
         net=NetInfo(**f["net"]) if isinstance(f.get("net"), dict) else None,
         network_lock=f.get("network_lock") if isinstance(f.get("network_lock"), str) else None,
         new_paths=[p for p in f.get("new_paths") or [] if isinstance(p, str)],
+        self_stopped=[p for p in f.get("self_stopped") or [] if isinstance(p, int)],
     )  # fmt: skip
 
 

@@ -319,6 +319,7 @@ def facts(ctx: Context) -> dict[str, object]:
         "net": asdict(t.net) if t and t.net else None,
         "network_lock": t.network_lock if t else None,
         "new_paths": list(t.new_paths) if t and t.new_paths else None,
+        "self_stopped": list(t.self_stopped) if t and t.self_stopped else None,
         "committed": ctx.committed,
         "page_port": ctx.page_port,
         "rounds": ctx.src_images.rounds or None,

@@ -31,6 +31,12 @@ class Target:
     # to the same path on the destination by the transfer phase (runtimes fill it in locate).
     paths: list[str] = field(default_factory=list)
     new_paths: list[str] = field(default_factory=list)  # of those, made on the destination by us
+    # Tasks the workload itself had stopped (state T) when found: a rollback leaves them so.
+    self_stopped: list[int] = field(default_factory=list)
+
+    def to_continue(self, tree: list[int]) -> list[int]:
+        """Of tree, the tasks a resume must SIGCONT: those the tool stopped, not the others."""
+        return [p for p in tree if p not in self.self_stopped]
 
 
 class Runtime(ABC):

@@ -55,6 +55,7 @@ class ProcessRuntime(Runtime):
             rss_kb=sum(table[p].rss_kb for p in pids),
             command=table[pid].args,
             start_time=ns.start_time,
+            self_stopped=[p for p in pids if table[p].state.startswith(("T", "t"))],
             pidns_init=ns.pidns_init,
             own_mntns=ns.own_mntns,
             own_netns=ns.own_netns,
@@ -204,7 +205,7 @@ class ProcessRuntime(Runtime):
         if target.net is None or state != procs.STOPPED:
             # Left stopped by a dump: continue it. (A dump that failed has already let it run
             # on, unlocked; a workload that is gone cannot be resumed.)
-            procs.signal(host, "CONT", procs.tree_of(host, target.root_pid))
+            procs.signal(host, "CONT", target.to_continue(procs.tree_of(host, target.root_pid)))
             return
         # A completed dump left its sockets in TCP repair mode and its network locked: only a
         # restore brings those back. The stopped copy goes silently (repair mode sends no RST)

@@ -253,3 +253,14 @@ def test_what_is_no_workload_is_bad_input(tmp_path: Path, table: str, why: str) 
     report = run(p)
     assert report.status == "failed" and report.exit_code == 2 and why in (report.error or "")
     assert verbs(p.log) == [] and not any(argv[0] == "lock" for _, argv in p.log)
+
+
+def test_rollback_leaves_tasks_the_workload_had_stopped(tmp_path: Path) -> None:
+    """A task the workload stopped itself (T before the freeze) stays stopped after a
+    rollback: the tool resumes only what it stopped."""
+    p = pair(tmp_path)
+    p.src.on(words("ps", "-ww", "-e"), "100 1 Ss 2048 /bin/sh /w.sh\n101 100 T 1024 sleep 1\n")
+    fail(p.src, criu("dump"))
+    report = run(p)
+    assert report.status == "rolled_back"
+    assert "a: kill -CONT 100" in verbs(p.log) and "a: kill -CONT 100 101" not in verbs(p.log)
