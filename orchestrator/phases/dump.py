@@ -15,8 +15,9 @@ class Dump(Phase):
         assert ctx.target is not None
         ctx.frozen_at = time.monotonic()
         ctx.runtime.checkpoint(
-            ctx.src, ctx.target, ctx.src_dir, ctx.page_port, prev_images_dir=ctx.prev_images_dir
-        )
+            ctx.src, ctx.target, ctx.src_dir, ctx.page_port, prev_images_dir=ctx.prev_images_dir,
+            channel=ctx.page_channel,  # #14
+        )  # fmt: skip
         ctx.dumped_at = time.monotonic()
 
     def undo(self, ctx: Context) -> None:

@@ -1,17 +1,16 @@
-"""Page tunnels, before the freeze: a loopback port carried inside the source's ssh link, so
-that page traffic is encrypted and no page server listens on a host's network address.
+"""Page tunnels, before the freeze: the page channel (#14, criu/pagechannel.py), a Unix
+socket in each host's 0700 image dir carried inside the source's ssh link, so that page traffic
+is encrypted between hosts and no other local user can reach it on either host (no TCP port).
 
-- stream: a CRIU page server on the destination; the source's dump writes pages straight into
-  the destination's image dir through 127.0.0.1:PORT on the source (forwarded -L).
-- post-copy: the source's lazy dump serves pages on its own 127.0.0.1:PORT, which the
-  destination's lazy-pages daemon reaches at its 127.0.0.1:PORT (forwarded -R).
+- stream: a CRIU page server on the destination gets the channel's one connection; the
+  source's dump connects to its end and writes pages straight into the destination's image dir.
+- post-copy: the source's lazy dump connects at the freeze and serves pages on the channel; the
+  destination holds that connection until its lazy-pages daemon takes it over.
 """
 
 from __future__ import annotations
 
-import secrets
-
-from orchestrator.criu import commands as criu
+from orchestrator.criu.pagechannel import PageChannel, page_server
 from orchestrator.errors import MigrationError
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
@@ -19,14 +18,15 @@ from orchestrator.runtimes import procs
 from orchestrator.transport import rsync
 from orchestrator.transport.ssh import Host
 
-ATTEMPTS = 3  # a port may be taken on either host: try another
-_FREE = '[ -z "$(ss -Hltn "sport = :$1")" ] || { echo "port $1 is in use" >&2; exit 1; }'
-
 
 class PageTunnel(Phase):
+    """#14: the page channel (criu/pagechannel.py): a root-only Unix socket in each host's
+    0700 image dir, joined by a stream-local forward inside the source's ssh link. No TCP port
+    exists; post-copy's destination holds the lazy dump's one connection for lazy-pages."""
+
     name = "page-tunnel"
-    #: Forward the destination's port to the source's (post-copy) instead of the reverse.
-    reverse = True
+    #: Post-copy: the source's dump serves pages on the channel (else it streams them).
+    lazy = True
 
     def act(self, ctx: Context) -> None:
         plan = ctx.plan
@@ -35,57 +35,57 @@ class PageTunnel(Phase):
                 f"{plan.strategy} needs an ssh link from {ctx.src.name}, and the control socket "
                 f"path under {plan.source.workdir} is too long: use a shorter workdir"
             )
-        errors = []
-        for _ in range(ATTEMPTS):
-            port = 20000 + secrets.randbelow(40000)
-            error = self._open(ctx, port)
-            if error is None:
-                return
-            errors.append(error)
-            self.undo(ctx)
-        raise MigrationError(f"cannot open the page tunnel: {errors[-1]}", details=errors)
+        channel = PageChannel.for_dirs(plan.src_images, plan.dst_images, lazy=self.lazy)
+        long = channel.too_long()
+        if long:
+            raise MigrationError(f"the page channel's socket path {long} is too long for a "
+                                 "Unix socket: use a shorter workdir")  # fmt: skip
+        ctx.page_channel = channel
+        r = ctx.dst.run(self._listen_argv(ctx, channel))
+        if not r.ok:
+            raise MigrationError(f"cannot open the page channel on {ctx.dst.name}: "
+                                 f"{r.error_line()}")  # fmt: skip
+        fwd = ctx.src.run(channel.forward_argv(_link_ssh(ctx), plan.destination.address))
+        if not fwd.ok:
+            raise MigrationError(f"cannot forward the page channel from {ctx.src.name}: "
+                                 f"{fwd.error_line()}")  # fmt: skip
 
-    def _open(self, ctx: Context, port: int) -> str | None:
-        """Listen (or be ready to) on port at both ends; an error line if that failed."""
-        plan = ctx.plan
-        assert plan.link_socket
-        if self.reverse:  # the source's lazy dump will listen there: it must be free
-            free = ctx.src.run(["sh", "-c", _FREE, "sh", str(port)], mutates=False)
-            if not free.ok:
-                return f"{ctx.src.name}: {free.error_line()}"
-        ctx.page_port = port
-        argv = rsync.forward_argv(plan.source, plan.destination, plan.policy, plan.link_socket,
-                                  port, reverse=self.reverse)  # fmt: skip
-        fwd = ctx.src.run(argv)
-        return None if fwd.ok else f"tunnel on {ctx.src.name}: {fwd.error_line()}"
+    def _listen_argv(self, ctx: Context, channel: PageChannel) -> list[str]:
+        return channel.hold_argv()
 
     def undo(self, ctx: Context) -> None:
-        """Close the tunnel (a connection already carried through it goes on until it ends)."""
-        plan = ctx.plan
-        if ctx.page_port is None or not plan.link_socket:
+        """Close the forward, end the channel's helpers, remove its sockets (a connection
+        already carried through goes on until it ends)."""
+        channel = ctx.page_channel
+        if channel is None:
             return
-        ctx.src.run(rsync.forward_argv(plan.source, plan.destination, plan.policy,
-                                       plan.link_socket, ctx.page_port, cancel=True,
-                                       reverse=self.reverse))  # fmt: skip
-        ctx.page_port = None
+        plan = ctx.plan
+        ctx.src.run(channel.forward_argv(_link_ssh(ctx), plan.destination.address, cancel=True))
+        helpers = [p.pid for p in procs.table(ctx.dst).values() if channel.dst_sock in p.args]
+        procs.signal(ctx.dst, "KILL", helpers)
+        ctx.src.run(channel.cleanup_argv())
+        ctx.dst.run(channel.cleanup_argv())
+        ctx.page_channel = None
 
 
 class PageServer(PageTunnel):
     name = "page-server"
-    reverse = False
+    lazy = False
 
-    def _open(self, ctx: Context, port: int) -> str | None:
+    def _listen_argv(self, ctx: Context, channel: PageChannel) -> list[str]:
+        """A CRIU page server on the destination, on the channel's one connection."""
         plan = ctx.plan
-        server = ctx.dst.run(criu.page_server(plan.destination.criu, plan.dst_images, port))
-        if not server.ok:
-            ctx.page_port = port  # undo ends it if it did start
-            return f"page server on {ctx.dst.name}: {server.error_line()}"
-        return super()._open(ctx, port)
+        return channel.serve_argv(page_server(plan.destination.criu, plan.dst_images))
 
     def undo(self, ctx: Context) -> None:
         """Also end a page server that is still waiting (none after a dump)."""
         super().undo(ctx)
         kill_criu(ctx.dst, "page-server", ctx.plan.dst_images)
+
+
+def _link_ssh(ctx: Context) -> list[str]:
+    plan = ctx.plan
+    return rsync.ssh_command(plan.source, plan.destination, plan.policy, plan.link_socket)
 
 
 def kill_criu(host: Host, command: str, images_dir: str) -> None:

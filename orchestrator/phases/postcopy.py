@@ -17,6 +17,7 @@ import time
 from orchestrator.criu import background
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import PAGE_SIZE, pages_pulled
+from orchestrator.criu.pagechannel import PageChannel, lazy_pages
 from orchestrator.errors import MigrationError
 from orchestrator.phases.base import Phase, settle
 from orchestrator.phases.pageserver import kill_criu
@@ -34,10 +35,10 @@ class LazyDump(Phase):
     name = "dump"
 
     def act(self, ctx: Context) -> None:
-        assert ctx.target is not None and ctx.page_port is not None
+        assert ctx.target is not None and ctx.page_channel is not None
         ctx.frozen_at = time.monotonic()
-        ctx.runtime.checkpoint(ctx.src, ctx.target, ctx.src_dir, lazy_port=ctx.page_port,
-                               prev_images_dir=ctx.prev_images_dir)  # fmt: skip
+        ctx.runtime.checkpoint(ctx.src, ctx.target, ctx.src_dir, channel=ctx.page_channel,
+                               prev_images_dir=ctx.prev_images_dir)  # fmt: skip  # #14
         ctx.dumped_at = time.monotonic()
 
     def undo(self, ctx: Context) -> None:
@@ -46,13 +47,14 @@ class LazyDump(Phase):
         plan, src = ctx.plan, ctx.src
         if ctx.target is None:
             return
-        if ctx.page_port and _dump_running(ctx):
+        if _dump_running(ctx):
             # A failed lazy dump resumes the tasks but not their network: unlock it first,
             # while they are still frozen. (A dump still starting is not listening yet.)
             _unlock_network(ctx)
             deadline = time.monotonic() + ABORT_WAIT
             while time.monotonic() < deadline:
-                src.run(criu.abort_lazy_dump(ctx.page_port))
+                # #14: the destination holds the dump's connection: abort through it.
+                ctx.dst.run(_channel(ctx).abort_argv())
                 if background.wait(src, ctx.src_dir, background.DUMP, 1) is not None:
                     break
         settle(src, plan.src_images, plan.policy.command_timeout)
@@ -62,6 +64,11 @@ class LazyDump(Phase):
             # images, and a lazy dump's images lack the pages.
             _unlock_network(ctx)
             procs.signal(src, "CONT", procs.tree_of(src, ctx.target.root_pid))
+
+
+def _channel(ctx: Context) -> PageChannel:
+    """#14: the page channel, as the plan makes it (also for `recover`, which has no ctx)."""
+    return PageChannel.for_dirs(ctx.plan.src_images, ctx.plan.dst_images, lazy=True)
 
 
 def _dump_running(ctx: Context) -> bool:
@@ -88,9 +95,10 @@ class LazyRestore(Restore):
     name = "restore"
 
     def act(self, ctx: Context) -> None:
-        assert ctx.target is not None and ctx.page_port is not None
+        assert ctx.target is not None and ctx.page_channel is not None
         plan, dst = ctx.plan, ctx.dst
-        argv = criu.lazy_pages(plan.destination.criu, ctx.dst_dir, ctx.page_port)
+        # #14: lazy-pages takes over the connection the destination holds.
+        argv = ctx.page_channel.take_argv(lazy_pages(plan.destination.criu, ctx.dst_dir))
         background.start(dst, ctx.dst_dir, background.LAZY_PAGES, argv,
                          criu.LAZY_PAGES_LOG, "lazy-pages")  # fmt: skip
         ctx.restored_pid = ctx.runtime.restore(dst, ctx.target, ctx.dst_dir, lazy=True)

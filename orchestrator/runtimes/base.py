@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from orchestrator.config import WorkloadConfig
+from orchestrator.criu.pagechannel import PageChannel
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes.net import NetInfo
 from orchestrator.transport.ssh import Host
@@ -58,13 +59,16 @@ class Runtime(ABC):
         page_port: int | None = None,
         lazy_port: int | None = None,
         prev_images_dir: str | None = None,
+        channel: PageChannel | None = None,  # #14
     ) -> None:
         """Dump the workload into images_dir, leaving it stopped (not killed) on host; with
         page_port, its pages go to the page server tunnelled at 127.0.0.1:page_port; with
         lazy_port (post-copy), they stay in memory and a detached dump serves them there until
         the destination has pulled them all (its exit code: background name DUMP); with
         prev_images_dir (pre-copy; relative to images_dir), only pages changed since those
-        images are written (CRIU's --track-mem --prev-images-dir)."""
+        images are written (CRIU's --track-mem --prev-images-dir). With channel (#14), pages
+        go over the page channel's Unix socket instead (streamed, or served lazily if
+        channel.lazy); runtimes without a page server ignore it."""
 
     def pre_dump(
         self, host: Host, target: Target, images_dir: str, prev_images_dir: str | None

@@ -26,6 +26,7 @@ the images, mirrored to the same lxcpath on the destination.
 from __future__ import annotations
 
 from orchestrator.criu import commands as criu
+from orchestrator.criu.pagechannel import PageChannel
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes import procs
 from orchestrator.runtimes.base import Target
@@ -112,6 +113,7 @@ class LxcRuntime(ContainerRuntime):
         page_port: int | None = None,
         lazy_port: int | None = None,
         prev_images_dir: str | None = None,
+        channel: PageChannel | None = None,  # #14: no page server here
     ) -> None:
         # Freeze, then checkpoint: one round trip. A failed checkpoint leaves it frozen
         # (CRIU restores the freezer as it found it): the dump's undo thaws it.

@@ -15,6 +15,7 @@ journald is assumed) and, when configured, private `--root` / `--runroot`.
 from __future__ import annotations
 
 from orchestrator.criu import commands as criu
+from orchestrator.criu.pagechannel import PageChannel
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes import procs
 from orchestrator.runtimes.base import Target
@@ -74,6 +75,7 @@ class PodmanRuntime(ContainerRuntime):
         page_port: int | None = None,
         lazy_port: int | None = None,
         prev_images_dir: str | None = None,
+        channel: PageChannel | None = None,  # #14: no page server here
     ) -> None:
         export = f"{images_dir}/{EXPORT}"
         argv = self.podman(host, "container", "checkpoint", *KEEP, "--export", export,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from orchestrator.criu import background
+from orchestrator.criu import background, pagechannel
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import raise_on_failure
 from orchestrator.errors import MigrationError
@@ -119,6 +119,7 @@ class ProcessRuntime(Runtime):
         page_port: int | None = None,
         lazy_port: int | None = None,
         prev_images_dir: str | None = None,
+        channel: pagechannel.PageChannel | None = None,
     ) -> None:
         argv = criu.dump(
             host.config.criu,
@@ -134,10 +135,13 @@ class ProcessRuntime(Runtime):
                 track_mem=prev_images_dir is not None,
                 prev_images_dir=prev_images_dir,
                 lazy_port=lazy_port,
+                channel_flags=pagechannel.dump_flags(channel) if channel else (),  # #14
                 extra=self.workload.criu_options,
             ),
         )
-        if lazy_port:
+        if channel:  # #14: the dump gets the channel's socket, connected, on an fd
+            argv = channel.connect_argv(argv)
+        if lazy_port or (channel and channel.lazy):
             background.start(host, images_dir, background.DUMP, argv, criu.DUMP_LOG, "dump")
             return
         raise_on_failure(host, host.run(argv), images_dir, criu.DUMP_LOG, "dump")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 from orchestrator.criu import commands as criu
+from orchestrator.criu.pagechannel import PageChannel
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes import procs
 from orchestrator.runtimes.base import Target
@@ -85,6 +86,7 @@ class RuncRuntime(ContainerRuntime):
         page_port: int | None = None,
         lazy_port: int | None = None,
         prev_images_dir: str | None = None,
+        channel: PageChannel | None = None,  # #14: no page server here
     ) -> None:
         argv = [*self.runc(host), "checkpoint", *KEEP, "--image-path", images_dir, "--work-path",
                 images_dir, self.container]  # fmt: skip
