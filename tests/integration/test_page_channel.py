@@ -10,7 +10,6 @@ workload (tests/netapps/memwriter.py) holds a secret marker in its memory.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import tempfile

@@ -148,7 +148,8 @@ def squat(port: int) -> None:
 
 def read_files() -> None:
     for top in dirs:
-        for root, subdirs, files in os.walk(top, onerror=lambda e: note("dirs_denied", e.filename)):
+        denied = lambda e: note("dirs_denied", e.filename)  # noqa: E731
+        for root, _dirs, files in os.walk(top, onerror=denied):
             for name in files:
                 path = os.path.join(root, name)
                 try:
