@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator.config import Config, ConfigError, HostConfig, Policy, WorkloadConfig
+from orchestrator.criu.manifest import Manifest
 from orchestrator.criu.pagechannel import PageChannel
 from orchestrator.report import Round
 from orchestrator.runtimes.base import Runtime, Target
@@ -92,6 +93,7 @@ class Context:
     connections_kept: int | None = None  # established TCP connections in the images
     page_port: int | None = None  # stream/post-copy: the tunnelled page server's port
     page_channel: PageChannel | None = None  # #14: stream/post-copy pages (Unix sockets)
+    manifest: Manifest | None = None  # #14: the final dump's image checksums, from the source
     committed: bool = False  # the destination has resumed: no rollback from here on
     pages_done_at: float | None = None  # post-copy: every page has reached the destination
     pulled_bytes: int = 0  # post-copy: memory the destination pulled after it resumed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from orchestrator.criu import manifest
 from orchestrator.phases.base import Phase, remove_dir
 from orchestrator.plan import Context
 from orchestrator.transport import rsync
@@ -14,9 +15,11 @@ class Transfer(Phase):
     name = "transfer"
 
     def act(self, ctx: Context) -> None:
+        manifest.start(ctx.src, ctx.src_dir)  # #14: hash the images while rsync sends them
         ctx.bytes_transferred += push(ctx, ctx.src_dir, ctx.dst_dir)
         ctx.bytes_transferred += sync_paths(ctx)
         mirror_paths(ctx)
+        ctx.manifest = manifest.collect(ctx.src, ctx.src_dir)  # #14
         ctx.transferred_at = time.monotonic()
 
 

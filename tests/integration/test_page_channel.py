@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,11 +70,11 @@ class Writer:
         return [int(ln.split()[0]) for ln in text.splitlines() if ln.split()[0].isdigit()]
 
 
-def start_writer(lab: labmod.Lab, name: str, secret: str) -> Writer:
+def start_writer(lab: labmod.Lab, name: str, secret: str, mib: int = SIZE_MIB) -> Writer:
     log = lab.dir / "workloads" / f"{name}.log"
     log.parent.mkdir(exist_ok=True)
     log.unlink(missing_ok=True)
-    argv = [PYTHON, str(NETAPPS / "memwriter.py"), str(log), str(SIZE_MIB), secret]
+    argv = [PYTHON, str(NETAPPS / "memwriter.py"), str(log), str(mib), secret]
     pid = on(lab, "host-a", 'setsid "$@" </dev/null >/dev/null 2>&1 & echo $!', *argv).strip()
     w = Writer(int(pid), log)
     wait_for(lambda: len(w.ticks()) >= 50, timeout=60, what="the writer to fill its memory")
@@ -181,3 +183,46 @@ def test_nobody_gets_or_changes_no_page(
     assert junk.strip() != "yes"
     assert ticks == list(range(1, len(ticks) + 1))
     record_property("measured", f"{strategy}: " + "; ".join(measured))
+
+
+def test_a_tampered_image_is_refused_and_rolled_back(lab: labmod.Lab, tmp_path: Path) -> None:
+    """One byte of the pages file flipped on the destination while rsync writes it: the
+    checksums recorded on the source at the dump refuse it before restore; the source runs on."""
+    secret = "SECRET-" + secrets.token_hex(8)
+    w = start_writer(lab, "tampered", secret, mib=32)
+    images = lab.host("host-b").workdir / "images"
+    try:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "run", f"pid:{w.pid}", "host-a",
+             "host-b", "--strategy", "stopcopy", "--bwlimit", "4096", "--json",
+             "--config", str(lab.config_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+        def partial() -> Path | None:  # rsync's temporary file for the pages, well under way
+            for p in images.glob("*/.pages-*.img.*"):
+                if p.stat().st_size > 1 << 20:
+                    return p
+            return None
+
+        path = wait_for(partial, timeout=60, what="rsync to be writing the pages on host-b")
+        with open(path, "r+b") as f:
+            f.seek(4096 + 17)
+            byte = f.read(1)
+            f.seek(4096 + 17)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        out, err = run.communicate(timeout=120)
+        report = json.loads(out)
+        assert run.returncode == 3, out + err
+        assert report["status"] == "rolled_back", report
+        assert "are not what host-a dumped" in report["error"], report["error"]
+        assert "pages-" in report["error"], report["error"]
+        # The source runs on, with its memory; nothing runs or is left on host-b.
+        before = len(w.ticks())
+        wait_for(lambda: len(w.ticks()) > before + 50, what="the writer to tick on on host-a")
+        assert counter_pids(lab, "host-a", w.log) == [w.pid]
+        assert counter_pids(lab, "host-b", w.log) == []
+        assert not list(images.glob("*")), list(images.glob("*"))
+        assert "restore" not in [p["name"] for p in report["phases"] if p["status"] == "ok"]
+    finally:
+        kill_writer(lab, w)
