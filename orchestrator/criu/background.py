@@ -21,6 +21,7 @@ LAZY_PAGES = "lazy-pages"  # post-copy: the destination's daemon, pulling them
 # $1 images dir, $2 name, $3 seconds to wait for readiness, then CRIU's argv.
 # Prints "ready", or "exited RC" when CRIU ended before it was ready.
 _START = r"""
+umask 077
 dir=$1 name=$2 wait=$3; shift 3
 fifo=$dir/$name.ready rc=$dir/$name.rc
 rm -f -- "$fifo" "$rc" "$rc.tmp"

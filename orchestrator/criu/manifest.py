@@ -28,8 +28,12 @@ FILE = "images.b2sums"  # written by the source's hashing job, inside the image 
 # A line of `cksum -a blake2b` (tagged) output: BLAKE2b (./path) = HEX
 _LINE = re.compile(r"^BLAKE2b \((\./.+)\) = ([0-9a-f]{128})$")
 
-# $1 dir, $2 output file: hash every *.img under dir, detached; the output appears whole.
+# $1 dir, $2 output file, $3 the image root: make every file there root-only (CRIU writes
+# images 0644; rsync then carries 0600), then hash every file under dir, detached; the output
+# appears whole.
 _START = r"""
+umask 077
+chmod -R go= -- "$3" || exit 1
 cd -- "$1" || exit 1
 rm -f -- "$2" "$2.tmp"
 ( find . -type f ! -name '*.log' ! -name '*.err' ! -name '*.rc' ! -name "$2*" -print0 |
@@ -49,8 +53,12 @@ cat -- "$1" && rm -f -- "$1"
 """
 
 # $1 dir, then the expected lines: check each named file (missing counts as bad).
+# $1 the image root (made root-only first: pre-copy rounds, a page server's pages), $2 dir,
+# then the expected lines.
 _VERIFY = r"""
+chmod -R go= -- "$1" || exit 1; shift
 cd -- "$1" || exit 1; shift
+[ "$#" -gt 0 ] || exit 0
 out=$(printf '%s\n' "$@" | cksum -a blake2b --check --strict - 2>&1); rc=$?
 printf '%s\n' "$out" | grep -v ': OK$' >&2
 exit $rc
@@ -82,9 +90,10 @@ class Manifest:
         return len(self.digests)
 
 
-def start_argv(images_dir: str) -> list[str]:
-    """Run on the source: start hashing images_dir's files in the background."""
-    return ["sh", "-c", _START, "sh", images_dir, FILE]
+def start_argv(images_dir: str, root: str) -> list[str]:
+    """Run on the source: make root's files root-only, start hashing images_dir's files in
+    the background."""
+    return ["sh", "-c", _START, "sh", images_dir, FILE, root]
 
 
 def collect_argv(images_dir: str, seconds: float) -> list[str]:
@@ -92,13 +101,14 @@ def collect_argv(images_dir: str, seconds: float) -> list[str]:
     return ["sh", "-c", _COLLECT, "sh", f"{images_dir}/{FILE}", str(int(max(1, seconds)))]
 
 
-def verify_argv(images_dir: str, manifest: Manifest) -> list[str]:
-    """Run on the destination: check every recorded image (non-zero exit on any mismatch)."""
-    return ["bash", "-c", _VERIFY, "bash", images_dir, *manifest.lines()]
+def verify_argv(images_dir: str, manifest: Manifest, root: str) -> list[str]:
+    """Run on the destination: make root's files root-only, check every recorded image
+    (non-zero exit on any mismatch)."""
+    return ["bash", "-c", _VERIFY, "bash", root, images_dir, *manifest.lines()]
 
 
-def start(host: Host, images_dir: str) -> None:
-    r = host.run(start_argv(images_dir))
+def start(host: Host, images_dir: str, root: str) -> None:
+    r = host.run(start_argv(images_dir, root))
     if not r.ok:
         raise MigrationError(f"cannot hash the images on {host}: {r.error_line()}")
 
@@ -112,11 +122,9 @@ def collect(host: Host, images_dir: str) -> Manifest:
     return Manifest.parse(r.stdout)
 
 
-def verify(host: Host, images_dir: str, manifest: Manifest, source: str) -> None:
+def verify(host: Host, images_dir: str, manifest: Manifest, source: str, root: str) -> None:
     """Refuse to restore from images that are not what the source dumped."""
-    if not manifest:
-        return
-    r = host.run(verify_argv(images_dir, manifest), mutates=False)
+    r = host.run(verify_argv(images_dir, manifest, root))
     if r.ok or r.dry:
         return
     bad = [ln.strip() for ln in (r.stderr or r.stdout).splitlines() if ln.strip()]

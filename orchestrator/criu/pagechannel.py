@@ -89,6 +89,7 @@ def detach(err):
     os.dup2(log, 2)
 
 def run(fd, sock_fd):
+    os.umask(0o077)  # what CRIU writes (pages, logs) is root-only
     os.dup2(sock_fd, fd)
     os.execvp(argv[0], argv)
 

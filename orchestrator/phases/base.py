@@ -38,3 +38,13 @@ def settle(host: Host, images_dir: str, timeout: float) -> None:
         return
     if not procs.wait_gone(host, images_dir, timeout):
         raise MigrationError(f"a process on {host} still uses {images_dir} after {timeout:.0f}s")
+
+
+def kept_images_note(ctx: Context) -> str:
+    """#14: what --keep-images leaves behind, and that it is the workload's memory."""
+    plan = ctx.plan
+    return (
+        f"images kept (--keep-images) at {ctx.src.name}:{plan.src_images} and "
+        f"{ctx.dst.name}:{plan.dst_images}: they hold the workload's memory (secrets included; "
+        "root-only files); remove them when done"
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.phases.base import Phase, remove_dir
+from orchestrator.phases.base import Phase, kept_images_note, remove_dir
 from orchestrator.phases.prepare import close_link
 from orchestrator.plan import Context
 
@@ -18,3 +18,5 @@ class Confirm(Phase):
         if not ctx.plan.keep_images:
             remove_dir(ctx.src, ctx.plan.src_images)
             remove_dir(ctx.dst, ctx.plan.dst_images)
+        else:
+            ctx.notes.append(kept_images_note(ctx))  # #14

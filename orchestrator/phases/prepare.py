@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from orchestrator.errors import MigrationError
-from orchestrator.phases.base import Phase, make_private_dir, remove_dir
+from orchestrator.phases.base import Phase, kept_images_note, make_private_dir, remove_dir
 from orchestrator.phases.transfer import mirror_paths, unmirror
 from orchestrator.plan import Context
 from orchestrator.transport import rsync
@@ -34,6 +34,8 @@ class Prepare(Phase):
         if not ctx.plan.keep_images:
             remove_dir(ctx.src, ctx.plan.src_images)
             remove_dir(ctx.dst, ctx.plan.dst_images)
+        else:
+            ctx.notes.append(kept_images_note(ctx))  # #14
 
 
 def close_link(ctx: Context) -> None:

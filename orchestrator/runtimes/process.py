@@ -13,7 +13,7 @@ from orchestrator.runtimes.base import Runtime, Target
 from orchestrator.transport.ssh import Host
 
 PIDFILE = "restored.pid"
-_THEN_CAT = 'pf=$1; shift; "$@" || exit $?; cat -- "$pf"'
+_THEN_CAT = 'umask 077; pf=$1; shift; "$@" || exit $?; cat -- "$pf"'  # #14: umask
 
 
 class ProcessRuntime(Runtime):

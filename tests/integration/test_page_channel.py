@@ -139,8 +139,9 @@ def test_nobody_gets_or_changes_no_page(
                   _CONTROL).strip()
             for h in thieves.hosts
         }  # fmt: skip
+        # --keep-images: the attacker also tries the images at rest, after the migration.
         r = migrate("run", f"pid:{w.pid}", "host-a", "host-b", "--strategy", strategy,
-                    "--json", config=lab.config_path)  # fmt: skip
+                    "--json", "--keep-images", config=lab.config_path)  # fmt: skip
         got = thieves.stop()
         report = json.loads(r.stdout) if r.stdout.strip() else {}
         assert r.returncode == 0, r.stdout + r.stderr
@@ -177,6 +178,18 @@ def test_nobody_gets_or_changes_no_page(
             f"tcp {log['tcp_seen']}, files denied {len(log['files_denied'])}, "
             f"dirs denied {len(log['dirs_denied'])}"
         )
+    # At rest: root-only files in root-only dirs, and the report says where they are.
+    kept = [lab.host(h).workdir / "images" / report["id"] for h in ("host-a", "host-b")]
+    loose = [
+        f"{p} {p.stat().st_mode & 0o777:o}"
+        for d in kept
+        for p in [d, *d.rglob("*")]
+        if p.stat().st_mode & 0o077
+    ]
+    for d in kept:
+        shutil.rmtree(d)
+    assert loose == []
+    assert any("hold the workload's memory" in n for n in report["notes"]), report["notes"]
     # Nothing was changed: the restored copy holds the original marker, no junk, and every
     # page it checks still holds what it wrote (memwriter says CORRUPT otherwise).
     assert held.strip() == "yes"
