@@ -19,8 +19,11 @@ from orchestrator.phases.transfer import Transfer
 from orchestrator.phases.verify import Verify
 
 # python3: to unlock a rolled-back workload's TCP sockets (see runtimes/net.unlock_argv).
+# #14: python3 on both hosts runs the page channel's helper (criu/pagechannel.py).
 POSTCOPY_NEEDS = Needs(dst_features=("uffd-noncoop",), pipe_max_bytes=LAZY_PIPE_BYTES,
-                       src_commands=("python3",), why="post-copy")  # fmt: skip
+                       src_commands=("python3",), dst_commands=("python3",),
+                       why="post-copy")  # fmt: skip
+STREAM_NEEDS = Needs(src_commands=("python3",), dst_commands=("python3",), why="stream")
 PRECOPY_NEEDS = Needs(src_features=("mem_dirty_track",), why="pre-copy")  # soft-dirty tracking
 HYBRID_NEEDS = dataclasses.replace(POSTCOPY_NEEDS, src_features=PRECOPY_NEEDS.src_features,
                                    why="hybrid (pre-copy, then post-copy)")  # fmt: skip
@@ -34,8 +37,8 @@ def stopcopy() -> list[Phase]:
 def stream() -> list[Phase]:
     """Like stopcopy, but the dump streams pages straight to the destination (a page server
     through the source's ssh link): nothing is written twice, only small images are rsynced."""
-    return [Preflight(), Prepare(), PageServer(), Dump(), Transfer(), Restore(), Verify(),
-            Confirm()]  # fmt: skip
+    return [Preflight(STREAM_NEEDS), Prepare(), PageServer(), Dump(), Transfer(), Restore(),
+            Verify(), Confirm()]  # fmt: skip  # #14: STREAM_NEEDS
 
 
 def precopy() -> list[Phase]:

@@ -39,6 +39,7 @@ class Needs:
     dst_features: tuple[str, ...] = ()
     pipe_max_bytes: int = 0  # fs.pipe-max-size on both hosts
     src_commands: tuple[str, ...] = ()  # programs the source must have
+    dst_commands: tuple[str, ...] = ()  # programs the destination must have (#14)
     why: str = ""  # shown with any refusal, e.g. "post-copy"
 
 
@@ -113,10 +114,12 @@ def check_hosts(
 ) -> list[HostCheck]:
     """check_host on every host at once (one connection each); the first host is the source."""
     cmds = needs.src_commands if needs else ()
+    dst_cmds = needs.dst_commands if needs else ()  # #14
     with ThreadPoolExecutor(max_workers=min(8, len(hosts))) as pool:
         return list(
-            pool.map(lambda h: check_host(h, features, pipe, cmds if h is hosts[0] else ()), hosts)
-        )
+            pool.map(lambda h: check_host(h, features, pipe, cmds if h is hosts[0] else dst_cmds),
+                     hosts)
+        )  # fmt: skip
 
 
 def unmet(needs: Needs, src: HostCheck, dst: HostCheck) -> list[str]:
@@ -129,8 +132,9 @@ def unmet(needs: Needs, src: HostCheck, dst: HostCheck) -> list[str]:
                 f"{needs.why} needs CRIU feature {', '.join(missing)} on {hc.host}, which its "
                 "kernel or CRIU lacks (`criu check --feature`)"
             )
-    if src.missing:
-        out.append(f"{needs.why} needs {', '.join(src.missing)} on {src.host} (not installed)")
+    for hc in (src, dst):  # #14: dst too
+        if hc.missing:
+            out.append(f"{needs.why} needs {', '.join(hc.missing)} on {hc.host} (not installed)")
     for hc in (src, dst):
         if hc.pipe_max < needs.pipe_max_bytes:
             out.append(
