@@ -33,6 +33,8 @@ HAND = "pages-hand.sock"
 #: How long a helper waits for its one connection before giving up (a dead migration's helper
 #: must not linger for ever). Post-copy's hand-over waits for the whole image transfer.
 WAIT_S = 3600
+TAKE_WAIT_S = 30  # the dump connected before the images were sent: it is there or never comes
+ABORT_WAIT_S = 5
 _SUN_PATH_MAX = 107  # bytes, less the terminating NUL
 
 # One small helper, run with python3 on a host. Modes:
@@ -41,9 +43,11 @@ _SUN_PATH_MAX = 107  # bytes, less the terminating NUL
 #   hold SOCK HAND WAIT          listen on SOCK and HAND, detach; accept one connection on SOCK,
 #                                remove SOCK, then hand it (SCM_RIGHTS) to one uid-0 peer on HAND
 #   connect SOCK FD -- ARGV      connect to SOCK, exec ARGV with the socket on fd FD
-#   take HAND FD -- ARGV         receive the held connection from HAND, exec ARGV with it on FD
-#   abort HAND                   receive it, send a truncated request (4 zero bytes), close: a
+#   take HAND FD WAIT -- ARGV    receive the held connection from HAND, exec ARGV with it on FD
+#   abort HAND WAIT              receive it, send a truncated request (4 zero bytes), close: a
 #                                lazy dump then fails, which lets the source run on
+# (take and abort give up after WAIT seconds: the holder hands over only once the dump is
+# connected, and a dump that never started never connects.)
 HELPER = r"""
 import os, socket, struct, sys
 mode, path = sys.argv[1], sys.argv[2]
@@ -93,8 +97,9 @@ def run(fd, sock_fd):
     os.dup2(sock_fd, fd)
     os.execvp(argv[0], argv)
 
-def take(p):
+def take(p, wait):
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(wait)
     c.connect(p)
     _, fds, _, _ = socket.recv_fds(c, 1, 1)
     if not fds:
@@ -118,9 +123,9 @@ elif mode == "connect":
     c.connect(path)
     run(int(args[0]), c.fileno())
 elif mode == "take":
-    run(int(args[0]), take(path))
+    run(int(args[0]), take(path, float(args[1])))
 elif mode == "abort":
-    fd = take(path)
+    fd = take(path, float(args[0]))
     os.write(fd, b"\0\0\0\0")
     os.close(fd)
 else:
@@ -186,11 +191,11 @@ class PageChannel:
 
     def take_argv(self, criu_argv: list[str]) -> list[str]:
         """Destination (post-copy): exec the lazy-pages daemon on the held connection."""
-        return _helper("take", self.dst_hand, str(self.fd), "--", *criu_argv)
+        return _helper("take", self.dst_hand, str(self.fd), str(TAKE_WAIT_S), "--", *criu_argv)
 
     def abort_argv(self) -> list[str]:
         """Destination (post-copy undo): make the lazy dump fail, so the source runs on."""
-        return _helper("abort", self.dst_hand)
+        return _helper("abort", self.dst_hand, str(ABORT_WAIT_S))
 
     def forward_argv(self, ssh: list[str], address: str, cancel: bool = False) -> list[str]:
         """Source: (stop) forwarding src_sock to dst_sock inside the ssh link; `ssh` is the

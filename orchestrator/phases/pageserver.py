@@ -61,8 +61,7 @@ class PageTunnel(Phase):
             return
         plan = ctx.plan
         ctx.src.run(channel.forward_argv(_link_ssh(ctx), plan.destination.address, cancel=True))
-        helpers = [p.pid for p in procs.table(ctx.dst).values() if channel.dst_sock in p.args]
-        procs.signal(ctx.dst, "KILL", helpers)
+        end_channel(ctx)
         ctx.src.run(channel.cleanup_argv())
         ctx.dst.run(channel.cleanup_argv())
         ctx.page_channel = None
@@ -81,6 +80,15 @@ class PageServer(PageTunnel):
         """Also end a page server that is still waiting (none after a dump)."""
         super().undo(ctx)
         kill_criu(ctx.dst, "page-server", ctx.plan.dst_images)
+
+
+def end_channel(ctx: Context) -> None:
+    """SIGKILL the page channel's helpers on the destination that still wait (holding,
+    handing over, serving): they are found by the channel's socket paths in their arguments."""
+    prefix = f"{ctx.plan.dst_images.rstrip('/')}/pages"
+    helpers = [p.pid for p in procs.table(ctx.dst).values()
+               if prefix in p.args and "python3" in p.args]  # fmt: skip
+    procs.signal(ctx.dst, "KILL", helpers)
 
 
 def _link_ssh(ctx: Context) -> list[str]:

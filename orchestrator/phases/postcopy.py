@@ -20,7 +20,7 @@ from orchestrator.criu.logs import PAGE_SIZE, pages_pulled
 from orchestrator.criu.pagechannel import PageChannel, lazy_pages
 from orchestrator.errors import MigrationError
 from orchestrator.phases.base import Phase, settle
-from orchestrator.phases.pageserver import kill_criu
+from orchestrator.phases.pageserver import end_channel, kill_criu
 from orchestrator.phases.restore import Restore, verify_images
 from orchestrator.plan import Context
 from orchestrator.runtimes import net, procs
@@ -57,6 +57,7 @@ class LazyDump(Phase):
                 ctx.dst.run(_channel(ctx).abort_argv())
                 if background.wait(src, ctx.src_dir, background.DUMP, 1) is not None:
                     break
+        end_channel(ctx)  # #14: also for `recover`, which runs no PageTunnel.undo
         settle(src, plan.src_images, plan.policy.command_timeout)
         if ctx.runtime.state(src, ctx.target.root_pid) == procs.STOPPED:
             # The dump ended as if every page had been pulled (its client went away cleanly):

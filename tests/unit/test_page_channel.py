@@ -39,7 +39,7 @@ def test_criu_argv_has_no_port() -> None:
     assert serve[7:] == ["--", "criu", "page-server", "-D", "/d", "--ps-socket", "5",
                          "-o", "page-server.log", "-v4"]  # fmt: skip
     lazy = ch.take_argv(pagechannel.lazy_pages("criu", "/d/final"))
-    assert lazy[3:6] == ["take", "/d/pages-hand.sock", "5"]
+    assert lazy[3:7] == ["take", "/d/pages-hand.sock", "5", "30"]
     assert "--port" not in serve + lazy and "--address" not in serve + lazy
     fwd = ch.forward_argv(["ssh", "-S", "ctl"], "198.18.0.2")
     assert fwd == ["ssh", "-S", "ctl", "-O", "forward", "-L", "/s/pages.sock:/d/pages.sock",
