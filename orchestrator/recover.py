@@ -17,7 +17,7 @@ from orchestrator.errors import MigrationError
 from orchestrator.journal import Journal, Summary
 from orchestrator.phases import precopy
 from orchestrator.phases.base import remove_dir, settle
-from orchestrator.phases.pageserver import kill_criu
+from orchestrator.phases.pageserver import end_channel, kill_criu
 from orchestrator.phases.postcopy import LazyDump
 from orchestrator.phases.prepare import close_link
 from orchestrator.plan import Context, Plan
@@ -95,6 +95,11 @@ def _recover(ctx: Context, summary: Summary, report: Report) -> str:
         ),  # fmt: skip
     )
     ctx.src.connect()  # the source must answer: without it nothing can be decided
+    if plan.strategy == "stream":  # #14: a page channel helper still waiting would hold settle
+        try:
+            end_channel(ctx)
+        except HostError:
+            pass  # judged below as unreachable
     if plan.strategy in ("postcopy", "hybrid"):
         stranded = _postcopy(ctx, summary, report)
         if stranded:

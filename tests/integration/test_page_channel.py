@@ -9,6 +9,7 @@ workload (tests/netapps/memwriter.py) holds a secret marker in its memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
@@ -70,14 +71,16 @@ class Writer:
         return [int(ln.split()[0]) for ln in text.splitlines() if ln.split()[0].isdigit()]
 
 
-def start_writer(lab: labmod.Lab, name: str, secret: str, mib: int = SIZE_MIB) -> Writer:
+def start_writer(
+    lab: labmod.Lab, name: str, secret: str, mib: int = SIZE_MIB, wait: float = 60
+) -> Writer:
     log = lab.dir / "workloads" / f"{name}.log"
     log.parent.mkdir(exist_ok=True)
     log.unlink(missing_ok=True)
     argv = [PYTHON, str(NETAPPS / "memwriter.py"), str(log), str(mib), secret]
     pid = on(lab, "host-a", 'setsid "$@" </dev/null >/dev/null 2>&1 & echo $!', *argv).strip()
     w = Writer(int(pid), log)
-    wait_for(lambda: len(w.ticks()) >= 50, timeout=60, what="the writer to fill its memory")
+    wait_for(lambda: len(w.ticks()) >= 50, timeout=wait, what="the writer to fill its memory")
     return w
 
 
@@ -88,8 +91,8 @@ def kill_writer(lab: labmod.Lab, w: Writer) -> None:
             on(lab, host, 'kill -KILL "$@"', *map(str, pids), check=False)
 
 
-@pytest.fixture
-def arena() -> Iterator[Path]:
+@contextlib.contextmanager
+def make_arena() -> Iterator[Path]:
     """A directory nobody can write to, with the attacker's script."""
     base = Path(tempfile.mkdtemp(prefix="pagethief-", dir="/tmp"))
     base.chmod(0o777)
@@ -100,6 +103,12 @@ def arena() -> Iterator[Path]:
     finally:
         (base / "stop").touch()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def arena() -> Iterator[Path]:
+    with make_arena() as base:
+        yield base
 
 
 class Thieves:
@@ -130,8 +139,17 @@ class Thieves:
 def test_nobody_gets_or_changes_no_page(
     lab: labmod.Lab, arena: Path, strategy: str, record_property: Any
 ) -> None:
+    record_property("measured", f"{strategy}: " + thieves_during(lab, arena, strategy))
+
+
+def thieves_during(
+    lab: labmod.Lab, arena: Path, strategy: str, *options: str, slow: float = 1.0,
+    mib: int = SIZE_MIB,
+) -> str:  # fmt: skip
+    """Move a writer host-a -> host-b with an attacker on each host; check what they got and
+    that nothing changed; what they tried (for `measured`). tests/vm runs it for hybrid."""
     secret = "SECRET-" + secrets.token_hex(8)
-    w = start_writer(lab, f"thief-{strategy}", secret)
+    w = start_writer(lab, f"thief-{strategy}", secret, mib=mib, wait=60 * slow)
     try:
         thieves = Thieves(lab, arena, ("host-a", "host-b"))
         controls = {
@@ -141,7 +159,8 @@ def test_nobody_gets_or_changes_no_page(
         }  # fmt: skip
         # --keep-images: the attacker also tries the images at rest, after the migration.
         r = migrate("run", f"pid:{w.pid}", "host-a", "host-b", "--strategy", strategy,
-                    "--json", "--keep-images", config=lab.config_path)  # fmt: skip
+                    "--json", "--keep-images", *options, config=lab.config_path,
+                    timeout=300 * slow)  # fmt: skip
         got = thieves.stop()
         report = json.loads(r.stdout) if r.stdout.strip() else {}
         assert r.returncode == 0, r.stdout + r.stderr
@@ -151,7 +170,8 @@ def test_nobody_gets_or_changes_no_page(
         junk = on(lab, "host-b", '"$1" -c "$2" "$3" "$4"', PYTHON, _MEM_HOLDS, restored,
                   JUNK.decode())  # fmt: skip
         before = len(w.ticks())
-        wait_for(lambda: len(w.ticks()) > before + 50, what="the writer to tick on on host-b")
+        wait_for(lambda: len(w.ticks()) > before + 50, timeout=10 * slow,
+                 what="the writer to tick on on host-b")  # fmt: skip
         ticks = w.ticks()
     finally:
         kill_writer(lab, w)
@@ -162,7 +182,7 @@ def test_nobody_gets_or_changes_no_page(
         # The attacker worked: it caught the control listener, and then bound its freed port.
         assert b"CONTROLLEAK" in data, (host, log)
         assert log["bound"], (host, log)
-        assert log["iterations"] > 50, (host, log)
+        assert log["iterations"] > 20, (host, log)
         # ... but got no byte of the workload's memory, and reached no page channel.
         assert secret.encode() not in data, (host, log)
         # CRIU's own parasite socket (compel's abstract `crtools-pr-*` SEQPACKET listener, in
@@ -195,7 +215,7 @@ def test_nobody_gets_or_changes_no_page(
     assert held.strip() == "yes"
     assert junk.strip() != "yes"
     assert ticks == list(range(1, len(ticks) + 1))
-    record_property("measured", f"{strategy}: " + "; ".join(measured))
+    return "; ".join(measured)
 
 
 def test_a_tampered_image_is_refused_and_rolled_back(lab: labmod.Lab, tmp_path: Path) -> None:
@@ -239,3 +259,17 @@ def test_a_tampered_image_is_refused_and_rolled_back(lab: labmod.Lab, tmp_path: 
         assert "restore" not in [p["name"] for p in report["phases"] if p["status"] == "ok"]
     finally:
         kill_writer(lab, w)
+
+
+@pytest.mark.parametrize("phase", ["page-server", "dump"])
+def test_stream_controller_killed_then_recover(
+    lab: labmod.Lab, cleanup: list[Path], phase: str
+) -> None:
+    """A dead controller's stream run leaves a page channel helper waiting for its one
+    connection: recover ends it (else it would wait on the image dir) and rolls back."""
+    from tests.faults.conftest import Case
+    from tests.faults.test_controller import killed_then_recovered
+
+    killed_then_recovered(lab, cleanup, Case(), phase, "stream", "rolled_back")
+    for host in ("host-a", "host-b"):
+        assert "pages.sock" not in on(lab, host, "ps -ww -e -o args="), host
