@@ -8,10 +8,11 @@ hashing overlaps the transfer instead of adding to the freeze. The controller ke
 digests (never a file on either host that could be rewritten together with the images) and
 hands them to the destination's check as arguments.
 
-Not covered: a stream dump's pages, which the destination's page server writes itself (they
-come over the authenticated page channel, see pagechannel.py), and post-copy's pages, which go
-straight into the restored workload's memory. Pre-copy rounds are covered when their phase
-records them (`Manifest.merged`).
+Pre-copy's rounds (IMAGES/1, 2, ...) are hashed the same way while each is rsynced; the
+destination checks them all, with the final dump, from the image root. Not covered: a stream
+dump's pages, which the destination's page server writes itself (they come over the
+authenticated page channel, see pagechannel.py), and post-copy's pages, which go straight into
+the restored workload's memory.
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ class Manifest:
                 raise MigrationError(f"unexpected line hashing the images: {line[:120]!r}")
             out.append((m.group(1), m.group(2)))
         return cls(tuple(out))
+
+    def under(self, subdir: str) -> Manifest:
+        """The same files, named relative to the parent of the dir they were hashed in."""
+        if not subdir:
+            return self
+        return Manifest(tuple((f"./{subdir}/{p[2:]}", d) for p, d in self.digests))
+
+    def merged(self, other: Manifest) -> Manifest:
+        return Manifest(self.digests + other.digests)
 
     def lines(self) -> list[str]:
         return [f"BLAKE2b ({path}) = {digest}" for path, digest in self.digests]

@@ -29,4 +29,5 @@ class Restore(Phase):
 def verify_images(ctx: Context) -> None:
     """#14: refuse images that are not what the source dumped (before anything restores)."""
     if ctx.manifest is not None:
-        manifest.verify(ctx.dst, ctx.dst_dir, ctx.manifest, ctx.src.name, ctx.plan.dst_images)
+        root = ctx.plan.dst_images  # names are relative to it (pre-copy rounds, final)
+        manifest.verify(ctx.dst, root, ctx.manifest, ctx.src.name, root)

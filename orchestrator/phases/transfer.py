@@ -21,7 +21,8 @@ class Transfer(Phase):
         ctx.bytes_transferred += push(ctx, ctx.src_dir, ctx.dst_dir)
         ctx.bytes_transferred += sync_paths(ctx)
         mirror_paths(ctx)
-        ctx.manifest = manifest.collect(ctx.src, ctx.src_dir)  # #14
+        got = manifest.collect(ctx.src, ctx.src_dir).under(ctx.images_subdir)  # #14
+        ctx.manifest = (ctx.manifest or manifest.Manifest()).merged(got)
         ctx.transferred_at = time.monotonic()
 
 

@@ -100,3 +100,18 @@ def test_no_files_is_an_empty_manifest(tmp_path: Path) -> None:
     r = sh(manifest.collect_argv(str(tmp_path), 30))
     assert r.returncode == 0 and Manifest.parse(r.stdout) == Manifest()
     assert sh(manifest.verify_argv(str(tmp_path), Manifest(), str(tmp_path))).returncode == 0
+
+
+def test_rounds_and_final_are_checked_from_the_root(images: Path) -> None:
+    """Pre-copy: each round hashed in its own dir, the final dump in `final`; the destination
+    checks them all from the image root."""
+    root = str(images)
+    assert sh(manifest.start_argv(str(images / "1"), root)).returncode == 0
+    round1 = Manifest.parse(sh(manifest.collect_argv(str(images / "1"), 30)).stdout).under("1")
+    both = round1.merged(record(images).under("final"))
+    assert [p for p, _ in both.digests] == ["./1/pages-1.img", "./final/core-7.img",
+                                            "./final/pages-1.img"]  # fmt: skip
+    assert sh(manifest.verify_argv(root, both, root)).returncode == 0
+    (images / "1" / "pages-1.img").write_bytes(b"a round changed after it was sent")
+    r = sh(manifest.verify_argv(root, both, root))
+    assert r.returncode != 0 and "./1/pages-1.img: FAILED" in r.stderr, r.stderr
