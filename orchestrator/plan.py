@@ -93,7 +93,7 @@ class Context:
     connections_kept: int | None = None  # established TCP connections in the images
     page_port: int | None = None  # stream/post-copy: the tunnelled page server's port
     page_channel: PageChannel | None = None  # #14: stream/post-copy pages (Unix sockets)
-    manifest: Manifest | None = None  # #14: the final dump's image checksums, from the source
+    manifest: Manifest | None = None  # #14: the images' checksums (rounds, final), from src
     committed: bool = False  # the destination has resumed: no rollback from here on
     pages_done_at: float | None = None  # post-copy: every page has reached the destination
     pulled_bytes: int = 0  # post-copy: memory the destination pulled after it resumed

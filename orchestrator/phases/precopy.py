@@ -87,7 +87,7 @@ class Precopy(Phase):
         t1 = time.monotonic()
         stats = images.DumpStats() if plan.dry_run else read_stats(ctx.src, src_dir)
         t2 = time.monotonic()
-        manifest.start(ctx.src, src_dir, plan.src_images)  # #14: hashed while rsync sends it
+        manifest.start(ctx.src, src_dir, plan.src_images)  # #14: summed while rsync sends it
         sent = push(ctx, src_dir, f"{plan.dst_images}/{n}") + sync_paths(ctx)
         got = manifest.collect(ctx.src, src_dir).under(str(n))  # #14
         ctx.manifest = (ctx.manifest or manifest.Manifest()).merged(got)

@@ -30,4 +30,4 @@ def verify_images(ctx: Context) -> None:
     """#14: refuse images that are not what the source dumped (before anything restores)."""
     if ctx.manifest is not None:
         root = ctx.plan.dst_images  # names are relative to it (pre-copy rounds, final)
-        manifest.verify(ctx.dst, root, ctx.manifest, ctx.src.name, root)
+        manifest.verify(ctx.dst, root, ctx.manifest, ctx.src.name)

@@ -15,9 +15,8 @@ class Transfer(Phase):
     name = "transfer"
 
     def act(self, ctx: Context) -> None:
-        manifest.start(
-            ctx.src, ctx.src_dir, ctx.plan.src_images
-        )  # #14: hash the images while rsync sends them
+        # #14: make the images root-only; sum them while rsync sends them
+        manifest.start(ctx.src, ctx.src_dir, ctx.plan.src_images)
         ctx.bytes_transferred += push(ctx, ctx.src_dir, ctx.dst_dir)
         ctx.bytes_transferred += sync_paths(ctx)
         mirror_paths(ctx)

@@ -220,7 +220,7 @@ def thieves_during(
 
 def test_a_tampered_image_is_refused_and_rolled_back(lab: labmod.Lab, tmp_path: Path) -> None:
     """One byte of the pages file flipped on the destination while rsync writes it: the
-    checksums recorded on the source at the dump refuse it before restore; the source runs on."""
+    checksums recorded on the source refuse it before restore; the source runs on."""
     secret = "SECRET-" + secrets.token_hex(8)
     w = start_writer(lab, "tampered", secret, mib=32)
     images = lab.host("host-b").workdir / "images"
@@ -249,7 +249,7 @@ def test_a_tampered_image_is_refused_and_rolled_back(lab: labmod.Lab, tmp_path: 
         assert run.returncode == 3, out + err
         assert report["status"] == "rolled_back", report
         assert "are not what host-a dumped" in report["error"], report["error"]
-        assert "pages-" in report["error"], report["error"]
+        assert "pages-" in report["error"] and "content differs" in report["error"]
         # The source runs on, with its memory; nothing runs or is left on host-b.
         before = len(w.ticks())
         wait_for(lambda: len(w.ticks()) > before + 50, what="the writer to tick on on host-a")

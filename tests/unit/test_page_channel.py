@@ -34,12 +34,12 @@ def test_paths_and_flags() -> None:
 def test_criu_argv_has_no_port() -> None:
     ch = PageChannel.for_dirs("/s", "/d")
     serve = ch.serve_argv(pagechannel.page_server("criu", "/d"))
-    assert serve[:2] == ["python3", "-c"]
-    assert serve[3:7] == ["serve", "/d/pages.sock", "5", str(pagechannel.WAIT_S)]
-    assert serve[7:] == ["--", "criu", "page-server", "-D", "/d", "--ps-socket", "5",
+    assert serve[:4] == ["python3", "-I", "-S", "-c"]
+    assert serve[5:9] == ["serve", "/d/pages.sock", "5", str(pagechannel.WAIT_S)]
+    assert serve[9:] == ["--", "criu", "page-server", "-D", "/d", "--ps-socket", "5",
                          "-o", "page-server.log", "-v4"]  # fmt: skip
     lazy = ch.take_argv(pagechannel.lazy_pages("criu", "/d/final"))
-    assert lazy[3:7] == ["take", "/d/pages-hand.sock", "5", "30"]
+    assert lazy[5:9] == ["take", "/d/pages-hand.sock", "5", "30"]
     assert "--port" not in serve + lazy and "--address" not in serve + lazy
     fwd = ch.forward_argv(["ssh", "-S", "ctl"], "198.18.0.2")
     assert fwd == ["ssh", "-S", "ctl", "-O", "forward", "-L", "/s/pages.sock:/d/pages.sock",
