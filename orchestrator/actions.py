@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.criu import background
-from orchestrator.criu import commands as criu
+from orchestrator.criu import background, manifest
+from orchestrator.criu.pagechannel import PageChannel
 from orchestrator.errors import MigrationError
 from orchestrator.layout import remove_dir
 from orchestrator.plan import Context
@@ -51,21 +51,54 @@ def abort_lazy_dump(ctx: Context) -> None:
     src = ctx.src
     if ctx.target is None:
         return
-    if ctx.page_port and _lazy_dump_running(ctx):
+    if _lazy_dump_running(ctx):
         # A failed lazy dump resumes the tasks but not their network: unlock it first,
-        # while they are still frozen. (A dump still starting is not listening yet.)
+        # while they are still frozen. The destination holds the dump's connection on the
+        # page channel: a truncated request through it makes the dump fail.
         unlock_network(ctx)
         deadline = time.monotonic() + ABORT_WAIT
         while time.monotonic() < deadline:
-            src.run(criu.abort_lazy_dump(ctx.page_port))
+            ctx.dst.run(channel(ctx).abort_argv())
             if background.wait(src, ctx.src_images.final, background.DUMP, 1) is not None:
                 break
+    end_channel(ctx)
     settle(src, ctx.src_images.root, ctx.plan.policy.command_timeout)
     if ctx.runtime.state(src, ctx.target.root_pid) == procs.STOPPED:
         # The dump ended as if every page had been pulled (its client went away cleanly):
         # the tasks keep all their memory, stopped.
         unlock_network(ctx)
         procs.signal(src, "CONT", ctx.target.to_continue(procs.tree_of(src, ctx.target.root_pid)))
+
+
+def channel(ctx: Context) -> PageChannel:
+    """The page channel: the one the run opened, or as the plan makes it (recover)."""
+    return ctx.page_channel or PageChannel.for_dirs(
+        ctx.src_images.root, ctx.dst_images.root, lazy=ctx.strategy.lazy
+    )
+
+
+def end_channel(ctx: Context) -> None:
+    """SIGKILL the page channel's helpers on the destination that still wait (holding,
+    handing over, serving): found by the channel's socket paths in their arguments."""
+    prefix = f"{ctx.dst_images.root}/pages"
+    helpers = [p.pid for p in procs.table(ctx.dst).values()
+               if prefix in p.args and "python3" in p.args]  # fmt: skip
+    procs.signal(ctx.dst, "KILL", helpers)
+
+
+def verify_images(ctx: Context) -> None:
+    """Refuse images that are not what the source dumped (before anything restores)."""
+    if ctx.manifest is not None:  # names are relative to the image root (rounds, final)
+        manifest.verify(ctx.dst, ctx.dst_images.root, ctx.manifest, ctx.src.name)
+
+
+def kept_images_note(ctx: Context) -> str:
+    """What --keep-images leaves behind, and that it is the workload's memory."""
+    return (
+        f"images kept (--keep-images) at {ctx.src.name}:{ctx.src_images.root} and "
+        f"{ctx.dst.name}:{ctx.dst_images.root}: they hold the workload's memory (secrets "
+        "included; root-only files); remove them when done"
+    )
 
 
 def _lazy_dump_running(ctx: Context) -> bool:
@@ -119,6 +152,7 @@ def wipe_images_if_safe(ctx: Context, dirs: list[tuple[Host, str]]) -> None:
     images are there (a failed resume left them the only copy: they stay, for `recover`, and
     the report says where)."""
     if ctx.plan.keep_images:
+        ctx.notes.append(kept_images_note(ctx))
         return
     if ctx.target is not None and not ctx.plan.dry_run:
         src, final = ctx.src, ctx.src_images.final
@@ -135,6 +169,8 @@ def wipe_images_if_safe(ctx: Context, dirs: list[tuple[Host, str]]) -> None:
 def wipe_images(ctx: Context) -> None:
     """Close the source's link; remove the image dirs on both hosts unless kept."""
     ctx.link.close()
-    if not ctx.plan.keep_images:
-        remove_dir(ctx.src, ctx.src_images.root)
-        remove_dir(ctx.dst, ctx.dst_images.root)
+    if ctx.plan.keep_images:
+        ctx.notes.append(kept_images_note(ctx))
+        return
+    remove_dir(ctx.src, ctx.src_images.root)
+    remove_dir(ctx.dst, ctx.dst_images.root)

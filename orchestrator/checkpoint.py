@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from orchestrator.criu.pagechannel import PageChannel
+
 
 class Pages(Enum):
     """How a dump's memory pages travel."""
@@ -33,7 +35,7 @@ class Checkpoint:
 
     images_dir: str
     pages: Pages = Pages.FILES
-    port: int | None = None  # the page channel on 127.0.0.1 (page server or lazy service)
+    channel: PageChannel | None = None  # the page channel (stream, post-copy): Unix sockets
     parent_dir: str | None = None
     running: bool = False
 

@@ -18,11 +18,14 @@ def check_hosts(
     hosts: list[Host], features: bool = False, needs: Needs | None = None
 ) -> list[HostFacts]:
     """Each host's facts (one connection each, all at once); the first host is the source,
-    asked also for the programs `needs` wants there."""
+    the others asked for the programs `needs` wants on the destination."""
     asked = FEATURES if features else ()
-    cmds = needs.src_commands if needs else ()
+    src_cmds = needs.src_commands if needs else ()
+    dst_cmds = needs.dst_commands if needs else ()
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(hosts)))) as pool:
-        return list(pool.map(lambda h: gather(h, asked, cmds if h is hosts[0] else ()), hosts))
+        return list(
+            pool.map(lambda h: gather(h, asked, src_cmds if h is hosts[0] else dst_cmds), hosts)
+        )
 
 
 def unmet(needs: Needs, why: str, src: HostFacts, dst: HostFacts) -> list[str]:
@@ -35,9 +38,10 @@ def unmet(needs: Needs, why: str, src: HostFacts, dst: HostFacts) -> list[str]:
                 f"{why} needs CRIU feature {', '.join(missing)} on {hc.host}, which its "
                 "kernel or CRIU lacks (`criu check --feature`)"
             )
-    lacking = src.lacks_commands(needs.src_commands)
-    if lacking:
-        out.append(f"{why} needs {', '.join(lacking)} on {src.host} (not installed)")
+    for hc, cmds in ((src, needs.src_commands), (dst, needs.dst_commands)):
+        lacking = hc.lacks_commands(cmds)
+        if lacking:
+            out.append(f"{why} needs {', '.join(lacking)} on {hc.host} (not installed)")
     for hc in (src, dst):
         if hc.pipe_max < needs.pipe_max_bytes:
             out.append(

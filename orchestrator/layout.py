@@ -50,6 +50,11 @@ class ImageLayout:
         return f"{self.root}/{FINAL}" if self.rounds else self.root
 
     @property
+    def final_name(self) -> str:
+        """The final dump's dir relative to the root ("" without rounds)."""
+        return FINAL if self.rounds else ""
+
+    @property
     def final_parent(self) -> str | None:
         return f"../{self.rounds}" if self.rounds else None
 

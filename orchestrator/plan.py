@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator.config import HostConfig, Policy, WorkloadConfig
+from orchestrator.criu.manifest import Manifest
+from orchestrator.criu.pagechannel import PageChannel
 from orchestrator.journal import Summary
 from orchestrator.layout import ImageLayout
 from orchestrator.report import Round
@@ -107,7 +109,8 @@ class Context:
     dst_images: ImageLayout
     target: Target | None = None
     lock: RemoteLock | None = None  # held on the source from pre-flight to the end
-    page_port: int | None = None  # stream/post-copy: the page channel's port (127.0.0.1)
+    page_channel: PageChannel | None = None  # stream/post-copy: how pages travel (#14)
+    manifest: Manifest | None = None  # the images' checksums (rounds, final), from the source
     restored_pid: int = 0
     restored_start: int | None = None  # its start time there (verify reads it)
     committed: bool = False  # the destination has resumed: no rollback from here on

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from orchestrator import actions, strategies
+from orchestrator.checkpoint import Pages
 from orchestrator.config import Config, HostConfig, NetworkConfig, Policy, WorkloadConfig
 from orchestrator.criu import background
 from orchestrator.errors import MigrationError
@@ -36,7 +37,7 @@ from orchestrator.transport.ssh import Host, HostError, LockBusy, RemoteLock
 RUNNING, STOPPED, GONE, UNREACHABLE = procs.RUNNING, procs.STOPPED, procs.GONE, "unreachable"
 
 
-class Pages(Enum):
+class PageState(Enum):
     """Post-copy: where the pages are, once the destination had resumed."""
 
     NOT_LAZY = "n/a"
@@ -53,7 +54,7 @@ class Seen:
     destination: str  # running | stopped | gone | unreachable
     source_images: bool = False  # the source copy exists only as its images (resume restores it)
     healthy: bool | None = None  # the destination copy's health check (None: none run)
-    pages: Pages = Pages.NOT_LAZY
+    pages: PageState = PageState.NOT_LAZY
 
 
 class Action(Enum):
@@ -83,7 +84,7 @@ def decide(stage: Stage, lazy: bool, committed: bool, seen: Seen) -> Decision:
         return Decision(Action.WAIT, "the destination, which may run a copy, cannot be asked")
     dest = seen.destination if dest_may_hold else GONE
     if lazy and (committed or stage >= Stage.RESUMED or dest in (RUNNING, STOPPED)):
-        if seen.pages is Pages.ALL_THERE:
+        if seen.pages is PageState.ALL_THERE:
             return Decision(Action.CONFIRM, "post-copy: every page had reached the destination")
         return Decision(
             Action.STRANDED, f"post-copy: the destination resumed; pages {seen.pages.value}"
@@ -134,8 +135,6 @@ def recover(
         ctx.src_images = ctx.src_images.after_rounds(rounds)
         ctx.dst_images = ctx.dst_images.after_rounds(rounds)
     ctx.target = _target(summary)
-    port = summary.facts.get("page_port")
-    ctx.page_port = port if isinstance(port, int) else None
     ctx.restored_pid = summary.restored_pid or 0
     t0 = time.monotonic()
     journal = Journal(config.state_dir, summary.id)
@@ -217,6 +216,8 @@ def observe(ctx: Context, summary: Summary) -> Seen:
     if summary.stage == Stage.PLANNED or ctx.target is None:
         return Seen(source=_located(ctx), destination=GONE)
     policy, lazy = ctx.plan.policy, ctx.strategy.lazy
+    if ctx.strategy.pages is Pages.PAGE_SERVER:  # a page channel helper still waiting
+        _safe(lambda: actions.end_channel(ctx))  # would hold the images dir for ever
     if not lazy:  # (a lazy dump serves pages until they are pulled: it is not waited for)
         for host, root in ((ctx.src, ctx.src_images.root), (ctx.dst, ctx.dst_images.root)):
             _safe(lambda h=host, r=root: actions.settle(h, r, policy.command_timeout))
@@ -233,13 +234,17 @@ def observe(ctx: Context, summary: Summary) -> Seen:
                      start if isinstance(start, int) else None)  # fmt: skip
     else:
         dest = _reachable(ctx.dst)
-    pages = Pages.NOT_LAZY
+    pages = PageState.NOT_LAZY
     if lazy and (summary.committed or dest in (RUNNING, STOPPED)):
         final = ctx.dst_images.final
         code = _safe(lambda: background.wait(ctx.dst, final, background.LAZY_PAGES,
                                              policy.postcopy_deadline))  # fmt: skip
         pages = (
-            Pages.ALL_THERE if code == 0 else Pages.STILL_PULLING if code is None else Pages.FAILED
+            PageState.ALL_THERE
+            if code == 0
+            else PageState.STILL_PULLING
+            if code is None
+            else PageState.FAILED
         )
     healthy = None
     health = ctx.plan.workload.health

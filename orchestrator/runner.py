@@ -321,7 +321,6 @@ def facts(ctx: Context) -> dict[str, object]:
         "new_paths": list(t.new_paths) if t and t.new_paths else None,
         "self_stopped": list(t.self_stopped) if t and t.self_stopped else None,
         "committed": ctx.committed,
-        "page_port": ctx.page_port,
         "rounds": ctx.src_images.rounds or None,
     }
 

@@ -34,6 +34,7 @@ class Needs:
     dst_features: tuple[str, ...] = ()
     pipe_max_bytes: int = 0  # fs.pipe-max-size on both hosts
     src_commands: tuple[str, ...] = ()  # programs the source must have
+    dst_commands: tuple[str, ...] = ()  # programs the destination must have
     runtime: frozenset[Capability] = frozenset()
 
     @property
@@ -62,12 +63,15 @@ class Strategy:
 
 _COPY = ("transfer", "restore", "verify")
 _LAZY = ("lazy-dump", "transfer", "lazy-restore", "pull-pages", "verify")
-# python3 on the source: to unlock a rolled-back workload's TCP sockets (runtimes/net.py).
+# python3: the page channel's helper on both hosts (criu/pagechannel.py); on the source also
+# to unlock a rolled-back workload's TCP sockets (runtimes/net.py).
+PY = ("python3",)
 _POSTCOPY = Needs(
     dst_features=(USERFAULTFD,),
     pipe_max_bytes=LAZY_PIPE_BYTES,
-    src_commands=("python3",),
     runtime=frozenset({Capability.LAZY_PAGES}),
+    src_commands=PY,
+    dst_commands=PY,
 )
 
 TABLE: dict[str, Strategy] = {
@@ -84,7 +88,8 @@ TABLE: dict[str, Strategy] = {
             "Like stop-copy, but the dump streams pages straight to a page server on the "
             "destination through the source's ssh link; only small images are rsynced.",
             ("preflight", "prepare", "page-server", "dump", *_COPY, "confirm"),
-            Needs(runtime=frozenset({Capability.PAGE_SERVER})), Pages.PAGE_SERVER,
+            Needs(runtime=frozenset({Capability.PAGE_SERVER}), src_commands=PY, dst_commands=PY),
+            Pages.PAGE_SERVER,
         ),
         Strategy(
             "precopy", "pre-copy",
@@ -108,6 +113,7 @@ TABLE: dict[str, Strategy] = {
             ("preflight", "prepare", "rounds", "page-tunnel", *_LAZY, "final-round", "confirm"),
             Needs(src_features=(DIRTY_TRACKING,), dst_features=_POSTCOPY.dst_features,
                   pipe_max_bytes=LAZY_PIPE_BYTES, src_commands=_POSTCOPY.src_commands,
+                  dst_commands=_POSTCOPY.dst_commands,
                   runtime=frozenset({Capability.PRE_DUMP, Capability.LAZY_PAGES})),
             Pages.LAZY, rounds=True, no_return="lazy-restore", postcopy=True,
         ),

@@ -24,6 +24,8 @@ class DumpOptions:
     track_mem: bool = False  # soft-dirty tracking: the next dump writes only changed pages
     prev_images_dir: str | None = None  # relative to images_dir: pages already there are skipped
     lazy_port: int | None = None  # post-copy: serve pages lazily from 127.0.0.1:PORT
+    # #14 page channel: pages over an already-connected Unix socket (pagechannel.dump_flags)
+    channel_flags: Sequence[str] = ()
     extra: Sequence[str] = ()
 
 
@@ -62,6 +64,7 @@ def dump(criu: str, o: DumpOptions) -> list[str]:
         argv += ["--page-server", "--address", "127.0.0.1", "--port", str(o.page_server_port)]
     if o.lazy_port:
         argv += ["--lazy-pages", "--address", "127.0.0.1", "--port", str(o.lazy_port)]
+    argv += list(o.channel_flags)  # #14
     return argv + _track(o) + list(o.extra)
 
 

@@ -14,7 +14,7 @@ from orchestrator.plan import Context
 def final_checkpoint(ctx: Context) -> Checkpoint:
     """The final dump as the strategy and the phases before it set it up."""
     layout = ctx.src_images
-    return Checkpoint(layout.final, ctx.strategy.pages, ctx.page_port, layout.final_parent)
+    return Checkpoint(layout.final, ctx.strategy.pages, ctx.page_channel, layout.final_parent)
 
 
 class Dump(Phase):
@@ -38,7 +38,7 @@ class LazyDump(Dump):
     name = "lazy-dump"
 
     def act(self, ctx: Context) -> None:
-        assert ctx.page_port is not None
+        assert ctx.page_channel is not None
         super().act(ctx)
 
     def undo(self, ctx: Context) -> None:

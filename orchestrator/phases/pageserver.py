@@ -1,73 +1,76 @@
-"""Page channels, before the freeze: a loopback port carried inside the source's ssh link, so
-that page traffic is encrypted and no page server listens on a host's network address.
+"""The page channel, before the freeze (issue 14; criu/pagechannel.py): a root-only Unix socket
+in each host's 0700 image dir, joined by a stream-local forward inside the source's ssh link.
+Page traffic is encrypted between hosts, and no other local user can reach it on either host:
+there is no TCP port at all.
 
-- stream (PageServer): a CRIU page server on the destination; the source's dump writes pages
-  straight into the destination's image dir through 127.0.0.1:PORT on the source (-L).
-- post-copy (PageTunnel): the source's lazy dump serves pages on its own 127.0.0.1:PORT, which
-  the destination's lazy-pages daemon reaches at its 127.0.0.1:PORT (-R).
+- stream (PageServer): a CRIU page server on the destination gets the channel's one
+  connection; the source's dump connects to its end and writes pages straight into the
+  destination's image dir.
+- post-copy (PageTunnel): the source's lazy dump connects at the freeze and serves pages on
+  the channel; the destination holds that connection until its lazy-pages daemon takes it.
 """
 
 from __future__ import annotations
 
-import secrets
-
 from orchestrator import actions
-from orchestrator.criu import commands as criu
+from orchestrator.criu.pagechannel import PageChannel, page_server
 from orchestrator.errors import MigrationError
+from orchestrator.journal import Stage
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
-
-ATTEMPTS = 3  # a port may be taken on either host: try another
-_FREE = '[ -z "$(ss -Hltn "sport = :$1")" ] || { echo "port $1 is in use" >&2; exit 1; }'
 
 
 class PageTunnel(Phase):
     name = "page-tunnel"
-    #: Forward the destination's port to the source's (post-copy) instead of the reverse.
-    reverse = True
+    stage = Stage.PREPARED
+    #: Post-copy: the source's dump serves pages on the channel (else it streams them).
+    lazy = True
 
     def act(self, ctx: Context) -> None:
-        errors = []
-        for _ in range(ATTEMPTS):
-            port = 20000 + secrets.randbelow(40000)
-            error = self._open(ctx, port)
-            if error is None:
-                return
-            errors.append(error)
-            self.undo(ctx)
-        raise MigrationError(f"cannot open the page channel: {errors[-1]}", details=errors)
+        channel = PageChannel.for_dirs(ctx.src_images.root, ctx.dst_images.root, lazy=self.lazy)
+        long = channel.too_long()
+        if long:
+            raise MigrationError(
+                f"the page channel's socket path {long} is too long for a Unix socket: "
+                "use a shorter workdir"
+            )
+        if not ctx.link.spec.socket:
+            ctx.link.forward(channel.forward_spec())  # raises: names the too-long path
+        ctx.page_channel = channel
+        r = ctx.dst.run(self._listen_argv(ctx, channel), private=True)
+        if not r.ok:
+            raise MigrationError(
+                f"cannot open the page channel on {ctx.dst.name}: {r.error_line()}"
+            )
+        fwd = ctx.link.forward(channel.forward_spec())
+        if not fwd.ok:
+            raise MigrationError(
+                f"cannot forward the page channel from {ctx.src.name}: {fwd.error_line()}"
+            )
 
-    def _open(self, ctx: Context, port: int) -> str | None:
-        """Listen (or be ready to) on port at both ends; an error line if that failed."""
-        if self.reverse:  # the source's lazy dump will listen there: it must be free
-            free = ctx.src.run(["sh", "-c", _FREE, "sh", str(port)], mutates=False)
-            if not free.ok:
-                return f"{ctx.src.name}: {free.error_line()}"
-        ctx.page_port = port
-        fwd = ctx.link.forward(port, reverse=self.reverse)
-        return None if fwd.ok else f"tunnel on {ctx.src.name}: {fwd.error_line()}"
+    def _listen_argv(self, ctx: Context, channel: PageChannel) -> list[str]:
+        return channel.hold_argv()
 
     def undo(self, ctx: Context) -> None:
-        """Close the tunnel (a connection already carried through it goes on until it ends)."""
-        if ctx.page_port is None:
+        """Close the forward, end the channel's helpers, remove its sockets (a connection
+        already carried through goes on until it ends)."""
+        channel = ctx.page_channel
+        if channel is None:
             return
-        ctx.link.cancel(ctx.page_port, reverse=self.reverse)
-        ctx.page_port = None
+        ctx.link.cancel(channel.forward_spec())
+        actions.end_channel(ctx)
+        ctx.src.run(channel.cleanup_argv())
+        ctx.dst.run(channel.cleanup_argv())
+        ctx.page_channel = None
 
 
 class PageServer(PageTunnel):
     name = "page-server"
-    reverse = False
+    lazy = False
 
-    def _open(self, ctx: Context, port: int) -> str | None:
-        if not ctx.link.spec.socket:
-            ctx.link.forward(port)  # raises: names the too-long socket path
-        argv = criu.page_server(ctx.plan.destination.criu, ctx.dst_images.root, port)
-        server = ctx.dst.run(argv, private=True)
-        if not server.ok:
-            ctx.page_port = port  # undo ends it if it did start
-            return f"page server on {ctx.dst.name}: {server.error_line()}"
-        return super()._open(ctx, port)
+    def _listen_argv(self, ctx: Context, channel: PageChannel) -> list[str]:
+        """A CRIU page server on the destination, on the channel's one connection."""
+        return channel.serve_argv(page_server(ctx.plan.destination.criu, ctx.dst_images.root))
 
     def undo(self, ctx: Context) -> None:
         """Also end a page server that is still waiting (none after a dump)."""

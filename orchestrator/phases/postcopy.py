@@ -18,6 +18,7 @@ from orchestrator import actions
 from orchestrator.criu import background
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import PAGE_SIZE, pages_pulled
+from orchestrator.criu.pagechannel import lazy_pages
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Stage
 from orchestrator.phases.base import Phase
@@ -31,9 +32,11 @@ class LazyRestore(Phase):
     stage = Stage.RESTORING
 
     def act(self, ctx: Context) -> None:
-        assert ctx.target is not None and ctx.page_port is not None
+        assert ctx.target is not None and ctx.page_channel is not None
+        actions.verify_images(ctx)
         images = ctx.dst_images.final
-        argv = criu.lazy_pages(ctx.plan.destination.criu, images, ctx.page_port)
+        # the lazy-pages daemon takes over the connection the destination holds
+        argv = ctx.page_channel.take_argv(lazy_pages(ctx.plan.destination.criu, images))
         background.start(ctx.dst, images, background.LAZY_PAGES, argv,
                          criu.LAZY_PAGES_LOG, "lazy-pages")  # fmt: skip
         ctx.restored_pid = ctx.runtime.restore(ctx.dst, ctx.target, images, lazy=True)

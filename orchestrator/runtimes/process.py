@@ -9,6 +9,7 @@ from orchestrator.config import ConfigError
 from orchestrator.criu import background
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import raise_on_failure
+from orchestrator.criu.pagechannel import dump_flags
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes import net, procs
 from orchestrator.runtimes.base import Runtime, Target
@@ -139,10 +140,9 @@ class ProcessRuntime(Runtime):
             tcp_established=target.net is not None and not cp.running,
             skip_in_flight=self.workload.network.skip_in_flight,
             network_lock=None if cp.running else target.network_lock,
-            page_server_port=cp.port if cp.pages is Pages.PAGE_SERVER else None,
             track_mem=cp.track_mem,
             prev_images_dir=cp.parent_dir,
-            lazy_port=cp.port if cp.pages is Pages.LAZY else None,
+            channel_flags=dump_flags(cp.channel) if cp.channel else (),
             extra=self.workload.criu_options,
         )
         if cp.running:
@@ -151,6 +151,8 @@ class ProcessRuntime(Runtime):
             raise_on_failure(host, r, cp.images_dir, criu.PRE_DUMP_LOG, "pre-dump")
             return
         argv = criu.dump(host.config.criu, options)
+        if cp.channel:  # the dump gets the page channel's socket, connected, on an fd
+            argv = cp.channel.connect_argv(argv)
         if cp.pages is Pages.LAZY:
             background.start(host, cp.images_dir, background.DUMP, argv, criu.DUMP_LOG, "dump")
             return

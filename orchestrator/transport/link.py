@@ -46,18 +46,18 @@ class Link:
                 f"rsync: {r.error_line()}"
             )
 
-    def forward(self, port: int, reverse: bool = False) -> Result:
-        """Carry 127.0.0.1:port inside the master connection (-L, or -R with reverse)."""
+    def forward(self, forward: str) -> Result:
+        """Carry `forward` (ssh -L's LOCAL:REMOTE) inside the master connection."""
         if not self.spec.socket:
             raise MigrationError(
                 f"a page channel needs an ssh link from {self.src.name}, and the control "
                 f"socket path under {self.spec.source.workdir} is too long: use a shorter workdir"
             )
-        return self.src.run(rsync.forward_argv(self.spec, port, reverse=reverse))
+        return self.src.run(rsync.forward_argv(self.spec, forward))
 
-    def cancel(self, port: int, reverse: bool = False) -> None:
+    def cancel(self, forward: str) -> None:
         if self.spec.socket:
-            self.src.run(rsync.forward_argv(self.spec, port, reverse=reverse, cancel=True))
+            self.src.run(rsync.forward_argv(self.spec, forward, cancel=True))
 
     def push(self, src_dir: str, dst_dir: str, mirror: bool = False) -> int:
         """rsync src_dir on the source into dst_dir on the destination; the bytes it sent."""

@@ -129,16 +129,12 @@ def open_argv(spec: LinkSpec, log: str) -> list[str]:
             spec.destination.address, "true"]  # fmt: skip
 
 
-def forward_argv(
-    spec: LinkSpec, port: int, reverse: bool = False, cancel: bool = False
-) -> list[str]:
-    """Run on the source: (stop) forwarding its 127.0.0.1:port to the destination's (with
-    reverse, the destination's to the source's), inside the master connection, so that page
-    traffic is encrypted and page servers listen on loopback only."""
-    spec_ = f"127.0.0.1:{port}:127.0.0.1:{port}"
+def forward_argv(spec: LinkSpec, forward: str, cancel: bool = False) -> list[str]:
+    """Run on the source: (stop) forwarding inside the master connection, `forward` as ssh's
+    -L takes it (here: the page channel's Unix socket paths, LOCAL:REMOTE), so that page
+    traffic is encrypted between hosts and never on a TCP port."""
     op = "cancel" if cancel else "forward"
-    return [*ssh_command(spec), "-O", op, "-R" if reverse else "-L", spec_,
-            spec.destination.address]  # fmt: skip
+    return [*ssh_command(spec), "-O", op, "-L", forward, spec.destination.address]
 
 
 def close_argv(spec: LinkSpec) -> list[str]:

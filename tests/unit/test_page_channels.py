@@ -1,15 +1,17 @@
-"""Stream and post-copy with fake hosts: the page channel's commands and retries, the lazy
-dump's abort, and each way pulling pages can fail after the point of no return."""
+"""Stream and post-copy with fake hosts: the page channel's commands (Unix sockets in the image
+dirs, no TCP port), the lazy dump's abort through it, and each way pulling pages can fail after
+the point of no return."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from orchestrator import phases, runner
+from orchestrator.config import HostConfig
 from orchestrator.criu import background
-from orchestrator.phases.pageserver import _FREE
 from orchestrator.transport.ssh import Result
 from tests.unit.fakehost import ID, Pair, criu, fail, inner, pair, script, verbs, words
 
@@ -23,54 +25,54 @@ def forwards(p: Pair) -> list[list[str]]:
             and argv[argv.index("-O") + 1] in ("forward", "cancel")]  # fmt: skip
 
 
-def test_stream_pages_go_to_a_page_server_through_the_link(tmp_path: Path) -> None:
+def helper(p: Pair, host: str, mode: str) -> list[list[str]]:
+    """The page channel helper's runs in this mode on host."""
+    return [a for h, a in p.log if h == host and "python3" in a and mode in a[a.index("-c") + 2 :]]
+
+
+def test_stream_pages_go_over_the_page_channel(tmp_path: Path) -> None:
     p = pair(tmp_path, "stream")
     report = run(p)
     assert report.status == "succeeded", report.error
-    server = next(inner(a) for h, a in p.log if h == "b" and criu("page-server")(a))
-    port = server[server.index("--port") + 1]
-    assert server[server.index("--address") + 1] == "127.0.0.1"
-    dump = next(inner(a) for h, a in p.log if h == "a" and criu("dump")(a))
-    assert dump[dump.index("--page-server") :][:5] == ["--page-server", "--address",
-                                                      "127.0.0.1", "--port", port]  # fmt: skip
-    assert forwards(p)[0] == ["forward", "-L", f"127.0.0.1:{port}:127.0.0.1:{port}", "198.18.0.2"]
+    [serve] = helper(p, "b", "serve")
+    server = inner(serve)
+    assert server[:2] == ["criu", "page-server"] and server[server.index("--ps-socket") + 1] == "5"
+    assert f"/wb/images/{ID}/pages.sock" in serve
+    dump = next(a for h, a in p.log if h == "a" and criu("dump")(a))
+    assert "connect" in dump and f"/wa/images/{ID}/pages.sock" in dump  # helper connects...
+    assert inner(dump)[inner(dump).index("--page-server") + 1] == "--ps-socket"  # ...then CRIU
+    assert not any("--port" in a or "--address" in a for _, a in p.log if criu("dump")(a))
+    spec = f"/wa/images/{ID}/pages.sock:/wb/images/{ID}/pages.sock"
+    assert forwards(p)[0] == ["forward", "-L", spec, "198.18.0.2"]
 
 
-def test_a_page_server_that_cannot_start_is_retried_then_refused(tmp_path: Path) -> None:
+def test_a_page_server_that_cannot_start_is_refused_before_the_freeze(tmp_path: Path) -> None:
     p = pair(tmp_path, "stream")
-    fail(p.dst, criu("page-server"))
+    p.dst.on(lambda a: "python3" in a and "serve" in a, err="pages.sock exists", code=1)
     report = run(p)
     assert report.status == "rolled_back" and "cannot open the page channel" in (report.error or "")
-    assert sum(1 for h, a in p.log if h == "b" and criu("page-server")(a)) == 3
-    assert "b: criu dump" not in verbs(p.log) and "a: criu dump" not in verbs(p.log)
+    assert "a: criu dump" not in verbs(p.log)
 
 
-def test_a_busy_port_on_the_source_is_skipped(tmp_path: Path) -> None:
-    p = pair(tmp_path, "postcopy")
-    tries: list[str] = []
-
-    def busy_once(argv: list[str]) -> Result | None:
-        if script(_FREE)(argv) and not tries:
-            tries.append(argv[-1])
-            return Result("a", argv, 1, "", f"port {argv[-1]} is in use")
-        return None
-
-    p.src.answer(busy_once)
+def test_a_socket_path_too_long_is_one_line(tmp_path: Path) -> None:
+    p = pair(tmp_path, "stream")
+    long = HostConfig("b", "198.18.0.2", "/k", "/kh", workdir="/" + "w" * 90)
+    p.ctx.plan = dataclasses.replace(p.ctx.plan, destination=long)
+    p.ctx.dst_images = p.ctx.plan.dst_layout
     report = run(p)
-    assert report.status == "succeeded", report.error
-    [fwd] = [f for f in forwards(p) if f[0] == "forward"]
-    assert fwd[1] == "-R" and tries[0] not in fwd[2]
+    assert report.status == "rolled_back" and "too long for a Unix socket" in (report.error or "")
 
 
 def test_post_copy_commits_at_its_lazy_restore(tmp_path: Path) -> None:
     p = pair(tmp_path, "postcopy")
     report = run(p)
-    assert report.status == "succeeded"
+    assert report.status == "succeeded", report.error
     assert any("no rollback is possible" in n for n in report.notes)
-    daemon = next(inner(a) for h, a in p.log if h == "b" and criu("lazy-pages")(a))
-    dump = next(inner(a) for h, a in p.log if h == "a" and criu("dump")(a))
-    port = dump[dump.index("--lazy-pages") + 4]
-    assert daemon[daemon.index("--port") + 1] == port
+    assert helper(p, "b", "hold") and helper(p, "a", "connect")
+    take = helper(p, "b", "take")[0]
+    assert inner(take)[:3] == ["criu", "lazy-pages", "--page-server"]
+    dump = inner(next(a for h, a in p.log if h == "a" and criu("dump")(a)))
+    assert dump[dump.index("--lazy-pages") + 1 :][:2] == ["--ps-socket", "5"]
     assert "--lazy-pages" in next(inner(a) for h, a in p.log if h == "b" and criu("restore")(a))
 
 
@@ -86,9 +88,8 @@ def test_pages_that_do_not_all_arrive_strand_it(
     tmp_path: Path, dst_wait: str, src_wait: str, why: str
 ) -> None:
     p = pair(tmp_path, "postcopy")
-    p.ctx.plan = __import__("dataclasses").replace(
-        p.ctx.plan, policy=__import__("dataclasses").replace(p.ctx.plan.policy,
-                                                             postcopy_deadline=1.0))  # fmt: skip
+    policy = dataclasses.replace(p.ctx.plan.policy, postcopy_deadline=1.0)
+    p.ctx.plan = dataclasses.replace(p.ctx.plan, policy=policy)
     p.dst.on(script(background._WAIT), dst_wait)
     p.src.on(script(background._WAIT), src_wait)
     report = run(p)
@@ -98,17 +99,19 @@ def test_pages_that_do_not_all_arrive_strand_it(
 
 
 def test_a_failed_lazy_restore_aborts_the_lazy_dump(tmp_path: Path) -> None:
-    """Before the destination resumed: the lazy dump is made to fail (its page channel gets a
-    truncated request), which lets the source run on; nothing is restored from images."""
+    """Before the destination resumed: the lazy dump is made to fail (a truncated request on
+    the page channel the destination holds), which lets the source run on; nothing is
+    restored from images."""
     p = pair(tmp_path, "postcopy")
     fail(p.dst, criu("restore"))
+    aborted: list[bool] = []
+    p.dst.watchers.append(lambda a: aborted.append(True) if "abort" in a and "python3" in a
+                          else None)  # fmt: skip
     p.src.answer(lambda a: Result("a", a, 0, f"100 1 Ss 2048 criu dump -D /wa/images/{ID}\n")
                  if words("ps", "-ww", "-e")(a) and not aborted else None)  # fmt: skip
-    aborted: list[bool] = []
-    p.src.watchers.append(lambda a: aborted.append(True) if a[:2] == ["bash", "-c"] else None)
     report = run(p)
     assert report.status in ("rolled_back", "failed"), report.error
-    assert aborted, "the lazy dump was aborted through its page channel"
+    assert aborted, "the lazy dump was aborted through the page channel"
     assert [x.name for x in report.phases if x.name.startswith("undo")][:2] == [
         "undo lazy-restore", "undo lazy-dump",
     ]  # fmt: skip

@@ -55,7 +55,10 @@ def test_postcopy_needs_name_what_is_missing() -> None:
     ok_src = HostFacts("a", features=(), pipe_max=4 << 20, commands=("python3",))
     assert (
         unmet(
-            needs, "post-copy", ok_src, HostFacts("b", features=("uffd-noncoop",), pipe_max=8 << 20)
+            needs,
+            "post-copy",
+            ok_src,
+            HostFacts("b", features=("uffd-noncoop",), pipe_max=8 << 20, commands=("python3",)),
         )
         == []
     )

@@ -19,7 +19,7 @@ from orchestrator.recover import (
     STOPPED,
     UNREACHABLE,
     Action,
-    Pages,
+    PageState,
     Seen,
     decide,
     recover,
@@ -29,7 +29,8 @@ from tests.unit.fakehost import ID, FakeHost, Pair, criu, fail, pair, verbs, wor
 
 STATES = (RUNNING, STOPPED, GONE, UNREACHABLE)
 ALL = list(itertools.product(
-    Stage, (False, True), (False, True), STATES, STATES, (False, True), (None, True, False), Pages,
+    Stage, (False, True), (False, True), STATES, STATES, (False, True), (None, True, False),
+    PageState,
 ))  # fmt: skip
 
 
@@ -58,7 +59,7 @@ def check_case(case: tuple) -> None:  # type: ignore[type-arg]
                         (dest_may_hold and dst in (RUNNING, STOPPED)))  # fmt: skip
     if resumed:  # past post-copy's point of no return: never roll back
         assert d.action in (Action.CONFIRM, Action.STRANDED)
-        assert (d.action is Action.CONFIRM) == (pages is Pages.ALL_THERE)
+        assert (d.action is Action.CONFIRM) == (pages is PageState.ALL_THERE)
         return
     source_copy = src in (RUNNING, STOPPED) or images
     dest_runs = dest_may_hold and dst == RUNNING
@@ -95,9 +96,9 @@ def test_stop_copy_cases(stage: Stage, src: str, dst: str, expected: Action) -> 
 def test_post_copy_cases() -> None:
     assert decide(Stage.FROZEN, True, False, Seen(STOPPED, GONE)).action is Action.ABORT_LAZY
     assert decide(Stage.PREPARED, True, False, Seen(RUNNING, GONE)).action is Action.ROLLBACK
-    done = Seen(STOPPED, RUNNING, pages=Pages.ALL_THERE)
+    done = Seen(STOPPED, RUNNING, pages=PageState.ALL_THERE)
     assert decide(Stage.RESUMED, True, True, done).action is Action.CONFIRM
-    pulling = Seen(STOPPED, RUNNING, pages=Pages.STILL_PULLING)
+    pulling = Seen(STOPPED, RUNNING, pages=PageState.STILL_PULLING)
     assert decide(Stage.RESUMED, True, True, pulling).action is Action.STRANDED
     # restored but the controller died before journaling it: judged by the pages too
     assert decide(Stage.RESTORING, True, False, pulling).action is Action.STRANDED

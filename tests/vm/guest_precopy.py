@@ -100,3 +100,13 @@ def test_precopy_converges_and_freezes_shorter_than_stopcopy(lab: labmod.Lab) ->
     lazy = hybrid["rounds"][-1]  # what was left for post-copy: far less than the first round
     assert lazy["kind"] == "lazy-dump" and lazy["pages_written"] * 4 < rounds[0]["pages_written"]
     assert hybrid["downtime_ms"] < stop["downtime_ms"]
+
+
+def test_hybrid_gives_nobody_a_page(lab: labmod.Lab) -> None:
+    """Issue #14 for hybrid: an attacker as nobody on each host during the run gets and
+    changes no page (tests/integration/test_page_channel.py does stream and post-copy)."""
+    from tests.integration.test_page_channel import make_arena, thieves_during
+
+    with make_arena() as arena:
+        measured = thieves_during(lab, arena, "hybrid", "--compress", slow=4.0, mib=16)
+    print(f"measured: hybrid: {measured}")
