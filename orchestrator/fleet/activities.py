@@ -1,0 +1,334 @@
+"""The activities a worker runs: the survey of an evacuation, and one migration.
+
+A migration is the very path `migrate run` takes (orchestrator.session: journal, lock, phases,
+undo). While it runs the activity heartbeats, at every phase change and every second: the
+migration id, phase, bytes moved, round, and the journal so far. That heartbeat is what makes a
+retry safe and lets any worker take over: when a worker dies (SIGKILL, its machine gone), the
+engine sees no heartbeat for `heartbeat_timeout` and hands the activity to another worker,
+with the last heartbeat's details. That attempt first *settles* the previous one: it takes the
+workload's lock on the source (so a still-running predecessor is never second-guessed), and
+runs `migrate recover` on the previous attempt's journal (the worker's own state dir if it is
+there, e.g. shared; else rebuilt from the heartbeat), which finishes or rolls back from both
+hosts' facts. It never dumps again: the settled outcome is the activity's result.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import json
+import logging
+import os
+import socket
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from orchestrator import journal, progress
+from orchestrator.config import (
+    Config,
+    ConfigError,
+    NetworkConfig,
+    WorkloadConfig,
+    check_policy,
+    load,
+)
+from orchestrator.errors import MigrationError
+from orchestrator.evacuate import select
+from orchestrator.fleet.types import MIGRATE, REFUSED, SURVEY, MigrateInput, SurveyInput
+from orchestrator.location import workloads_on
+from orchestrator.placement import Bin, mem_available_kb
+from orchestrator.recover import recover
+from orchestrator.report import Report
+from orchestrator.runtimes import for_workload
+from orchestrator.session import Busy, Session, open_session
+from orchestrator.transport.ssh import Host, HostError, LockBusy
+
+log = logging.getLogger("migrate")
+
+#: Seconds between heartbeats while a phase runs (phase changes heartbeat at once).
+TICK = 1.0
+
+
+def identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def refused(message: str) -> ApplicationError:
+    """A failure no retry can fix (bad names, busy workload): the workflow reports it."""
+    return ApplicationError(message, type=REFUSED, non_retryable=True)
+
+
+def workload_from_dict(raw: dict[str, Any]) -> WorkloadConfig:
+    """A WorkloadConfig back from its JSON form (dataclasses.asdict)."""
+    raw = dict(raw)
+    raw["criu_options"] = tuple(raw.get("criu_options") or ())
+    raw["network"] = NetworkConfig(**(raw.get("network") or {}))
+    raw["sync_paths"] = tuple(raw.get("sync_paths") or ())
+    return WorkloadConfig(**raw)
+
+
+class Activities:
+    """Bound to this worker's config (re-read for every activity: edits apply at once)."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.identity = identity()
+
+    def _config(self, policy: dict[str, Any] | None = None) -> Config:
+        try:
+            config = load(self.config_path)
+            if policy:
+                changed = dataclasses.replace(config.policy, **policy)
+                check_policy(changed, "", flags=True)
+                config = dataclasses.replace(config, policy=changed)
+            return config
+        except (ConfigError, TypeError) as e:
+            raise refused(f"worker {self.identity}: {e}") from None
+
+    # -- survey ---------------------------------------------------------------------------------
+
+    @activity.defn(name=SURVEY)
+    def survey(self, inp: SurveyInput) -> dict[str, Any]:
+        """What evacuating inp.source means now (read-only): its workloads with their RSS and
+        the destinations' room, for the workflow to place."""
+        config = self._config()
+        try:
+            config.host(inp.source)
+            dests = list(dict.fromkeys(inp.to or [h for h in config.hosts if h != inp.source]))
+            for d in dests:
+                config.host(d)
+                if d == inp.source:
+                    raise ConfigError(
+                        f"--to {d}: the destination cannot be the host being evacuated"
+                    )
+            if not dests:
+                raise ConfigError(f"no destination: the config has no host besides {inp.source}")
+            workloads = select(config, inp.source, inp.only)
+        except ConfigError as e:
+            raise refused(str(e)) from None
+        rss: dict[str, int] = {}
+        missing: dict[str, str] = {}
+        found: dict[str, WorkloadConfig] = {}
+        src = Host(config.host(inp.source), config.policy)
+        try:
+            for name, wl in workloads.items():
+                activity.heartbeat({"survey": name})
+                try:
+                    rss[name] = for_workload(wl).locate(src).rss_kb
+                    found[name] = wl
+                except (MigrationError, HostError) as e:
+                    missing[name] = str(e)
+        finally:
+            src.close()
+        bins = [b for b in (_room(config, d) for d in dests) if b is not None]
+        return {
+            "source": inp.source,
+            "destinations": dests,
+            "workloads": {n: asdict(wl) for n, wl in workloads.items()},
+            "rss_kb": rss,
+            "missing": missing,
+            "bins": [asdict(b) for b in bins],
+        }
+
+    # -- one migration --------------------------------------------------------------------------
+
+    @activity.defn(name=MIGRATE)
+    def migrate(self, inp: MigrateInput) -> dict[str, Any]:
+        info = activity.info()
+        config = self._config(inp.policy)
+        wl_config = workload_from_dict(inp.workload_config) if inp.workload_config else None
+        try:
+            name = wl_config.name if wl_config else config.workload(inp.workload).name
+        except ConfigError as e:
+            raise refused(str(e)) from None
+        previous = info.heartbeat_details[0] if info.heartbeat_details else None
+        if info.attempt > 1 or previous:
+            settled = self._settle(config, name, previous, info.attempt)
+            if settled is not None:
+                return settled.to_dict()
+        try:
+            session = open_session(
+                config, inp.workload, inp.source, inp.destination, strategy=inp.strategy,
+                keep_images=inp.keep_images, dry_run=inp.dry_run, workload_config=wl_config,
+            )  # fmt: skip
+        except (Busy, ConfigError, MigrationError, HostError) as e:
+            raise refused(str(e)) from None
+        beat = _Heartbeat(session, self.identity, info.attempt)
+        beat.send()  # the id first: from here on a retry settles this attempt, never starts anew
+        with beat.ticking():
+            report = session.run(progress.listener(session.ctx, beat.event))
+        beat.send(final=True)
+        return report.to_dict()
+
+    def _settle(self, config: Config, workload: str, previous: Any, attempt: int) -> Report | None:
+        """Finish or roll back what earlier attempts of this migration left; None if they
+        changed nothing (then this attempt migrates)."""
+        ids: list[str] = []
+        prev_phase = "-"
+        if isinstance(previous, dict) and previous.get("id"):
+            ids.append(str(previous["id"]))
+            prev_phase = previous.get("phase") or "-"
+            _materialize(config.state_dir, previous)
+        ids += [j.id for j in journal.summaries(config.state_dir)
+                if j.status is None and j.workload == workload and j.id not in ids]  # fmt: skip
+        outcome: Report | None = None
+        for mid in ids:
+            try:
+                summary = journal.find(config.state_dir, mid)
+            except ConfigError:
+                continue  # never journaled: it had not begun
+            if summary.status is not None:
+                r = Report(summary.id, summary.workload, summary.source, summary.destination,
+                           summary.strategy, status=summary.status,
+                           error=summary.events[-1].get("error"))  # fmt: skip
+                r.notes.append(f"attempt {attempt - 1} had ended ({summary.status}) before its "
+                               "worker could report it")  # fmt: skip
+            else:
+                r = self._recover(config, summary)
+                r.notes.insert(0, f"attempt {attempt - 1} was cut off (its worker stopped "
+                               f"heartbeating in {summary.last_phase or prev_phase}); settled by "
+                               f"{self.identity} from its journal: {r.status}")  # fmt: skip
+            if outcome is None or mid == (previous or {}).get("id"):
+                outcome = r
+        if outcome is not None and any("died in pre-flight" in n for n in outcome.notes):
+            return None  # nothing was changed: this attempt migrates
+        return outcome
+
+    def _recover(self, config: Config, summary: journal.Summary) -> Report:
+        """`migrate recover`, holding the workload's lock on the source meanwhile: if the
+        previous attempt still runs (its worker lost the engine, not its hosts), this waits
+        for a later retry instead of deciding under its feet."""
+        lock = None
+        host = None
+        try:
+            if summary.root_pid:
+                src_workdir = config.host(summary.source).workdir.rstrip("/")
+                host = Host(config.host(summary.source), config.policy)
+                holder = f"recovery of {summary.id} by worker {self.identity}"
+                try:
+                    lock = host.lock(f"{src_workdir}/locks/pid-{summary.root_pid}.lock", holder)
+                except LockBusy as e:
+                    raise ApplicationError(
+                        f"{summary.id}: the previous attempt still holds the lock: {e}"
+                    ) from None
+            activity.heartbeat({"id": summary.id, "phase": "recover", "worker": self.identity,
+                                "journal": summary.events})  # fmt: skip
+            return recover(config, summary)
+        except (MigrationError, HostError) as e:
+            raise ApplicationError(f"recover {summary.id}: {e}") from None
+        finally:
+            if lock is not None:
+                lock.release()
+            if host is not None:
+                host.close()
+
+
+def _materialize(state_dir: Path, previous: dict[str, Any]) -> None:
+    """Write the previous attempt's journal (from its heartbeat) here, unless this controller
+    already has it (the same machine, or a shared state dir: then that copy is complete)."""
+    events = previous.get("journal") or []
+    mid = str(previous["id"])
+    if not events or "/" in mid:
+        return
+    path = state_dir / "journal" / f"{mid}.jsonl"
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def _room(config: Config, name: str) -> Bin | None:
+    """A destination's room: MemAvailable, its capacity, and the RSS of what already runs
+    there (as orchestrator.evacuate measures it)."""
+    hc = config.host(name)
+    host = Host(hc, config.policy)
+    try:
+        meminfo = host.run(["cat", "/proc/meminfo"], mutates=False)
+        if not meminfo.ok:
+            log.warning("%s: cannot read /proc/meminfo: %s", name, meminfo.error_line())
+            return None
+        used = 0
+        for wl in workloads_on(config, name).values():
+            try:
+                used += for_workload(wl).locate(host).rss_kb
+            except (MigrationError, HostError):
+                continue
+        capacity = hc.capacity_mb * 1024 if hc.capacity_mb is not None else None
+        return Bin(name, mem_available_kb(meminfo.stdout), capacity, used)
+    except HostError as e:
+        log.warning("%s: unreachable, not a destination: %s", name, e)
+        return None
+    finally:
+        host.close()
+
+
+class _Heartbeat:
+    """The running migration's heartbeat: id, phase, bytes, round, the journal so far."""
+
+    def __init__(self, session: Session, worker: str, attempt: int) -> None:
+        self.session = session
+        self.worker = worker
+        self.attempt = attempt
+        self.phase = "start"
+        self.state: str | None = None
+        self.lock = threading.Lock()
+
+    def details(self, final: bool = False) -> dict[str, Any]:
+        ctx = self.session.ctx
+        return {
+            "id": ctx.plan.id,
+            "workload": ctx.plan.workload.name,
+            "destination": ctx.plan.destination.name,
+            "strategy": ctx.plan.strategy,
+            "phase": "end" if final else self.phase,
+            "state": self.state,
+            "bytes": ctx.bytes_transferred,
+            "round": progress.round_of(self.phase, ctx),
+            "worker": self.worker,
+            "attempt": self.attempt,
+            "journal": self.session.journal.read() if hasattr(self.session.journal, "path") else [],
+        }
+
+    def send(self, final: bool = False) -> None:
+        with self.lock:
+            activity.heartbeat(self.details(final))
+
+    def event(self, ev: progress.Event) -> None:
+        self.phase, self.state = ev.phase, ev.status
+        self.send()
+
+    def ticking(self) -> _Ticker:
+        return _Ticker(self)
+
+
+class _Ticker:
+    """Heartbeats every TICK seconds from a thread (long phases, pre-copy rounds)."""
+
+    def __init__(self, beat: _Heartbeat) -> None:
+        self.beat = beat
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Ticker:
+        ctx = contextvars.copy_context()  # the activity's context: heartbeat works from there
+
+        def loop() -> None:
+            while not self.stop.wait(TICK):
+                try:
+                    ctx.run(self.beat.send)
+                except Exception:  # a heartbeat must never break the migration
+                    log.debug("heartbeat failed", exc_info=True)
+
+        self.thread = threading.Thread(target=loop, name="heartbeat", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
