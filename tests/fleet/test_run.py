@@ -1,0 +1,68 @@
+"""`migrate run --temporal` on the real lab through a real engine; an unreachable engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator import lab as labmod
+from tests.faults.kit import assert_one_copy, census, image_dirs
+from tests.fleet.conftest import Engine, fleet_config, free_port
+from tests.labkit import migrate, start
+
+pytestmark = pytest.mark.lab
+
+
+def test_unreachable_engine_is_exit_2_and_touches_nothing(
+    lab: labmod.Lab, cleanup: list[Path], tmp_path: Path
+) -> None:
+    wl = start(lab, "host-a", "fleet-unreachable", container=False)
+    cleanup.append(wl.count_file)
+    state = tmp_path / "state"
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = fleet_config(lab, tmp_path / "m.yaml", engine=None, state_dir=state, address=address,
+                       workloads={"counter": {"pidfile": f"{wl.count_file}.pid",
+                                              "host": "host-a"}})  # fmt: skip
+    before = {h: image_dirs(lab, h) for h in lab.names}
+    for args in (("run", "counter", "host-a", "host-b", "--json", "--temporal"),
+                 ("evacuate", "host-a", "--temporal", address),
+                 ("schedule", "list", "--temporal")):  # fmt: skip
+        r = migrate(*args, config=cfg, timeout=60)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and address in lines[0], r.stderr
+        assert r.stdout == ""
+    assert not (state / "journal").exists()  # no migration began
+    assert {h: image_dirs(lab, h) for h in lab.names} == before
+    c = census(lab, wl.count_file)
+    assert c.where() == {"host-a": [wl.root_pid]} and not any(c.stopped.values()), c
+    # A bad address in the config: one line naming the key, exit 2.
+    bad = fleet_config(lab, tmp_path / "bad.yaml", engine=None, state_dir=state,
+                       address="no-port")  # fmt: skip
+    r = migrate("evacuate", "host-a", "--temporal", config=bad)
+    assert r.returncode == 2 and "temporal.address" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_run_through_the_engine(
+    lab: labmod.Lab, cleanup: list[Path], tmp_path: Path, engine: Engine, workers
+) -> None:
+    wl = start(lab, "host-a", "fleet-run", container=True)
+    cleanup.append(wl.count_file)
+    cfg = fleet_config(lab, tmp_path / "m.yaml", engine=engine, state_dir=tmp_path / "state",
+                       task_queue="run")  # fmt: skip
+    workers(cfg)
+    before = wl.count()
+    r = migrate("run", wl.spec, "host-a", "host-b", "--strategy", "stopcopy", "--json",
+                "--temporal", config=cfg)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["status"] == "succeeded" and report["destination"] == "host-b"
+    assert [p["name"] for p in report["phases"]][:3] == ["preflight", "prepare", "dump"]
+    assert report["downtime_ms"] and report["bytes_transferred"] > 0
+    assert_one_copy(lab, wl, "host-b", before)
+    # The same journal as local mode: `history` on the worker's controller shows it.
+    hist = json.loads(migrate("history", "--json", config=cfg).stdout)
+    assert [h["status"] for h in hist if h["id"] == report["id"]] == ["succeeded"]
