@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,7 @@ class Activities:
         with beat.ticking():
             report = session.run(progress.listener(session.ctx, beat.event))
         beat.send(final=True)
+        report.notes.append(f"run by worker {self.identity} (attempt {info.attempt})")
         return report.to_dict()
 
     def _settle(self, config: Config, workload: str, previous: Any, attempt: int) -> Report | None:
@@ -193,6 +195,7 @@ class Activities:
                 r.notes.insert(0, f"attempt {attempt - 1} was cut off (its worker stopped "
                                f"heartbeating in {summary.last_phase or prev_phase}); settled by "
                                f"{self.identity} from its journal: {r.status}")  # fmt: skip
+            r.notes.append(f"run by worker {self.identity} (attempt {attempt})")
             if outcome is None or mid == (previous or {}).get("id"):
                 outcome = r
         if outcome is not None and any("died in pre-flight" in n for n in outcome.notes):
@@ -216,9 +219,12 @@ class Activities:
                     raise ApplicationError(
                         f"{summary.id}: the previous attempt still holds the lock: {e}"
                     ) from None
-            activity.heartbeat({"id": summary.id, "phase": "recover", "worker": self.identity,
-                                "journal": summary.events})  # fmt: skip
-            return recover(config, summary)
+            beat = {"id": summary.id, "workload": summary.workload, "phase": "recover",
+                    "destination": summary.destination, "worker": self.identity,
+                    "journal": summary.events}  # fmt: skip
+            with _Ticker(lambda: activity.heartbeat(beat)):  # recover waits for CRIU, rsync
+                activity.heartbeat(beat)
+                return recover(config, summary)
         except (MigrationError, HostError) as e:
             raise ApplicationError(f"recover {summary.id}: {e}") from None
         finally:
@@ -303,13 +309,13 @@ class _Heartbeat:
         self.send()
 
     def ticking(self) -> _Ticker:
-        return _Ticker(self)
+        return _Ticker(self.send)
 
 
 class _Ticker:
-    """Heartbeats every TICK seconds from a thread (long phases, pre-copy rounds)."""
+    """Heartbeats every TICK seconds from a thread (long phases, pre-copy rounds, recover)."""
 
-    def __init__(self, beat: _Heartbeat) -> None:
+    def __init__(self, beat: Callable[[], None]) -> None:
         self.beat = beat
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -320,7 +326,7 @@ class _Ticker:
         def loop() -> None:
             while not self.stop.wait(TICK):
                 try:
-                    ctx.run(self.beat.send)
+                    ctx.run(self.beat)
                 except Exception:  # a heartbeat must never break the migration
                     log.debug("heartbeat failed", exc_info=True)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -74,11 +75,24 @@ def dispatch(args: argparse.Namespace) -> int | None:
         print("migrate: error: fleet mode needs the temporal extra: pip install -e '.[temporal]'",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    code = _fleet(args)
+    # The SDK's native (Rust) runtime was seen to crash the interpreter's teardown (SIGSEGV
+    # after the output was complete): leave at once, output flushed, with the real code.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _fleet(args: argparse.Namespace) -> int:
     from orchestrator.fleet import client, engine, schedule, worker
 
-    config = load(config_path(args.config))
-    eng = engine.resolve(config, args.temporal, args.namespace, args.task_queue)
     try:
+        config = load(config_path(args.config))
+    except ConfigError as e:
+        print(f"migrate: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        eng = engine.resolve(config, args.temporal, args.namespace, args.task_queue)
         if args.command == "worker":
             if args.max_migrations < 1:
                 raise ConfigError(f"--max-migrations must be at least 1, not {args.max_migrations}")
@@ -93,6 +107,9 @@ def dispatch(args: argparse.Namespace) -> int | None:
         if args.schedule_command == "list":
             return asyncio.run(schedule.list_(args, eng))
         return asyncio.run(schedule.delete(args, eng))
+    except ConfigError as e:  # also an unreachable engine (orchestrator.fleet.engine)
+        print(f"migrate: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("migrate: interrupted; the workflow goes on in the engine", file=sys.stderr)
         return 130

@@ -30,14 +30,14 @@ async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    with ThreadPoolExecutor(max_workers=max_migrations + 2) as pool:
+    with ThreadPoolExecutor(max_workers=max_migrations + 1) as pool:
         worker = Worker(
             client,
             task_queue=engine.task_queue,
             workflows=[EvacuateWorkflow, MigrateWorkflow],
             activities=[acts.survey, acts.migrate],
             activity_executor=pool,
-            max_concurrent_activities=max_migrations + 2,
+            max_concurrent_activities=max_migrations + 1,  # + a survey
             identity=acts.identity,
             # Deliver each heartbeat (a phase change, with the journal) within 0.1 s: what a
             # retry knows of a dead attempt is what its last delivered heartbeat said.

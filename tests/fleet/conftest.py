@@ -147,10 +147,10 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     the config) and waits until it polls; every one still running is killed at the end."""
     started: list[Worker] = []
 
-    def start(config: Path) -> Worker:
+    def start(config: Path, *args: str) -> Worker:
         log = tmp_path / f"worker-{len(started)}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cli("worker", "--config", str(config), "--temporal"),
+            proc = subprocess.Popen(cli("worker", "--config", str(config), "--temporal", *args),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out)  # fmt: skip
         w = Worker(proc, config, log)
         started.append(w)
