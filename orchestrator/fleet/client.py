@@ -140,8 +140,8 @@ async def run(args: argparse.Namespace, config: Config, engine: Engine) -> int:
         else:
             print(f"  {key[0]:<16} {key[1]}", flush=True)
 
-    if args.json:
-        raw = await _follow_one(client, handle, lambda d: None)
+    if args.json:  # nothing to show until the end: no polling
+        raw = await handle.result()
     elif not progress.interactive():
         raw = await _follow_one(client, handle, lines)
     else:
