@@ -3,8 +3,10 @@
 Start one on each controller (any number); they share the task queue. A worker runs the
 workflows and the activities (survey, migrate); migrations run in threads (`--max-migrations`
 at once), each the ordinary session path with its own ssh connections, journal and lock.
-SIGTERM/SIGINT stop taking new work; a migration still running is left to its heartbeat
-timeout and the next worker settles it (as if this one had died).
+SIGTERM/SIGINT stop taking new work and wait (up to DRAIN) for the migrations running here to
+end; past that they are cancelled (each rolls back, as a local run interrupted does). A worker
+that dies instead (SIGKILL, its machine gone) is noticed after the heartbeat timeout, and
+another worker settles its migrations from the journal in their last heartbeat.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from temporalio.worker import Worker
 from orchestrator.fleet.activities import Activities, identity
 from orchestrator.fleet.engine import Engine, connect
 from orchestrator.fleet.workflows import EvacuateWorkflow, MigrateWorkflow
+
+#: How long a stopping worker lets its running migrations finish.
+DRAIN = timedelta(minutes=10)
 
 
 async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> None:
@@ -43,6 +48,7 @@ async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> N
             # retry knows of a dead attempt is what its last delivered heartbeat said.
             max_heartbeat_throttle_interval=timedelta(milliseconds=100),
             default_heartbeat_throttle_interval=timedelta(milliseconds=100),
+            graceful_shutdown_timeout=DRAIN,
         )
         print(
             f"migrate worker {identity()}: engine {engine.address}, namespace "
