@@ -128,22 +128,22 @@ async def run(args: argparse.Namespace, config: Config, engine: Engine) -> int:
     if not args.json:
         print(f"migrate {wl.name}: {args.source} -> {args.destination}, strategy "
               f"{args.strategy}, workflow {wid} on {engine.address}")  # fmt: skip
-    seen: set[tuple[str, str | None]] = set()
+    seen: set[str] = set()
 
     def lines(d: dict[str, Any]) -> None:
-        key = (d.get("phase") or "-", d.get("state"))
-        if key in seen or key[0] == "end":
-            return
-        seen.add(key)
-        if key[1] is None:
-            print(f"  {key[0]:<16} ...", flush=True)
-        else:
-            print(f"  {key[0]:<16} {key[1]}", flush=True)
+        """A line as each phase begins (as the engine last heard it); results at the end."""
+        phase = d.get("phase") or "-"
+        if phase not in seen and phase not in ("end", "start"):
+            seen.add(phase)
+            print(f"  {phase:<16} ...", flush=True)
 
     if args.json:  # nothing to show until the end: no polling
         raw = await handle.result()
     elif not progress.interactive():
         raw = await _follow_one(client, handle, lines)
+        for p in report_from_dict(raw).phases:
+            line = f"  {p.name:<16} {p.status} ({p.seconds:.2f}s)"
+            print(line + (f": {p.error}" if p.error else ""), flush=True)
     else:
         with progress.LiveView([wl.name]) as view:
             raw = await _follow_one(client, handle, lambda d: view(_event(d)))
