@@ -14,6 +14,7 @@ hosts' facts. It never dumps again: the settled outcome is the activity's result
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import dataclasses
 import json
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from temporalio import activity
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
 from orchestrator import journal, progress
@@ -40,7 +42,15 @@ from orchestrator.config import (
 )
 from orchestrator.errors import MigrationError
 from orchestrator.evacuate import select
-from orchestrator.fleet.types import MIGRATE, REFUSED, SURVEY, MigrateInput, SurveyInput
+from orchestrator.fleet.types import (
+    ANCHOR,
+    JOURNAL,
+    MIGRATE,
+    REFUSED,
+    SURVEY,
+    MigrateInput,
+    SurveyInput,
+)
 from orchestrator.location import workloads_on
 from orchestrator.placement import Bin, mem_available_kb
 from orchestrator.recover import recover
@@ -53,6 +63,10 @@ log = logging.getLogger("migrate")
 
 #: Seconds between heartbeats while a phase runs (phase changes heartbeat at once).
 TICK = 1.0
+#: Fault injection for the tests (tests/fleet): `lose-heartbeat-journal` sends heartbeats
+#: without the journal, as if every heartbeat after the start had been lost with the worker,
+#: so that a retry has only the journal anchored in the workflow.
+FAULT = os.environ.get("MIGRATE_FLEET_FAULT", "")
 
 
 def identity() -> str:
@@ -76,9 +90,16 @@ def workload_from_dict(raw: dict[str, Any]) -> WorkloadConfig:
 class Activities:
     """Bound to this worker's config (re-read for every activity: edits apply at once)."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        client: Client | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.config_path = config_path
         self.identity = identity()
+        self.client = client  # the worker's: anchors journals in the workflow (see _Heartbeat)
+        self.loop = loop
 
     def _config(self, policy: dict[str, Any] | None = None) -> Config:
         try:
@@ -149,6 +170,7 @@ class Activities:
             raise refused(str(e)) from None
         previous = info.heartbeat_details[0] if info.heartbeat_details else None
         if info.attempt > 1 or previous:
+            previous = _longest(previous, self._anchored(info))
             settled = self._settle(config, name, previous, info.attempt)
             if settled is not None:
                 return settled.to_dict()
@@ -159,13 +181,41 @@ class Activities:
             )  # fmt: skip
         except (Busy, ConfigError, MigrationError, HostError) as e:
             raise refused(str(e)) from None
-        beat = _Heartbeat(session, self.identity, info.attempt)
+        beat = _Heartbeat(session, self.identity, info.attempt, self._anchor(info))
         beat.send()  # the id first: from here on a retry settles this attempt, never starts anew
         with beat.ticking():
             report = session.run(progress.listener(session.ctx, beat.event))
         beat.send(final=True)
         report.notes.append(f"run by worker {self.identity} (attempt {info.attempt})")
         return report.to_dict()
+
+    def _anchor(self, info: activity.Info) -> Callable[[list[dict[str, Any]]], None] | None:
+        """A function that hands the workflow this attempt's journal, and returns only once
+        the engine has it (a signal is persisted before its RPC returns)."""
+        client, loop = self.client, self.loop
+        if client is None or loop is None or not info.workflow_id:
+            return None
+        handle = client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
+
+        def anchor(events: list[dict[str, Any]]) -> None:
+            fut = asyncio.run_coroutine_threadsafe(handle.signal(ANCHOR, events), loop)
+            fut.result(timeout=30)
+
+        return anchor
+
+    def _anchored(self, info: activity.Info) -> list[dict[str, Any]]:
+        """The journal an earlier attempt anchored in the workflow ([] if none, or unknown)."""
+        client, loop = self.client, self.loop
+        if client is None or loop is None or not info.workflow_id:
+            return []
+        handle = client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
+        try:
+            fut = asyncio.run_coroutine_threadsafe(handle.query(JOURNAL), loop)
+            events = fut.result(timeout=30)
+        except Exception as e:  # noqa: BLE001 - the heartbeat's journal still counts
+            log.warning("cannot read the anchored journal of %s: %s", info.workflow_id, e)
+            return []
+        return list(events) if isinstance(events, list) else []
 
     def _settle(self, config: Config, workload: str, previous: Any, attempt: int) -> Report | None:
         """Finish or roll back what earlier attempts of this migration left; None if they
@@ -234,6 +284,20 @@ class Activities:
                 host.close()
 
 
+def _longest(previous: Any, anchored: list[dict[str, Any]]) -> Any:
+    """The last heartbeat's details, with the longer of its journal and the anchored one (two
+    prefixes of the same journal: the heartbeat may lag, the anchor stops after pre-flight)."""
+    if not anchored or anchored[0].get("event") != "start":
+        return previous
+    prev = dict(previous) if isinstance(previous, dict) else {}
+    if prev.get("id") not in (None, anchored[0].get("id")):
+        return previous  # a later migration id than the anchored one: the heartbeat knows more
+    if len(anchored) > len(prev.get("journal") or []):
+        prev["journal"] = anchored
+    prev.setdefault("id", anchored[0].get("id"))
+    return prev
+
+
 def _materialize(state_dir: Path, previous: dict[str, Any]) -> None:
     """Write the previous attempt's journal (from its heartbeat) here, unless this controller
     already has it (the same machine, or a shared state dir: then that copy is complete)."""
@@ -276,10 +340,17 @@ def _room(config: Config, name: str) -> Bin | None:
 class _Heartbeat:
     """The running migration's heartbeat: id, phase, bytes, round, the journal so far."""
 
-    def __init__(self, session: Session, worker: str, attempt: int) -> None:
+    def __init__(
+        self,
+        session: Session,
+        worker: str,
+        attempt: int,
+        anchor: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
         self.session = session
         self.worker = worker
         self.attempt = attempt
+        self.anchor = anchor  # None: done (or not wanted)
         self.phase = "start"
         self.state: str | None = None
         self.lock = threading.Lock()
@@ -297,7 +368,9 @@ class _Heartbeat:
             "round": progress.round_of(self.phase, ctx),
             "worker": self.worker,
             "attempt": self.attempt,
-            "journal": self.session.journal.read() if hasattr(self.session.journal, "path") else [],
+            "journal": self.session.journal.read()
+            if hasattr(self.session.journal, "path") and FAULT != "lose-heartbeat-journal"
+            else [],
         }
 
     def send(self, final: bool = False) -> None:
@@ -306,6 +379,14 @@ class _Heartbeat:
 
     def event(self, ev: progress.Event) -> None:
         self.phase, self.state = ev.phase, ev.status
+        if self.anchor is not None and ev.status is None and ev.phase != "preflight":
+            # The first phase after pre-flight is about to act: the journal now holds what
+            # recover needs (the root pid) and nothing has changed on a host. Hand it to the
+            # engine and wait until it has it: heartbeats are throttled and may be lost with
+            # the worker; this is not (and nothing else is waited for, inside any freeze).
+            anchor, self.anchor = self.anchor, None
+            if not self.session.plan.dry_run:
+                anchor(self.session.journal.read())
         self.send()
 
     def ticking(self) -> _Ticker:

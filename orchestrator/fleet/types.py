@@ -16,6 +16,10 @@ MIGRATE = "migrate.migrate"
 #: Workflow names.
 MIGRATE_WORKFLOW = "migrate"
 EVACUATE_WORKFLOW = "evacuate"
+#: The migration workflow's signal (an attempt's journal, before it changes anything) and
+#: query (that journal, for a later attempt).
+ANCHOR = "anchor"
+JOURNAL = "journal"
 #: ApplicationError types a retry cannot fix (bad config, busy workload, refused).
 REFUSED = "Refused"
 

@@ -30,7 +30,7 @@ DRAIN = timedelta(minutes=10)
 
 async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> None:
     client = await connect(engine)
-    acts = Activities(config_path)
+    acts = Activities(config_path, client, asyncio.get_running_loop())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -20,7 +20,9 @@ from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflow
 
 with workflow.unsafe.imports_passed_through():
     from orchestrator.fleet.types import (
+        ANCHOR,
         EVACUATE_WORKFLOW,
+        JOURNAL,
         MIGRATE,
         MIGRATE_WORKFLOW,
         REFUSED,
@@ -61,6 +63,7 @@ def _why(err: BaseException) -> str:
 class MigrateWorkflow:
     def __init__(self) -> None:
         self.status = "running"
+        self.journal: list[dict[str, Any]] = []  # as the activity anchored it (see activities)
 
     @workflow.run
     async def run(self, inp: MigrateInput) -> dict[str, Any]:
@@ -82,6 +85,17 @@ class MigrateWorkflow:
     @workflow.query
     def outcome(self) -> str:
         return self.status
+
+    @workflow.signal(name=ANCHOR)
+    def anchor(self, events: list[dict[str, Any]]) -> None:
+        """The running attempt's journal up to the end of pre-flight (before anything changes
+        on a host); kept in the workflow's history, read by a later attempt."""
+        if len(events) >= len(self.journal):
+            self.journal = events
+
+    @workflow.query(name=JOURNAL)
+    def anchored(self) -> list[dict[str, Any]]:
+        return self.journal
 
 
 @workflow.defn(name=EVACUATE_WORKFLOW)

@@ -4,6 +4,7 @@ processes (each killed by its pid at the end)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -148,11 +149,13 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     the config) and waits until it polls; every one still running is killed at the end."""
     started: list[Worker] = []
 
-    def start(config: Path, *args: str) -> Worker:
+    def start(config: Path, *args: str, fault: str = "") -> Worker:
         log = tmp_path / f"worker-{len(started)}.log"
+        env = {**os.environ, "MIGRATE_FLEET_FAULT": fault}
         with open(log, "wb") as out:
             proc = subprocess.Popen(cli("worker", "--config", str(config), "--temporal", *args),
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out)  # fmt: skip
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    env=env)  # fmt: skip
         w = Worker(proc, config, log)
         started.append(w)
         deadline = time.monotonic() + 30

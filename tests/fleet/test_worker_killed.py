@@ -22,6 +22,10 @@ from tests.labkit import start
 pytestmark = pytest.mark.lab
 
 EXPECTED = {"dump": "rolled_back", "transfer": None, "restore": None}
+#: Cases: the phase at which the worker dies, and whether its heartbeats carry the journal
+#: (without: the retry has only the journal the attempt anchored in the workflow before it
+#: changed anything, as when the last heartbeats are lost with the worker).
+CASES = [("dump", True), ("transfer", True), ("restore", True), ("transfer", False)]
 
 
 def begun(state_dir: Path, phase: str) -> Path | None:
@@ -37,7 +41,9 @@ def begun(state_dir: Path, phase: str) -> Path | None:
     return None
 
 
-@pytest.mark.parametrize("phase", list(EXPECTED))
+@pytest.mark.parametrize(
+    "phase, beat_journal", CASES, ids=[p + ("" if j else "-anchor-only") for p, j in CASES]
+)
 def test_worker_killed_another_settles(
     lab: labmod.Lab,
     cleanup: list[Path],
@@ -45,16 +51,18 @@ def test_worker_killed_another_settles(
     engine: Engine,
     workers,
     phase: str,
+    beat_journal: bool,
     record_property,
 ) -> None:
-    wl = start(lab, "host-a", f"fleet-kill-{phase}", container=True)
+    wl = start(lab, "host-a", f"fleet-kill-{phase}-{beat_journal}", container=True)
     cleanup.append(wl.count_file)
     # Two controllers: the same hosts and engine, each its own state dir (journal).
     dirs = {name: tmp_path / f"controller-{name}" for name in ("a", "b")}
     cfgs = {name: fleet_config(lab, tmp_path / f"{name}.yaml", engine=engine, state_dir=d,
-                               task_queue=f"kill-{phase}")
+                               task_queue=f"kill-{phase}-{beat_journal}")
             for name, d in dirs.items()}  # fmt: skip
-    running = {name: workers(cfg) for name, cfg in cfgs.items()}
+    fault = "" if beat_journal else "lose-heartbeat-journal"
+    running = {name: workers(cfg, fault=fault) for name, cfg in cfgs.items()}
     before = wl.count()
     t0 = time.monotonic()
     client = subprocess.Popen(
@@ -93,10 +101,14 @@ def test_worker_killed_another_settles(
     assert any("was cut off" in n and "settled by" in n for n in report["notes"]), json.dumps(
         report, indent=1
     )
-    # The survivor had no journal of it: it came with the heartbeat; recover closed it.
+    # The survivor had no journal of it: it came with the heartbeat (or the anchor, which ends
+    # where the first phase after pre-flight begins); recover closed it.
     theirs = dirs[survivor] / "journal" / path.name
     events = [json.loads(ln) for ln in theirs.read_text().splitlines()]
     assert events[0]["event"] == "start" and events[-1]["event"] == "end"
+    phases = [e["name"] for e in events if e["event"] == "phase" and e["state"] == "begin"]
+    if not beat_journal:
+        assert phases == ["preflight", "prepare"], events
     assert events[-1].get("recovered") and events[-1]["status"] == report["status"]
     host = "host-b" if report["status"] == "succeeded" else "host-a"
     assert_one_copy(lab, wl, host, before)
