@@ -1,6 +1,6 @@
 """`migrate evacuate --temporal`: six workloads from host-a over host-b and host-c, run by two
-workers in separate processes; a second evacuation of host-a started at the same moment is
-refused by the engine in one line."""
+workers in separate processes, and a seventh that fails (rolled back) without stopping them; a
+second evacuation of host-a started at the same moment is refused by the engine in one line."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ def test_evacuate_six_with_two_workers_and_a_refused_twin(
         holders.append(Holder(lab, "host-a", f"fleet-evac-{i}", mib=8))
         cleanup.append(holders[-1].count_file)
     placed = {h.name: {"pid": h.pid, "host": "host-a"} for h in holders}
+    # A seventh whose migration fails (its health check fails on the destination, so verify
+    # rolls it back): it must stop none of the six.
+    sick = Holder(lab, "host-a", "fleet-evac-sick", mib=8)
+    cleanup.append(sick.count_file)
+    placed[sick.name] = {"pid": sick.pid, "host": "host-a", "health": "false"}
     cfg = fleet_config(lab, tmp_path / "m.yaml", engine=engine, state_dir=tmp_path / "state",
                        task_queue="evacuate", workloads=placed)  # fmt: skip
     # Two slots each (one migration + a survey): three at once needs both workers.
@@ -43,7 +48,7 @@ def test_evacuate_six_with_two_workers_and_a_refused_twin(
              for _ in range(2)]  # fmt: skip
     outs = [p.communicate(timeout=240) for p in twins]
     codes = sorted(p.returncode for p in twins)
-    assert codes == [0, 1], outs
+    assert codes == [1, 3], outs  # refused; the evacuation (one rolled back: exit 3)
     (out, _err), (refused_out, refused_err) = sorted(outs, key=lambda o: 0 if o[0].strip() else 1)
     # The refused one: one line, nothing on stdout, nothing touched.
     assert refused_out == "" and len(refused_err.strip().splitlines()) == 1, refused_err
@@ -51,19 +56,23 @@ def test_evacuate_six_with_two_workers_and_a_refused_twin(
 
     result = json.loads(out)
     reports = {w["workload"]: w for w in result["workloads"]}
+    assert result["status"] == "failed"
+    assert reports.pop(sick.name)["status"] == "rolled_back", out
+    c = census(lab, sick.count_file)
+    assert list(c.where()) == ["host-a"] and c.copies == 1, c
     assert sorted(reports) == sorted(h.name for h in holders), out
     assert all(w["status"] == "succeeded" for w in reports.values()), out
     assert len({w["id"] for w in reports.values()}) == 6
-    assert sorted(result["placement"]["assigned"]) == sorted(reports)
+    assert sorted(result["placement"]["assigned"]) == sorted([*reports, sick.name])
     assert set(result["placement"]["assigned"].values()) == {"host-b", "host-c"}
     by_worker = Counter(
         m.group(1) for w in reports.values() for n in w["notes"]
         if (m := re.match(r"run by worker (\S+)", n))
     )  # fmt: skip
-    assert len(by_worker) == 2, by_worker
+    assert len(by_worker) == 2 and sum(by_worker.values()) == 6, by_worker
     # Each moved once: one journal each, one copy each, on its destination, counting on.
     journals = list((tmp_path / "state" / "journal").glob("*.jsonl"))
-    assert len(journals) == 6
+    assert len(journals) == 7
     for h in holders:
         dest = reports[h.name]["destination"]
         wait_for(lambda h=h: census(lab, h.count_file).copies == 1, what=f"{h.name}: one copy")

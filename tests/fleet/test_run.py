@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from orchestrator import lab as labmod
 from tests.faults.kit import assert_one_copy, census, image_dirs
-from tests.fleet.conftest import Engine, fleet_config, free_port
-from tests.labkit import migrate, start
+from tests.fleet.conftest import Engine, cli, fleet_config, free_port
+from tests.labkit import migrate, start, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -55,10 +56,31 @@ def test_run_through_the_engine(
                        task_queue="run")  # fmt: skip
     workers(cfg)
     before = wl.count()
-    r = migrate("run", wl.spec, "host-a", "host-b", "--strategy", "stopcopy", "--json",
-                "--temporal", config=cfg)  # fmt: skip
-    assert r.returncode == 0, r.stdout + r.stderr
-    report = json.loads(r.stdout)
+    first = subprocess.Popen(
+        cli("run", wl.spec, "host-a", "host-b", "--strategy", "stopcopy", "--json",
+            "--temporal", "--config", str(cfg)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        jdir = tmp_path / "state" / "journal"
+        wait_for(lambda: any('"prepare"' in p.read_text() for p in jdir.glob("*.jsonl")),
+                 timeout=60, what="the first run to begin prepare")  # fmt: skip
+        # A second run of the same workload, from another controller: refused by the engine.
+        other = fleet_config(lab, tmp_path / "other.yaml", engine=engine,
+                             state_dir=tmp_path / "other", task_queue="run")  # fmt: skip
+        second = migrate("run", wl.spec, "host-a", "host-c", "--json", "--temporal",
+                         config=other)  # fmt: skip
+        out, err = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert second.returncode == 1 and second.stdout == "", second.stdout + second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert f"refused by the engine: migrate/{wl.spec.replace(':', '-')}" in second.stderr
+    assert not (tmp_path / "other").exists()  # nothing began there
+    assert first.returncode == 0, out + err
+    report = json.loads(out)
     assert report["status"] == "succeeded" and report["destination"] == "host-b"
     assert [p["name"] for p in report["phases"]][:3] == ["preflight", "prepare", "dump"]
     assert report["downtime_ms"] and report["bytes_transferred"] > 0
