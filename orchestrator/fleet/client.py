@@ -216,9 +216,9 @@ async def _follow_evacuation(
 
 
 def _evacuation_output(args: argparse.Namespace, result: dict[str, Any]) -> int:
-    if result.get("error"):
+    if result.get("error"):  # the survey was refused (bad names: exit 2) or failed
         print(f"migrate: error: {result['error']}", file=sys.stderr)
-        return 1
+        return 2 if result.get("refused") else 1
     reports = [report_from_dict(r) for r in result["workloads"]]
     names = result.pop("workload_names", [])
     if args.metrics_file and not args.dry_run:

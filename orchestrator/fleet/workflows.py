@@ -109,14 +109,21 @@ class EvacuateWorkflow:
     async def run(self, inp: EvacuateInput) -> dict[str, Any]:
         if inp.scheduled:
             return await self._as_child(inp)
-        s: dict[str, Any] = await workflow.execute_activity(
-            SURVEY,
-            SurveyInput(inp.source, inp.to, inp.only),
-            start_to_close_timeout=timedelta(minutes=10),
-            heartbeat_timeout=timedelta(seconds=max(inp.timing.heartbeat_timeout, 30)),
-            retry_policy=_retry(inp.timing),
-            result_type=dict,
-        )
+        try:
+            s: dict[str, Any] = await workflow.execute_activity(
+                SURVEY,
+                SurveyInput(inp.source, inp.to, inp.only),
+                start_to_close_timeout=timedelta(minutes=10),
+                heartbeat_timeout=timedelta(seconds=max(inp.timing.heartbeat_timeout, 30)),
+                retry_policy=_retry(inp.timing),
+                result_type=dict,
+            )
+        except ActivityError as e:  # bad names (refused), or no worker could survey
+            cause = e.cause
+            refused = isinstance(cause, ApplicationError) and cause.type == REFUSED
+            return {"source": inp.source, "destinations": inp.to, "status": "failed",
+                    "error": _why(e), "refused": refused, "placement": {},
+                    "workloads": []}  # fmt: skip
         bins = [Bin(**b) for b in s["bins"]]
         placement = place([Item(n, kb) for n, kb in sorted(s["rss_kb"].items())], bins)
         self.assigned = dict(placement.assigned)

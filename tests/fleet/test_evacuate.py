@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import lab as labmod
 from tests.faults.kit import census
@@ -44,8 +45,10 @@ def test_evacuate_six_with_two_workers_and_a_refused_twin(
 
     argv = cli("evacuate", "host-a", "--to", "host-b", "--to", "host-c", "--parallel", "3",
                "--json", "--temporal", "--config", str(cfg))  # fmt: skip
-    twins = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]  # fmt: skip
+    proms = [tmp_path / f"twin-{i}.prom" for i in range(2)]
+    twins = [subprocess.Popen([*argv, "--metrics-file", str(prom)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for prom in proms]  # fmt: skip
     outs = [p.communicate(timeout=240) for p in twins]
     codes = sorted(p.returncode for p in twins)
     assert codes == [1, 3], outs  # refused; the evacuation (one rolled back: exit 3)
@@ -81,6 +84,11 @@ def test_evacuate_six_with_two_workers_and_a_refused_twin(
         now = h.count()
         assert now >= before[h.name]
         wait_for(lambda h=h, now=now: h.count() > now + 3, what=f"{h.name} to count on")
+    # The metrics file, as local mode writes it (only by the one that ran).
+    (prom,) = [p for p in proms if p.exists()]
+    families = {f.name: f for f in text_string_to_metric_families(prom.read_text())}
+    ok = {s.labels["workload"]: s.value for s in families["migrate_succeeded"].samples}
+    assert ok == {**{h.name: 1.0 for h in holders}, sick.name: 0.0}
     record_property("measured", "evacuate 6 x 8 MiB, 2 workers, parallel 3: downtime "
                     + ", ".join(str(w["downtime_ms"]) for w in reports.values()) + " ms, "
                     + f"per worker {dict(by_worker)}")  # fmt: skip

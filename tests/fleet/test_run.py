@@ -29,7 +29,8 @@ def test_unreachable_engine_is_exit_2_and_touches_nothing(
     before = {h: image_dirs(lab, h) for h in lab.names}
     for args in (("run", "counter", "host-a", "host-b", "--json", "--temporal"),
                  ("evacuate", "host-a", "--temporal", address),
-                 ("schedule", "list", "--temporal")):  # fmt: skip
+                 ("schedule", "list", "--temporal"),
+                 ("worker", "--temporal")):  # fmt: skip
         r = migrate(*args, config=cfg, timeout=60)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
@@ -85,6 +86,10 @@ def test_run_through_the_engine(
     assert [p["name"] for p in report["phases"]][:3] == ["preflight", "prepare", "dump"]
     assert report["downtime_ms"] and report["bytes_transferred"] > 0
     assert_one_copy(lab, wl, "host-b", before)
+    # A survey refused (a name the worker's config lacks): one line, exit 2, as locally.
+    r = migrate("evacuate", "host-a", "--only", "nosuch", "--temporal", config=cfg)
+    assert r.returncode == 2 and "--only nosuch: no such workload" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     # The same journal as local mode: `history` on the worker's controller shows it.
     hist = json.loads(migrate("history", "--json", config=cfg).stdout)
     assert [h["status"] for h in hist if h["id"] == report["id"]] == ["succeeded"]
