@@ -44,7 +44,6 @@ from orchestrator.errors import MigrationError
 from orchestrator.evacuate import select
 from orchestrator.fleet.types import (
     ANCHOR,
-    JOURNAL,
     MIGRATE,
     REFUSED,
     SURVEY,
@@ -159,19 +158,31 @@ class Activities:
 
     # -- one migration --------------------------------------------------------------------------
 
-    @activity.defn(name=MIGRATE)
+    # no_thread_cancel_exception: the SDK would otherwise raise CancelledError at any point of
+    # this thread when the engine gives the attempt up (heartbeat timeout, worker shutdown),
+    # e.g. half way through an undo or a recover. An attempt the engine gave up runs to its own
+    # end instead (holding the workload's lock, so the next attempt waits for it: _recover).
+    @activity.defn(name=MIGRATE, no_thread_cancel_exception=True)
     def migrate(self, inp: MigrateInput) -> dict[str, Any]:
         info = activity.info()
+        previous = info.heartbeat_details[0] if info.heartbeat_details else None
+        pulse = _Pulse(self.identity, info.attempt, previous)
+        with _Ticker(pulse.send):  # from the first moment: settling may take a while too
+            pulse.send()
+            return self._migrate(inp, info, pulse, previous)
+
+    def _migrate(
+        self, inp: MigrateInput, info: activity.Info, pulse: _Pulse, previous: Any
+    ) -> dict[str, Any]:
         config = self._config(inp.policy)
         wl_config = workload_from_dict(inp.workload_config) if inp.workload_config else None
         try:
             name = wl_config.name if wl_config else config.workload(inp.workload).name
         except ConfigError as e:
             raise refused(str(e)) from None
-        previous = info.heartbeat_details[0] if info.heartbeat_details else None
         if info.attempt > 1 or previous:
-            previous = _longest(previous, self._anchored(info))
-            settled = self._settle(config, name, previous, info.attempt)
+            earlier = _candidates(previous, self._anchored(info))
+            settled = self._settle(config, name, earlier, info.attempt)
             if settled is not None:
                 return settled.to_dict()
         try:
@@ -181,17 +192,18 @@ class Activities:
             )  # fmt: skip
         except (Busy, ConfigError, MigrationError, HostError) as e:
             raise refused(str(e)) from None
-        beat = _Heartbeat(session, self.identity, info.attempt, self._anchor(info))
-        beat.send()  # the id first: from here on a retry settles this attempt, never starts anew
-        with beat.ticking():
-            report = session.run(progress.listener(session.ctx, beat.event))
-        beat.send(final=True)
+        beat = _Heartbeat(session, pulse, self._anchor(info))
+        pulse.send()  # the id first: from here on a retry settles this attempt, never starts anew
+        report = session.run(progress.listener(session.ctx, beat.event))
+        beat.final = True
+        pulse.send()
         report.notes.append(f"run by worker {self.identity} (attempt {info.attempt})")
         return report.to_dict()
 
     def _anchor(self, info: activity.Info) -> Callable[[list[dict[str, Any]]], None] | None:
         """A function that hands the workflow this attempt's journal, and returns only once
-        the engine has it (a signal is persisted before its RPC returns)."""
+        the engine has it (a signal is persisted in the workflow's history before its RPC
+        returns)."""
         client, loop = self.client, self.loop
         if client is None or loop is None or not info.workflow_id:
             return None
@@ -203,29 +215,42 @@ class Activities:
 
         return anchor
 
-    def _anchored(self, info: activity.Info) -> list[dict[str, Any]]:
-        """The journal an earlier attempt anchored in the workflow ([] if none, or unknown)."""
+    def _anchored(self, info: activity.Info) -> list[list[dict[str, Any]]]:
+        """The journals earlier attempts anchored, oldest first, read from the workflow's
+        history (the engine alone: no worker, no query, needed)."""
         client, loop = self.client, self.loop
         if client is None or loop is None or not info.workflow_id:
             return []
         handle = client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
-        try:
-            fut = asyncio.run_coroutine_threadsafe(handle.query(JOURNAL), loop)
-            events = fut.result(timeout=30)
-        except Exception as e:  # noqa: BLE001 - the heartbeat's journal still counts
-            log.warning("cannot read the anchored journal of %s: %s", info.workflow_id, e)
-            return []
-        return list(events) if isinstance(events, list) else []
 
-    def _settle(self, config: Config, workload: str, previous: Any, attempt: int) -> Report | None:
-        """Finish or roll back what earlier attempts of this migration left; None if they
-        changed nothing (then this attempt migrates)."""
+        async def read() -> list[list[dict[str, Any]]]:
+            found = []
+            async for ev in handle.fetch_history_events():
+                if not ev.HasField("workflow_execution_signaled_event_attributes"):
+                    continue
+                sig = ev.workflow_execution_signaled_event_attributes
+                if sig.signal_name == ANCHOR and sig.input.payloads:
+                    values = await client.data_converter.decode(sig.input.payloads)
+                    if values and isinstance(values[0], list):
+                        found.append(values[0])
+            return found
+
+        try:
+            return asyncio.run_coroutine_threadsafe(read(), loop).result(timeout=60)
+        except Exception as e:  # noqa: BLE001 - the heartbeat's journal still counts
+            log.warning("cannot read the anchored journals of %s: %s", info.workflow_id, e)
+            return []
+
+    def _settle(
+        self, config: Config, workload: str, earlier: list[list[dict[str, Any]]], attempt: int
+    ) -> Report | None:
+        """Finish or roll back what earlier attempts of this migration left (their journals,
+        oldest first; and unfinished local journals of the workload); the newest outcome that
+        changed something, or None if none did (then this attempt migrates)."""
         ids: list[str] = []
-        prev_phase = "-"
-        if isinstance(previous, dict) and previous.get("id"):
-            ids.append(str(previous["id"]))
-            prev_phase = previous.get("phase") or "-"
-            _materialize(config.state_dir, previous)
+        for events in earlier:
+            _materialize(config.state_dir, events)
+            ids.append(str(events[0]["id"]))
         ids += [j.id for j in journal.summaries(config.state_dir)
                 if j.status is None and j.workload == workload and j.id not in ids]  # fmt: skip
         outcome: Report | None = None
@@ -235,21 +260,22 @@ class Activities:
             except ConfigError:
                 continue  # never journaled: it had not begun
             if summary.status is not None:
+                if summary.events[-1].get("recovered") and outcome is not None:
+                    continue  # settled before, by an attempt that then went on
                 r = Report(summary.id, summary.workload, summary.source, summary.destination,
                            summary.strategy, status=summary.status,
                            error=summary.events[-1].get("error"))  # fmt: skip
-                r.notes.append(f"attempt {attempt - 1} had ended ({summary.status}) before its "
+                r.notes.append(f"an earlier attempt had ended ({summary.status}) before its "
                                "worker could report it")  # fmt: skip
             else:
                 r = self._recover(config, summary)
-                r.notes.insert(0, f"attempt {attempt - 1} was cut off (its worker stopped "
-                               f"heartbeating in {summary.last_phase or prev_phase}); settled by "
+                r.notes.insert(0, f"an earlier attempt was cut off (its worker stopped "
+                               f"heartbeating in {summary.last_phase or '-'}); settled by "
                                f"{self.identity} from its journal: {r.status}")  # fmt: skip
+            if any("died in pre-flight" in n for n in r.notes):
+                continue  # nothing was changed
             r.notes.append(f"run by worker {self.identity} (attempt {attempt})")
-            if outcome is None or mid == (previous or {}).get("id"):
-                outcome = r
-        if outcome is not None and any("died in pre-flight" in n for n in outcome.notes):
-            return None  # nothing was changed: this attempt migrates
+            outcome = r
         return outcome
 
     def _recover(self, config: Config, summary: journal.Summary) -> Report:
@@ -269,12 +295,7 @@ class Activities:
                     raise ApplicationError(
                         f"{summary.id}: the previous attempt still holds the lock: {e}"
                     ) from None
-            beat = {"id": summary.id, "workload": summary.workload, "phase": "recover",
-                    "destination": summary.destination, "worker": self.identity,
-                    "journal": summary.events}  # fmt: skip
-            with _Ticker(lambda: activity.heartbeat(beat)):  # recover waits for CRIU, rsync
-                activity.heartbeat(beat)
-                return recover(config, summary)
+            return recover(config, summary)
         except (MigrationError, HostError) as e:
             raise ApplicationError(f"recover {summary.id}: {e}") from None
         finally:
@@ -284,32 +305,39 @@ class Activities:
                 host.close()
 
 
-def _longest(previous: Any, anchored: list[dict[str, Any]]) -> Any:
-    """The last heartbeat's details, with the longer of its journal and the anchored one (two
-    prefixes of the same journal: the heartbeat may lag, the anchor stops after pre-flight)."""
-    if not anchored or anchored[0].get("event") != "start":
-        return previous
-    prev = dict(previous) if isinstance(previous, dict) else {}
-    if prev.get("id") not in (None, anchored[0].get("id")):
-        return previous  # a later migration id than the anchored one: the heartbeat knows more
-    if len(anchored) > len(prev.get("journal") or []):
-        prev["journal"] = anchored
-    prev.setdefault("id", anchored[0].get("id"))
-    return prev
+def _candidates(previous: Any, anchored: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+    """Earlier attempts' journals, one per migration id, oldest first: each the longest of
+    what the last heartbeat carried and what was anchored (prefixes of the same journal: the
+    heartbeat may lag or be lost, the anchor ends where the first phase after pre-flight
+    begins)."""
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    journals = list(anchored)
+    if isinstance(previous, dict) and previous.get("journal"):
+        journals.append(list(previous["journal"]))
+    for events in journals:
+        if not events or events[0].get("event") != "start" or not events[0].get("id"):
+            continue
+        mid = str(events[0]["id"])
+        if len(events) > len(by_id.get(mid, [])):
+            by_id[mid] = events
+    return sorted(by_id.values(), key=lambda ev: ev[0].get("t") or 0)
 
 
-def _materialize(state_dir: Path, previous: dict[str, Any]) -> None:
-    """Write the previous attempt's journal (from its heartbeat) here, unless this controller
-    already has it (the same machine, or a shared state dir: then that copy is complete)."""
-    events = previous.get("journal") or []
-    mid = str(previous["id"])
-    if not events or "/" in mid:
+def _materialize(state_dir: Path, events: list[dict[str, Any]]) -> None:
+    """Write an earlier attempt's journal here, unless this controller has it already, as
+    long and unfinished or finished (the same machine, or a shared state dir)."""
+    mid = str(events[0]["id"])
+    if "/" in mid:
         return
     path = state_dir / "journal" / f"{mid}.jsonl"
     if path.exists():
-        return
+        mine = journal.summarize(path)
+        if mine is None or mine.status is not None or len(mine.events) >= len(events):
+            return
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(e) + "\n" for e in events))
+    tmp.replace(path)
 
 
 def _room(config: Config, name: str) -> Bin | None:
@@ -337,45 +365,60 @@ def _room(config: Config, name: str) -> Bin | None:
         host.close()
 
 
+class _Pulse:
+    """What this attempt heartbeats: at first the previous attempt's details (so that, if this
+    one dies while settling, the next still knows what to settle), then its own migration's."""
+
+    def __init__(self, worker: str, attempt: int, previous: Any) -> None:
+        self.lock = threading.Lock()
+        base = dict(previous) if isinstance(previous, dict) else {}
+        self.details: Callable[[], dict[str, Any]] = lambda: base | {
+            "phase": "settle" if base else "start", "state": None,
+            "worker": worker, "attempt": attempt,
+        }  # fmt: skip
+
+    def send(self) -> None:
+        with self.lock:
+            activity.heartbeat(self.details())
+
+
 class _Heartbeat:
     """The running migration's heartbeat: id, phase, bytes, round, the journal so far."""
 
     def __init__(
         self,
         session: Session,
-        worker: str,
-        attempt: int,
+        pulse: _Pulse,
         anchor: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.session = session
-        self.worker = worker
-        self.attempt = attempt
+        self.pulse = pulse
+        self.worker = pulse.details()["worker"]
+        self.attempt = pulse.details()["attempt"]
         self.anchor = anchor  # None: done (or not wanted)
         self.phase = "start"
         self.state: str | None = None
-        self.lock = threading.Lock()
+        self.final = False
+        pulse.details = self.details
 
-    def details(self, final: bool = False) -> dict[str, Any]:
+    def details(self) -> dict[str, Any]:
         ctx = self.session.ctx
+        record = self.session.journal
         return {
             "id": ctx.plan.id,
             "workload": ctx.plan.workload.name,
             "destination": ctx.plan.destination.name,
             "strategy": ctx.plan.strategy,
-            "phase": "end" if final else self.phase,
+            "phase": "end" if self.final else self.phase,
             "state": self.state,
             "bytes": ctx.bytes_transferred,
             "round": progress.round_of(self.phase, ctx),
             "worker": self.worker,
             "attempt": self.attempt,
-            "journal": self.session.journal.read()
-            if hasattr(self.session.journal, "path") and FAULT != "lose-heartbeat-journal"
+            "journal": record.read()
+            if hasattr(record, "path") and FAULT != "lose-heartbeat-journal"
             else [],
         }
-
-    def send(self, final: bool = False) -> None:
-        with self.lock:
-            activity.heartbeat(self.details(final))
 
     def event(self, ev: progress.Event) -> None:
         self.phase, self.state = ev.phase, ev.status
@@ -387,10 +430,7 @@ class _Heartbeat:
             anchor, self.anchor = self.anchor, None
             if not self.session.plan.dry_run:
                 anchor(self.session.journal.read())
-        self.send()
-
-    def ticking(self) -> _Ticker:
-        return _Ticker(self.send)
+        self.pulse.send()
 
 
 class _Ticker:
