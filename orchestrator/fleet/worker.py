@@ -3,8 +3,9 @@
 Start one on each controller (any number); they share the task queue. A worker runs the
 workflows and the activities (survey, migrate); migrations run in threads (`--max-migrations`
 at once), each the ordinary session path with its own ssh connections, journal and lock.
-SIGTERM/SIGINT stop taking new work and wait (up to DRAIN) for the migrations running here to
-end; past that they are cancelled (each rolls back, as a local run interrupted does). A worker
+SIGTERM/SIGINT stop taking new work and let the migrations running here end (past DRAIN the
+engine is told they are cancelled; they still run to their end: a migration is never cut
+short from the SDK, see activities.migrate). A worker
 that dies instead (SIGKILL, its machine gone) is noticed after the heartbeat timeout, and
 another worker settles its migrations from the journal in their last heartbeat.
 """
