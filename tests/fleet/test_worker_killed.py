@@ -93,7 +93,11 @@ def test_worker_killed_another_settles(
     report = json.loads(out)
     survivor = "b" if victim == "a" else "a"
     assert path is not None
-    record_property("measured", f"killed at {phase}: {report['status']} "
+    attempt = next((n.rsplit("(", 1)[1].rstrip(")") for n in report["notes"]
+                    if n.startswith("run by worker")), "?")  # fmt: skip
+    recover_s = next((p["seconds"] for p in report["phases"] if p["name"] == "recover"), None)
+    record_property("measured", f"killed at {phase}: {report['status']} by {attempt}, "
+                    f"recover {recover_s} s, "
                     f"{time.monotonic() - killed_at:.1f} s after the kill "
                     f"(total {time.monotonic() - t0:.1f} s)")  # fmt: skip
     assert report["id"] == path.stem  # the same migration, settled: not a second one
