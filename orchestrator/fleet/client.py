@@ -44,6 +44,28 @@ def timing(engine: Engine) -> Timing:
     return Timing(engine.settings.heartbeat_timeout, engine.settings.max_attempts)
 
 
+async def warn_if_no_worker(client: Client, engine: Engine) -> None:
+    """One line on stderr when no worker polls the task queue: the workflow will wait."""
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    try:
+        resp = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=engine.settings.namespace,
+                task_queue=TaskQueue(name=engine.task_queue),
+                task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            )
+        )
+    except RPCError:
+        return
+    if not resp.pollers:
+        print(f"migrate: warning: no worker polls task queue {engine.task_queue} on "
+              f"{engine.address}; the workflow waits until one does (`migrate worker`)",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
 def refused(wid: str, e: Exception) -> int:
     print(f"migrate: error: refused by the engine: {wid} is already running "
           f"(another controller started it); nothing was touched", file=sys.stderr)  # fmt: skip
@@ -125,6 +147,7 @@ async def run(args: argparse.Namespace, config: Config, engine: Engine) -> int:
         )
     except WorkflowAlreadyStartedError as e:
         return refused(wid, e)
+    await warn_if_no_worker(client, engine)
     if not args.json:
         print(f"migrate {wl.name}: {args.source} -> {args.destination}, strategy "
               f"{args.strategy}, workflow {wid} on {engine.address}")  # fmt: skip
@@ -182,6 +205,7 @@ async def evacuate(args: argparse.Namespace, config: Config, engine: Engine) -> 
         )
     except WorkflowAlreadyStartedError as e:
         return refused(wid, e)
+    await warn_if_no_worker(client, engine)
     if not args.json:
         print(f"evacuate {args.source}: workflow {wid} on {engine.address}", flush=True)
     if args.json or not progress.interactive():

@@ -99,6 +99,19 @@ def _wait_namespace(address: str) -> None:
     asyncio.run(ready())
 
 
+def terminate(address: str, workflow_id: str) -> None:
+    """End a workflow left running in the engine (e.g. one no worker ever took)."""
+    import asyncio
+
+    from temporalio.client import Client
+
+    async def end() -> None:
+        client = await Client.connect(address)
+        await client.get_workflow_handle(workflow_id).terminate("test over")
+
+    asyncio.run(end())
+
+
 def fleet_config(
     lab: labmod.Lab,
     path: Path,

@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator import lab as labmod
 from tests.faults.kit import assert_one_copy, census, image_dirs
-from tests.fleet.conftest import Engine, cli, fleet_config, free_port
+from tests.fleet.conftest import Engine, cli, fleet_config, free_port, terminate
 from tests.labkit import migrate, start, wait_for
 
 pytestmark = pytest.mark.lab
@@ -86,6 +86,20 @@ def test_run_through_the_engine(
     assert [p["name"] for p in report["phases"]][:3] == ["preflight", "prepare", "dump"]
     assert report["downtime_ms"] and report["bytes_transferred"] > 0
     assert_one_copy(lab, wl, "host-b", before)
+    # No worker on a task queue: said at once (the workflow waits for one; Ctrl-C leaves it).
+    lonely = subprocess.Popen(
+        cli("run", wl.spec, "host-b", "host-a", "--dry-run", "--json", "--temporal",
+            "--task-queue", "nobody", "--config", str(cfg)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert lonely.stderr is not None
+        line = lonely.stderr.readline()
+        assert "no worker polls task queue nobody" in line, line
+    finally:
+        lonely.kill()
+        lonely.wait()
+        terminate(engine.address, f"migrate/{wl.spec.replace(':', '-')}/dry-run")
     # A survey refused (a name the worker's config lacks): one line, exit 2, as locally.
     r = migrate("evacuate", "host-a", "--only", "nosuch", "--temporal", config=cfg)
     assert r.returncode == 2 and "--only nosuch: no such workload" in r.stderr, r.stderr
