@@ -32,6 +32,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
 from orchestrator import journal, progress
+from orchestrator import recover as recover_module
 from orchestrator.config import (
     Config,
     ConfigError,
@@ -66,6 +67,10 @@ TICK = 1.0
 #: without the journal, as if every heartbeat after the start had been lost with the worker,
 #: so that a retry has only the journal anchored in the workflow.
 FAULT = os.environ.get("MIGRATE_FLEET_FAULT", "")
+#: `recover` that takes the workload's lock on the source itself (and waits, journal left
+#: open, while a live migration holds it), as main's does since its recover rework; the
+#: older one did not, and then the activity takes the lock around it.
+RECOVER_TAKES_LOCK = hasattr(recover_module, "_lock")
 
 
 def identity() -> str:
@@ -285,7 +290,7 @@ class Activities:
         lock = None
         host = None
         try:
-            if summary.root_pid:
+            if summary.root_pid and not RECOVER_TAKES_LOCK:
                 src_workdir = config.host(summary.source).workdir.rstrip("/")
                 host = Host(config.host(summary.source), config.policy)
                 holder = f"recovery of {summary.id} by worker {self.identity}"
@@ -295,7 +300,7 @@ class Activities:
                     raise ApplicationError(
                         f"{summary.id}: the previous attempt still holds the lock: {e}"
                     ) from None
-            return recover(config, summary)
+            report = recover(config, summary)
         except (MigrationError, HostError) as e:
             raise ApplicationError(f"recover {summary.id}: {e}") from None
         finally:
@@ -303,6 +308,28 @@ class Activities:
                 lock.release()
             if host is not None:
                 host.close()
+        if journal.find(config.state_dir, summary.id).status is None:
+            # recover decided to wait (a live migration holds the lock, a host that may hold
+            # a copy cannot be asked): try again later, on this worker or another.
+            raise ApplicationError(
+                f"recover {summary.id} waits: {'; '.join(report.notes) or report.error}"
+            )
+        return report
+
+
+def journal_events(record: Any) -> list[dict[str, Any]]:
+    """A running migration's journal so far, as JSON records ([] for a dry run's, which
+    records nothing); a torn last line (being written) is left out."""
+    path = getattr(record, "path", None)
+    if not isinstance(path, Path) or not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def _candidates(previous: Any, anchored: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
@@ -415,9 +442,7 @@ class _Heartbeat:
             "round": progress.round_of(self.phase, ctx),
             "worker": self.worker,
             "attempt": self.attempt,
-            "journal": record.read()
-            if hasattr(record, "path") and FAULT != "lose-heartbeat-journal"
-            else [],
+            "journal": journal_events(record) if FAULT != "lose-heartbeat-journal" else [],
         }
 
     def event(self, ev: progress.Event) -> None:
@@ -429,7 +454,7 @@ class _Heartbeat:
             # the worker; this is not (and nothing else is waited for, inside any freeze).
             anchor, self.anchor = self.anchor, None
             if not self.session.plan.dry_run:
-                anchor(self.session.journal.read())
+                anchor(journal_events(self.session.journal))
         self.pulse.send()
 
 

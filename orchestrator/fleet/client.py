@@ -176,9 +176,7 @@ async def run(args: argparse.Namespace, config: Config, engine: Engine) -> int:
     if args.json:
         print(json.dumps(raw, indent=2))
     else:
-        from orchestrator.cli import _print_report
-
-        _print_report(report)
+        show_report(report)
     return report.exit_code
 
 
@@ -256,6 +254,15 @@ def _evacuation_output(args: argparse.Namespace, result: dict[str, Any]) -> int:
         if reports:
             render.outcomes(reports, dry_run=args.dry_run)
     return exit_code(reports) if reports else 0
+
+
+def show_report(report: Any) -> None:
+    """The local mode's final lines for one migration (render.report on main since its
+    render rework; cli._print_report before)."""
+    from orchestrator import cli, render
+
+    show = getattr(render, "report", None) or getattr(cli, "_print_report")  # noqa: B009
+    show(report)
 
 
 def survey_of(result: dict[str, Any], names: list[str]) -> Survey:
