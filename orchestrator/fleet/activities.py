@@ -427,6 +427,35 @@ class _Heartbeat:
         self.state: str | None = None
         self.final = False
         pulse.details = self.details
+        if anchor is not None and not session.plan.dry_run:
+            self._anchor_at_first_change(session.journal)
+
+    def _anchor_at_first_change(self, record: Any) -> None:
+        """Wrap this session's journal so that once the first phase after pre-flight is
+        journaled as begun, and before it acts, the journal so far is anchored in the
+        workflow, waited for: then it holds what recover needs (the root pid, and that the
+        migration went past pre-flight) while nothing has changed on a host yet. Heartbeats
+        are throttled and may be lost with the worker; this is not (and nothing is waited
+        for later, inside any freeze). A failed anchor fails that phase: it rolls back."""
+        write = record.write
+
+        def anchored_write(event: str, **fields: Any) -> None:
+            write(event, **fields)
+            if (
+                self.anchor is not None
+                and event == "phase"
+                and fields.get("state") == "begin"
+                and fields.get("name") != "preflight"
+            ):
+                anchor, self.anchor = self.anchor, None
+                try:
+                    anchor(journal_events(record))
+                except Exception as e:  # the engine did not answer: do not go on
+                    raise MigrationError(
+                        f"the engine did not take the journal before {fields.get('name')}: {e}"
+                    ) from None
+
+        record.write = anchored_write
 
     def details(self) -> dict[str, Any]:
         ctx = self.session.ctx
@@ -447,14 +476,6 @@ class _Heartbeat:
 
     def event(self, ev: progress.Event) -> None:
         self.phase, self.state = ev.phase, ev.status
-        if self.anchor is not None and ev.status is None and ev.phase != "preflight":
-            # The first phase after pre-flight is about to act: the journal now holds what
-            # recover needs (the root pid) and nothing has changed on a host. Hand it to the
-            # engine and wait until it has it: heartbeats are throttled and may be lost with
-            # the worker; this is not (and nothing else is waited for, inside any freeze).
-            anchor, self.anchor = self.anchor, None
-            if not self.session.plan.dry_run:
-                anchor(journal_events(self.session.journal))
         self.pulse.send()
 
 
