@@ -84,7 +84,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
 
 def _fleet(args: argparse.Namespace) -> int:
-    from orchestrator.fleet import client, engine, schedule, worker
+    from orchestrator.fleet import engine  # (each command imports only what it needs)
 
     try:
         config = load(config_path(args.config))
@@ -94,14 +94,19 @@ def _fleet(args: argparse.Namespace) -> int:
     try:
         eng = engine.resolve(config, args.temporal, args.namespace, args.task_queue)
         if args.command == "worker":
+            from orchestrator.fleet import worker
+
             if args.max_migrations < 1:
                 raise ConfigError(f"--max-migrations must be at least 1, not {args.max_migrations}")
             asyncio.run(worker.serve(eng, config.path, args.max_migrations))
             return 0
-        if args.command == "run":
-            return asyncio.run(client.run(args, config, eng))
-        if args.command == "evacuate":
-            return asyncio.run(client.evacuate(args, config, eng))
+        if args.command in ("run", "evacuate"):
+            from orchestrator.fleet import client
+
+            run = client.run if args.command == "run" else client.evacuate
+            return asyncio.run(run(args, config, eng))
+        from orchestrator.fleet import schedule
+
         if args.schedule_command == "evacuate":
             return asyncio.run(schedule.create(args, config, eng))
         if args.schedule_command == "list":

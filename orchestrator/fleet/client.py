@@ -25,6 +25,9 @@ from orchestrator.config import Config, ConfigError, check_policy
 from orchestrator.evacuate import Survey, exit_code
 from orchestrator.fleet.engine import Engine, connect
 from orchestrator.fleet.types import (
+    EVACUATE_WORKFLOW,
+    MIGRATE_WORKFLOW,
+    PROGRESS,
     EvacuateInput,
     MigrateInput,
     Timing,
@@ -32,7 +35,6 @@ from orchestrator.fleet.types import (
     migrate_id,
     report_from_dict,
 )
-from orchestrator.fleet.workflows import EvacuateWorkflow, MigrateWorkflow
 from orchestrator.placement import Bin, Placement
 
 POLL = 0.3  # seconds between progress reads
@@ -143,7 +145,7 @@ async def run(args: argparse.Namespace, config: Config, engine: Engine) -> int:
     wid = migrate_id(wl.name) + ("/dry-run" if args.dry_run else "")
     try:
         handle = await client.start_workflow(
-            MigrateWorkflow.run, inp, id=wid, task_queue=engine.task_queue
+            MIGRATE_WORKFLOW, inp, id=wid, task_queue=engine.task_queue, result_type=dict
         )
     except WorkflowAlreadyStartedError as e:
         return refused(wid, e)
@@ -199,7 +201,7 @@ async def evacuate(args: argparse.Namespace, config: Config, engine: Engine) -> 
     wid = evacuate_id(args.source)
     try:
         handle = await client.start_workflow(
-            EvacuateWorkflow.run, inp, id=wid, task_queue=engine.task_queue
+            EVACUATE_WORKFLOW, inp, id=wid, task_queue=engine.task_queue, result_type=dict
         )
     except WorkflowAlreadyStartedError as e:
         return refused(wid, e)
@@ -220,7 +222,7 @@ async def _follow_evacuation(
     result = asyncio.ensure_future(handle.result())
     while not result.done():
         try:
-            state = await handle.query(EvacuateWorkflow.progress)
+            state = await handle.query(PROGRESS, result_type=dict)
         except RPCError:
             state = {"assigned": {}, "done": {}}
         for name, dest in sorted(state["assigned"].items()):

@@ -29,8 +29,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from orchestrator.config import Config, ConfigError
 from orchestrator.fleet.client import timing
 from orchestrator.fleet.engine import Engine, connect
-from orchestrator.fleet.types import EvacuateInput, evacuate_id
-from orchestrator.fleet.workflows import EvacuateWorkflow
+from orchestrator.fleet.types import EVACUATE_WORKFLOW, EvacuateInput, evacuate_id
 
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
 
@@ -68,7 +67,7 @@ async def create(args: argparse.Namespace, config: Config, engine: Engine) -> in
             sid,
             Schedule(
                 action=ScheduleActionStartWorkflow(
-                    EvacuateWorkflow.run, inp, id=f"scheduled/{sid}", task_queue=engine.task_queue
+                    EVACUATE_WORKFLOW, inp, id=f"scheduled/{sid}", task_queue=engine.task_queue
                 ),
                 spec=spec,
                 policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),

@@ -20,6 +20,8 @@ EVACUATE_WORKFLOW = "evacuate"
 #: query (that journal, for a later attempt).
 ANCHOR = "anchor"
 JOURNAL = "journal"
+#: The evacuation workflow's query: its placement so far and the workloads done.
+PROGRESS = "progress"
 #: ApplicationError types a retry cannot fix (bad config, busy workload, refused).
 REFUSED = "Refused"
 

@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         JOURNAL,
         MIGRATE,
         MIGRATE_WORKFLOW,
+        PROGRESS,
         REFUSED,
         SURVEY,
         EvacuateInput,
@@ -197,7 +198,7 @@ class EvacuateWorkflow:
         return {"source": inp.source, "destinations": inp.to, "status": "failed", "error": why,
                 "placement": {}, "workloads": []}  # fmt: skip
 
-    @workflow.query
+    @workflow.query(name=PROGRESS)
     def progress(self) -> dict[str, Any]:
         return {"stage": self.stage, "assigned": self.assigned, "done": self.done}
 
