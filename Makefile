@@ -1,7 +1,7 @@
 # The two commands a fresh Debian machine needs (as root): `make demo` and `make test`.
 PYTHON ?= python3
 
-.PHONY: setup demo test test-deps unit lint
+.PHONY: setup demo test test-deps unit fleet lint
 setup:
 	scripts/setup-host
 
@@ -23,6 +23,10 @@ test-deps:
 # Unit tests (no root, no network) with coverage of the orchestrator package, per file.
 unit:
 	$(PYTHON) -m pytest -q tests/unit --cov=orchestrator --cov-report=term-missing:skip-covered
+
+# Fleet mode alone (a Temporal dev server and the lab; `make test` runs these too).
+fleet: setup
+	$(PYTHON) -m pytest -q -rs tests/fleet
 
 lint:
 	ruff check . && ruff format --check . && mypy orchestrator

@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dir", type=Path)
     ex.add_argument("host")
     ex.add_argument("argv", nargs=argparse.REMAINDER)
+
+    # Fleet mode (Temporal): --temporal on run/evacuate, `worker`, `schedule` (no import of
+    # temporalio unless one of them runs).
+    from orchestrator.fleet.cli import register as register_fleet
+
+    register_fleet(sub, _Parser)
     return p
 
 
@@ -127,6 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     try:
+        from orchestrator.fleet.cli import dispatch as fleet_dispatch
+
+        fleet = fleet_dispatch(args)  # fleet mode (Temporal); None: a local command
+        if fleet is not None:
+            return fleet
         if args.command == "run":
             return cmd_run(args)
         if args.command == "evacuate":

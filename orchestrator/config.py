@@ -153,6 +153,7 @@ class Config:
     workloads: dict[str, WorkloadConfig] = field(default_factory=dict)
     policy: Policy = field(default_factory=Policy)
     state_dir: Path = Path("~/.local/state/migrate").expanduser()
+    temporal: Any = None  # fleet mode: orchestrator.fleet.settings.TemporalSettings
 
     def with_policy(self, **overrides: Any) -> Config:
         """This config with command-line policy overrides (None: not given), checked and
@@ -224,7 +225,7 @@ def load(path: Path) -> Config:
 def parse(data: Any, path: Path) -> Config:
     v = _Validator(path)
     top = v.mapping(data, "")
-    v.only(top, "", ("hosts", "workloads", "policy", "state_dir"))
+    v.only(top, "", ("hosts", "workloads", "policy", "state_dir", "temporal"))
     hosts_raw = v.mapping(top.get("hosts"), "hosts", required=True)
     if not hosts_raw:
         raise ConfigError(f"{path}: hosts: at least one host is required")
@@ -240,7 +241,18 @@ def parse(data: Any, path: Path) -> Config:
                 f"{path}: workloads.{wl.name}.host: unknown host {wl.host!r} "
                 f"(hosts: {', '.join(sorted(hosts))})"
             )
-    return Config(path, hosts, workloads, policy, state_dir.expanduser())
+    temporal = _temporal(top.get("temporal"), path)
+    return Config(path, hosts, workloads, policy, state_dir.expanduser(), temporal)
+
+
+def _temporal(raw: Any, path: Path) -> Any:
+    """Fleet mode's section (orchestrator/fleet/settings.py: pure, no temporalio needed)."""
+    from orchestrator.fleet import settings
+
+    try:
+        return settings.parse(raw, path)
+    except settings.SettingsError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _host(v: _Validator, name: Any, raw: Any) -> HostConfig:

@@ -1,0 +1,62 @@
+"""`migrate worker --temporal ADDR`: run migrations and evacuations for the fleet.
+
+Start one on each controller (any number); they share the task queue. A worker runs the
+workflows and the activities (survey, migrate); migrations run in threads (`--max-migrations`
+at once), each the ordinary session path with its own ssh connections, journal and lock.
+SIGTERM/SIGINT stop taking new work and let the migrations running here end (past DRAIN the
+engine is told they are cancelled; they still run to their end: a migration is never cut
+short from the SDK, see activities.migrate). A worker
+that dies instead (SIGKILL, its machine gone) is noticed after the heartbeat timeout, and
+another worker settles its migrations from the journal in their last heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+from temporalio.worker import Worker
+
+from orchestrator.fleet.activities import Activities, identity
+from orchestrator.fleet.engine import Engine, connect
+from orchestrator.fleet.workflows import EvacuateWorkflow, MigrateWorkflow
+
+#: How long a stopping worker lets its running migrations finish.
+DRAIN = timedelta(minutes=10)
+
+
+async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> None:
+    client = await connect(engine)
+    acts = Activities(config_path, client, asyncio.get_running_loop())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with ThreadPoolExecutor(max_workers=max_migrations + 1) as pool:
+        worker = Worker(
+            client,
+            task_queue=engine.task_queue,
+            workflows=[EvacuateWorkflow, MigrateWorkflow],
+            activities=[acts.survey, acts.migrate],
+            activity_executor=pool,
+            max_concurrent_activities=max_migrations + 1,  # + a survey
+            identity=acts.identity,
+            # Deliver each heartbeat (a phase change, with the journal) within 0.1 s: what a
+            # retry knows of a dead attempt is what its last delivered heartbeat said.
+            max_heartbeat_throttle_interval=timedelta(milliseconds=100),
+            default_heartbeat_throttle_interval=timedelta(milliseconds=100),
+            graceful_shutdown_timeout=DRAIN,
+        )
+        print(
+            f"migrate worker {identity()}: engine {engine.address}, namespace "
+            f"{engine.settings.namespace}, task queue {engine.task_queue}, config {config_path}",
+            file=sys.stderr,
+            flush=True,
+        )
+        async with worker:
+            await stop.wait()
+        print(f"migrate worker {identity()}: stopped", file=sys.stderr, flush=True)
