@@ -32,7 +32,6 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
 from orchestrator import journal, progress
-from orchestrator import recover as recover_module
 from orchestrator.config import (
     Config,
     ConfigError,
@@ -57,7 +56,7 @@ from orchestrator.recover import recover
 from orchestrator.report import Report
 from orchestrator.runtimes import for_workload
 from orchestrator.session import Busy, Session, open_session
-from orchestrator.transport.ssh import Host, HostError, LockBusy
+from orchestrator.transport.ssh import Host, HostError
 
 log = logging.getLogger("migrate")
 
@@ -67,10 +66,6 @@ TICK = 1.0
 #: without the journal, as if every heartbeat after the start had been lost with the worker,
 #: so that a retry has only the journal anchored in the workflow.
 FAULT = os.environ.get("MIGRATE_FLEET_FAULT", "")
-#: `recover` that takes the workload's lock on the source itself (and waits, journal left
-#: open, while a live migration holds it), as main's does since its recover rework; the
-#: older one did not, and then the activity takes the lock around it.
-RECOVER_TAKES_LOCK = hasattr(recover_module, "_lock")
 
 
 def identity() -> str:
@@ -284,30 +279,13 @@ class Activities:
         return outcome
 
     def _recover(self, config: Config, summary: journal.Summary) -> Report:
-        """`migrate recover`, holding the workload's lock on the source meanwhile: if the
-        previous attempt still runs (its worker lost the engine, not its hosts), this waits
-        for a later retry instead of deciding under its feet."""
-        lock = None
-        host = None
+        """`migrate recover`: it takes the workload's lock on the source (and the journal), so
+        if the previous attempt still runs (its worker lost the engine, not its hosts), this
+        waits for a later retry instead of deciding under its feet."""
         try:
-            if summary.root_pid and not RECOVER_TAKES_LOCK:
-                src_workdir = config.host(summary.source).workdir.rstrip("/")
-                host = Host(config.host(summary.source), config.policy)
-                holder = f"recovery of {summary.id} by worker {self.identity}"
-                try:
-                    lock = host.lock(f"{src_workdir}/locks/pid-{summary.root_pid}.lock", holder)
-                except LockBusy as e:
-                    raise ApplicationError(
-                        f"{summary.id}: the previous attempt still holds the lock: {e}"
-                    ) from None
             report = recover(config, summary)
-        except (MigrationError, HostError) as e:
+        except MigrationError as e:
             raise ApplicationError(f"recover {summary.id}: {e}") from None
-        finally:
-            if lock is not None:
-                lock.release()
-            if host is not None:
-                host.close()
         if journal.find(config.state_dir, summary.id).status is None:
             # recover decided to wait (a live migration holds the lock, a host that may hold
             # a copy cannot be asked): try again later, on this worker or another.
