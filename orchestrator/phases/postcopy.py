@@ -21,7 +21,7 @@ from orchestrator.criu.pagechannel import PageChannel, lazy_pages
 from orchestrator.errors import MigrationError
 from orchestrator.phases.base import Phase, settle
 from orchestrator.phases.pageserver import end_channel, kill_criu
-from orchestrator.phases.restore import Restore, verify_images
+from orchestrator.phases.restore import Restore
 from orchestrator.plan import Context
 from orchestrator.runtimes import net, procs
 
@@ -98,7 +98,6 @@ class LazyRestore(Restore):
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None and ctx.page_channel is not None
         plan, dst = ctx.plan, ctx.dst
-        verify_images(ctx)  # #14
         # #14: lazy-pages takes over the connection the destination holds.
         argv = ctx.page_channel.take_argv(lazy_pages(plan.destination.criu, ctx.dst_dir))
         background.start(dst, ctx.dst_dir, background.LAZY_PAGES, argv,

@@ -11,7 +11,7 @@ import time
 
 from orchestrator import stoprule
 from orchestrator.criu import commands as criu
-from orchestrator.criu import images, manifest
+from orchestrator.criu import images
 from orchestrator.criu.logs import PAGE_SIZE
 from orchestrator.errors import MigrationError
 from orchestrator.phases.base import Phase, make_private_dir, remove_dir, settle
@@ -87,10 +87,8 @@ class Precopy(Phase):
         t1 = time.monotonic()
         stats = images.DumpStats() if plan.dry_run else read_stats(ctx.src, src_dir)
         t2 = time.monotonic()
-        manifest.start(ctx.src, src_dir, plan.src_images)  # #14: summed while rsync sends it
-        sent = push(ctx, src_dir, f"{plan.dst_images}/{n}") + sync_paths(ctx)
-        got = manifest.collect(ctx.src, src_dir).under(str(n))  # #14
-        ctx.manifest = (ctx.manifest or manifest.Manifest()).merged(got)
+        # #14: summed while rsync sends it (checked with the final push)
+        sent = push(ctx, src_dir, f"{plan.dst_images}/{n}", sums="source") + sync_paths(ctx)
         t3 = time.monotonic()
         ctx.bytes_transferred += sent
         rate = stats.pages_written / (t0 - self.last_start) if self.last_start else None

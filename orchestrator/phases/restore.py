@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.criu import manifest
 from orchestrator.phases.base import Phase, settle
 from orchestrator.plan import Context
 
@@ -14,7 +13,6 @@ class Restore(Phase):
 
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None
-        verify_images(ctx)  # #14
         ctx.restored_pid = ctx.runtime.restore(ctx.dst, ctx.target, ctx.dst_dir)
         ctx.running_at = time.monotonic()
 
@@ -24,10 +22,3 @@ class Restore(Phase):
         if pid:
             ctx.runtime.remove(ctx.dst, pid)
             ctx.restored_pid = 0
-
-
-def verify_images(ctx: Context) -> None:
-    """#14: refuse images that are not what the source dumped (before anything restores)."""
-    if ctx.manifest is not None:
-        root = ctx.plan.dst_images  # names are relative to it (pre-copy rounds, final)
-        manifest.verify(ctx.dst, root, ctx.manifest, ctx.src.name)

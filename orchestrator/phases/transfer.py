@@ -2,36 +2,52 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from orchestrator.criu import manifest
 from orchestrator.phases.base import Phase, remove_dir
 from orchestrator.plan import Context
 from orchestrator.transport import rsync
-from orchestrator.transport.ssh import retrying
+from orchestrator.transport.ssh import quote, retrying
 
 
 class Transfer(Phase):
     name = "transfer"
 
     def act(self, ctx: Context) -> None:
-        # #14: make the images root-only; sum them while rsync sends them
-        manifest.start(ctx.src, ctx.src_dir, ctx.plan.src_images)
-        ctx.bytes_transferred += push(ctx, ctx.src_dir, ctx.dst_dir)
+        ctx.bytes_transferred += push(ctx, ctx.src_dir, ctx.dst_dir, sums="check")  # #14
         ctx.bytes_transferred += sync_paths(ctx)
         mirror_paths(ctx)
-        got = manifest.collect(ctx.src, ctx.src_dir).under(ctx.images_subdir)  # #14
-        ctx.manifest = (ctx.manifest or manifest.Manifest()).merged(got)
         ctx.transferred_at = time.monotonic()
 
 
-def push(ctx: Context, src_dir: str, dst_dir: str) -> int:
-    """rsync src_dir on the source into dst_dir on the destination; the bytes it sent."""
+def push(ctx: Context, src_dir: str, dst_dir: str, sums: str = "") -> int:
+    """rsync src_dir on the source into dst_dir on the destination; the bytes it sent.
+    #14 sums, in the same command: "source" sums what it sends (the images made root-only
+    first) into ctx.manifest (pre-copy rounds); "check" also has the destination sum its
+    copies of everything in ctx.manifest and raises on any difference (nothing is restored)."""
     plan = ctx.plan
     argv = rsync.push_argv(
         plan.source, plan.destination, plan.policy, src_dir, dst_dir, plan.link_socket
     )
-    return _rsync(ctx, argv, f"rsync {ctx.src.name} -> {ctx.dst.name}")
+    what = f"rsync {ctx.src.name} -> {ctx.dst.name}"
+    if not sums:
+        return _rsync(ctx, argv, what)
+    root = plan.src_images
+    sub = "" if src_dir.rstrip("/") == root.rstrip("/") else os.path.relpath(src_dir, root)
+    dst: list[str] = []
+    if sums == "check":
+        link = rsync.ssh_command(plan.source, plan.destination, plan.policy, plan.link_socket)
+        dst = [*link, plan.destination.address, quote(manifest.dst_sum_argv(plan.dst_images))]
+    argv = manifest.around_push(argv, src_dir, sub, plan.src_images, dst, ctx.manifest)
+    out = _run(ctx, argv, what)
+    if sums == "check":
+        ctx.manifest = manifest.check(out, ctx.manifest, sub, ctx.src.name, ctx.dst.name,
+                                      plan.dst_images)  # fmt: skip
+    else:
+        ctx.manifest = (ctx.manifest or manifest.Manifest()).merged(manifest.sent(out, sub))
+    return rsync.bytes_sent(out)
 
 
 def sync_paths(ctx: Context) -> int:
@@ -70,6 +86,11 @@ def unmirror(ctx: Context) -> None:
 
 def _rsync(ctx: Context, argv: list[str], what: str) -> int:
     """Run one rsync on the source, retried while the link is what failed; the bytes sent."""
+    return rsync.bytes_sent(_run(ctx, argv, what))
+
+
+def _run(ctx: Context, argv: list[str], what: str) -> str:
+    """Run one rsync on the source, retried while the link is what failed; its output."""
     # Only a broken or stalled link is worth another attempt (rsync resumes: --partial).
     t0 = time.monotonic()
     try:
@@ -78,7 +99,7 @@ def _rsync(ctx: Context, argv: list[str], what: str) -> int:
                 r = ctx.src.run(argv)
                 if not r.ok:
                     raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
-                return rsync.bytes_sent(r.stdout)
+                return r.stdout
     finally:
         ctx.transfer_seconds += time.monotonic() - t0
     raise AssertionError("unreachable: retrying re-raises the last error")

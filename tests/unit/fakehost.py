@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from orchestrator.criu import manifest
 from orchestrator.transport.ssh import Host, RemoteLock, Result
 
 Responder = Callable[[list[str]], Result | None]
@@ -29,6 +30,7 @@ class FakeHost(Host):
         return _FakeLock(self, path)
 
     def _execute(self, argv: list[str], line: str, timeout: float) -> Result:
+        argv = manifest.pushed(argv)  # #14: the final push is rsync inside a checking script
         self.log.append((self.name, " ".join(argv)))
         for responder in self.responders:
             r = responder(argv)
