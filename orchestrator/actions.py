@@ -5,6 +5,7 @@ recover.decide do)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from orchestrator.criu import background, manifest
@@ -13,7 +14,8 @@ from orchestrator.errors import MigrationError
 from orchestrator.layout import remove_dir
 from orchestrator.plan import Context
 from orchestrator.runtimes import net, procs
-from orchestrator.transport.ssh import Host
+from orchestrator.transport import rsync
+from orchestrator.transport.ssh import Host, quote
 
 # After an abort, CRIU needs a moment to unlock the network and let the tasks run.
 ABORT_WAIT = 30.0
@@ -86,10 +88,31 @@ def end_channel(ctx: Context) -> None:
     procs.signal(ctx.dst, "KILL", helpers)
 
 
-def verify_images(ctx: Context) -> None:
-    """Refuse images that are not what the source dumped (before anything restores)."""
-    if ctx.manifest is not None:  # names are relative to the image root (rounds, final)
-        manifest.verify(ctx.dst, ctx.dst_images.root, ctx.manifest, ctx.src.name)
+def push_images(ctx: Context, src_dir: str, dst_dir: str, check: bool) -> int:
+    """Push one image dir, checksummed in the same command (criu/manifest.py): the source sums
+    what rsync sends (made root-only first) into ctx.manifest; with check (the final push) the
+    destination sums its copies of everything in it too, through the link, and any difference
+    raises (nothing is restored). The bytes rsync sent."""
+    root = ctx.src_images.root
+    sub = os.path.relpath(src_dir, root) if src_dir.rstrip("/") != root else ""
+    dst: list[str] = []
+    if check:
+        ssh = rsync.ssh_command(ctx.link.spec)
+        dst = [
+            *ssh,
+            ctx.plan.destination.address,
+            quote(manifest.dst_sum_argv(ctx.dst_images.root)),
+        ]
+    before = ctx.manifest
+    out = ctx.link.push(src_dir, dst_dir,
+                        around=lambda argv: manifest.around_push(argv, src_dir, sub, root, dst,
+                                                                 before))  # fmt: skip
+    if check:
+        ctx.manifest = manifest.check(out, before, sub, ctx.src.name, ctx.dst.name,
+                                      ctx.dst_images.root)  # fmt: skip
+    else:
+        ctx.manifest = (before or manifest.Manifest()).merged(manifest.sent(out, sub))
+    return rsync.bytes_sent(out)
 
 
 def kept_images_note(ctx: Context) -> str:

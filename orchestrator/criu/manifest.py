@@ -27,49 +27,56 @@ import re
 from dataclasses import dataclass
 
 from orchestrator.errors import MigrationError
-from orchestrator.transport.ssh import Host
 
 ALGO = "crc"  # cksum -a: crc (CRC-32 and size) is what the parser reads
-FILE = "images.cksums"  # written by the source's summing job, inside the image dir
 
 # A line of `cksum -a crc` output: CRC SIZE ./path
 _LINE = re.compile(r"^(\d+) (\d+) (\./.+)$")
 
-# $1 dir, $2 output file, $3 the image root, $4 algorithm: make every file there root-only
-# (CRIU writes images 0644; rsync then carries 0600), then sum every file under dir but logs,
-# detached; the output appears whole.
-_START = r"""
-umask 077
-chmod -R go= -- "$3" || exit 1
-cd -- "$1" || exit 1
-rm -f -- "$2" "$2.tmp" "$2.failed"
-( find . -type f ! -name '*.log' ! -name '*.err' ! -name '*.rc' ! -name "$2*" -print0 |
-  sort -z | xargs -0r cksum -a "$4" >"$2.tmp" &&
-  mv -f -- "$2.tmp" "$2" || echo failed >"$2.failed" ) </dev/null >/dev/null 2>&1 &
-"""
-
-# $1 file, $2 seconds: print the sums once they are there.
-_COLLECT = r"""
-end=$(( $(date +%s) + $2 ))
-while [ ! -e "$1" ]; do
-  [ -e "$1.failed" ] && { echo "summing the images failed" >&2; exit 1; }
-  [ "$(date +%s)" -ge "$end" ] && { echo "summing the images took too long" >&2; exit 1; }
-  sleep 0.05
-done
-cat -- "$1" && rm -f -- "$1"
-"""
-
-# $1 the image root (made root-only first: pre-copy rounds, a page server's pages), $2 the
-# algorithm, then the files to sum (relative to the root). A missing file is named on stderr
-# and left out of stdout: the controller compares.
-_SUM = r"""
-chmod -R go= -- "$1" || exit 1
-cd -- "$1" || exit 1
-algo=$2; shift 2
-[ "$#" -gt 0 ] || exit 0
-cksum -a "$algo" -- "$@"
+# Run on the destination (through the source's ssh link): make the image root $1 root-only
+# (pre-copy rounds, a page server's pages), then sum the files named on stdin, one a line,
+# relative to it ($2: the algorithm). A missing file is named on stderr and left out of stdout:
+# the controller compares.
+_DST_SUM = r"""
+chmod -R go= -- "$1" && cd -- "$1" || exit 1
+xargs -r -d '\n' cksum -a "$2" --
 exit 0
 """
+
+# Run on the source, around a push: still one command (inside the freeze for the final one).
+# $1 the dir pushed, $2 its name under the image root ('' or 'final' or a round's number), $3
+# the source's image root, $4 the algorithm, $5 files already summed (pre-copy rounds, one a
+# line), $6 how many arguments the destination's command has (0: none), then that command
+# (_DST_SUM through the link), then rsync's argv. Makes the images root-only, sums them (into a
+# temporary file outside the dir rsync reads) while rsync sends them, then has the destination
+# sum its copies; prints rsync's output, then both sets of sums. rsync's exit code.
+_AROUND_PUSH = r"""
+dir=$1 sub=$2 root=$3 algo=$4 before=$5 n=$6; shift 6
+dst=("${@:1:n}"); shift "$n"
+umask 077
+chmod -R go= -- "$root" || exit 1
+sums=$(mktemp -t migrate-sums.XXXXXX) || exit 1
+trap 'rm -f -- "$sums" "$sums.failed"' EXIT
+( cd -- "$dir" && find . -type f ! -name '*.log' ! -name '*.err' ! -name '*.rc' -print0 |
+  sort -z | xargs -0r cksum -a "$algo" >"$sums" || echo failed >"$sums.failed"
+) </dev/null >/dev/null 2>&1 &
+"$@"; rc=$?
+wait
+[ "$rc" -eq 0 ] || exit "$rc"
+[ ! -e "$sums.failed" ] || { echo "summing the images on the source failed" >&2; exit 1; }
+echo "#14 source sums"
+cat -- "$sums"
+echo "#14 destination sums"
+[ "$n" -gt 0 ] || exit 0
+list=$( { [ -n "$before" ] && printf '%s\n' "$before"
+          sed "s|^[0-9]* [0-9]* \./|./${sub:+$sub/}|" -- "$sums"; } )
+[ -n "$list" ] || exit 0
+printf '%s\n' "$list" | "${dst[@]}"; rc=$?
+[ "$rc" -eq 0 ] || { echo "cannot sum the images on the destination (exit $rc)" >&2; exit "$rc"; }
+"""
+
+_SRC_MARK = "#14 source sums"
+_DST_MARK = "#14 destination sums"
 
 
 @dataclass(frozen=True)
@@ -122,49 +129,63 @@ class Manifest:
         return len(self.digests)
 
 
-def start_argv(images_dir: str, root: str) -> list[str]:
-    """Run on the source: make root's files root-only, start summing images_dir's files in
-    the background."""
-    return ["sh", "-c", _START, "sh", images_dir, FILE, root, ALGO]
+def dst_sum_argv(root: str) -> list[str]:
+    """Run on the destination: make root's files root-only, sum the files named on stdin."""
+    return ["sh", "-c", _DST_SUM, "sh", root, ALGO]
 
 
-def collect_argv(images_dir: str, seconds: float) -> list[str]:
-    """Run on the source: wait for the sums and print them."""
-    return ["sh", "-c", _COLLECT, "sh", f"{images_dir}/{FILE}", str(int(max(1, seconds)))]
+def around_push(
+    push: list[str], images_dir: str, subdir: str, root: str, dst: list[str],
+    before: Manifest | None,
+) -> list[str]:  # fmt: skip
+    """Run on the source: the push (rsync argv), with the sums of what it sends (made on the
+    source while it runs) and, unless dst is empty, of what arrived (`dst`: dst_sum_argv
+    through the link, for the files sent now and those in `before`)."""
+    done = "\n".join(before.paths()) if before else ""
+    return ["bash", "-c", _AROUND_PUSH, "bash", images_dir, subdir, root, ALGO, done,
+            str(len(dst)), *dst, *push]  # fmt: skip
 
 
-def sum_argv(root: str, manifest: Manifest) -> list[str]:
-    """Run on the destination: make root's files root-only, sum the files the manifest names."""
-    return ["sh", "-c", _SUM, "sh", root, ALGO, *manifest.paths()]
+def pushed(argv: list[str]) -> list[str]:
+    """The push inside an around_push argv (argv itself if it is not one): for test doubles."""
+    if argv[:3] != ["bash", "-c", _AROUND_PUSH]:
+        return argv
+    return argv[10 + int(argv[9]) :]
 
 
-def start(host: Host, images_dir: str, root: str) -> None:
-    r = host.run(start_argv(images_dir, root))
-    if not r.ok:
-        raise MigrationError(f"cannot sum the images on {host}: {r.error_line()}")
+def split_push(stdout: str) -> tuple[str, Manifest | None, Manifest | None]:
+    """around_push's output: rsync's own, the source's sums, the destination's (None: absent,
+    as in a dry run)."""
+    if _SRC_MARK not in stdout:
+        return stdout, None, None
+    head, _, rest = stdout.partition(_SRC_MARK)
+    src_text, _, dst_text = rest.partition(_DST_MARK)
+    return head, Manifest.parse(src_text), Manifest.parse(dst_text)
 
 
-def collect(host: Host, images_dir: str) -> Manifest:
-    r = host.run(collect_argv(images_dir, host.policy.command_timeout - 5))
-    if r.dry:
-        return Manifest()
-    if not r.ok:
-        raise MigrationError(f"cannot sum the images on {host}: {r.error_line()}")
-    return Manifest.parse(r.stdout)
+def sent(stdout: str, subdir: str) -> Manifest:
+    """The source's sums from an around_push's output, named from the image root."""
+    _, src, _ = split_push(stdout)
+    return src.under(subdir) if src is not None else Manifest()
 
 
-def verify(host: Host, root: str, manifest: Manifest, source: str) -> None:
-    """Refuse to restore from images that are not what the source dumped."""
-    r = host.run(sum_argv(root, manifest))
-    if r.dry:
-        return
-    if not r.ok:
-        raise MigrationError(f"cannot check the images on {host}: {r.error_line()}")
-    bad = manifest.differences(Manifest.parse(r.stdout))
+def check(
+    stdout: str, before: Manifest | None, subdir: str, source: str, dest: str, root: str
+) -> Manifest | None:
+    """Compare what the source dumped (and, pre-copy, sent before) with what the destination
+    holds; the whole manifest. MigrationError (so: rollback, no restore) on any difference."""
+    _, src, dst = split_push(stdout)
+    if src is None or dst is None:
+        return before
+    want = (before or Manifest()).merged(src.under(subdir))
+    if not want:
+        raise MigrationError(f"the dump on {source} left no image to check")
+    bad = want.differences(dst)
     if bad:
         shown = "; ".join(bad[:3]) + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "")
         raise MigrationError(
-            f"images on {host} in {root} are not what {source} dumped: {shown}. "
+            f"images on {dest} in {root} are not what {source} dumped: {shown}. "
             "Refusing to restore them",
             details=bad,
         )
+    return want

@@ -33,7 +33,6 @@ class LazyRestore(Phase):
 
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None and ctx.page_channel is not None
-        actions.verify_images(ctx)
         images = ctx.dst_images.final
         # the lazy-pages daemon takes over the connection the destination holds
         argv = ctx.page_channel.take_argv(lazy_pages(ctx.plan.destination.criu, images))

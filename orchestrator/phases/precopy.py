@@ -11,7 +11,7 @@ import time
 
 from orchestrator import actions, stoprule
 from orchestrator.checkpoint import Checkpoint
-from orchestrator.criu import images, manifest
+from orchestrator.criu import images
 from orchestrator.criu.logs import PAGE_SIZE
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Stage
@@ -77,11 +77,9 @@ class Precopy(Phase):
         t1 = time.monotonic()
         stats = images.DumpStats() if ctx.plan.dry_run else read_stats(ctx.src, src_dir)
         t2 = time.monotonic()
-        manifest.start(ctx.src, src_dir, ctx.src_images.root)  # summed while rsync sends it
-        sent = ctx.link.push(src_dir, ctx.dst_images.round(n))
+        # summed while rsync sends it (checked with the final push)
+        sent = actions.push_images(ctx, src_dir, ctx.dst_images.round(n), check=False)
         sent += ctx.link.push_paths(ctx.plan.workload.sync_paths)
-        got = manifest.collect(ctx.src, src_dir).under(str(n))
-        ctx.manifest = (ctx.manifest or manifest.Manifest()).merged(got)
         t3 = time.monotonic()
         rate = stats.pages_written / (t0 - state.last_start) if state.last_start else None
         state.last_start = t0

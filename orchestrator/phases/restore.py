@@ -16,7 +16,6 @@ class Restore(Phase):
 
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None
-        actions.verify_images(ctx)
         ctx.restored_pid = ctx.runtime.restore(ctx.dst, ctx.target, ctx.dst_images.final)
         ctx.clock.running_at = time.monotonic()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 from orchestrator import actions
-from orchestrator.criu import manifest
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 
@@ -15,11 +14,7 @@ class Transfer(Phase):
     name = "transfer"
 
     def act(self, ctx: Context) -> None:
-        final = ctx.src_images.final
-        manifest.start(ctx.src, final, ctx.src_images.root)  # summed while rsync sends them
-        ctx.link.push(final, ctx.dst_images.final)
+        actions.push_images(ctx, ctx.src_images.final, ctx.dst_images.final, check=True)
         ctx.link.push_paths(ctx.plan.workload.sync_paths)
         actions.mirror_paths(ctx)
-        got = manifest.collect(ctx.src, final).under(ctx.src_images.final_name)
-        ctx.manifest = (ctx.manifest or manifest.Manifest()).merged(got)
         ctx.clock.transferred_at = time.monotonic()

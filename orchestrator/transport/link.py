@@ -5,7 +5,7 @@ is what failed), close. Commands run on the source; the link counts what it move
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.errors import MigrationError
@@ -59,18 +59,26 @@ class Link:
         if self.spec.socket:
             self.src.run(rsync.forward_argv(self.spec, forward, cancel=True))
 
-    def push(self, src_dir: str, dst_dir: str, mirror: bool = False) -> int:
-        """rsync src_dir on the source into dst_dir on the destination; the bytes it sent."""
+    def push(
+        self,
+        src_dir: str,
+        dst_dir: str,
+        mirror: bool = False,
+        around: Callable[[list[str]], list[str]] | None = None,
+    ) -> str:
+        """rsync src_dir on the source into dst_dir on the destination (inside `around`'s
+        command, if given: e.g. checksums made while it sends); the command's output (rsync's
+        --stats in it: rsync.bytes_sent)."""
         argv = rsync.push_argv(self.spec, src_dir, dst_dir, mirror=mirror)
         what = f"rsync {src_dir if mirror else ''} {self.src.name} -> {self.spec.destination.name}"
-        return self._rsync(argv, " ".join(what.split()))
+        return self._rsync(around(argv) if around else argv, " ".join(what.split()))
 
     def push_paths(self, paths: Sequence[str]) -> int:
         """Each absolute path to the same path on the destination; the bytes sent."""
         if not paths:
             return 0
         what = f"rsync of sync_paths {self.src.name} -> {self.spec.destination.name}"
-        return self._rsync(rsync.paths_argv(self.spec, paths), what)
+        return rsync.bytes_sent(self._rsync(rsync.paths_argv(self.spec, paths), what))
 
     def close(self) -> None:
         """Close the master connection and remove its log (best effort)."""
@@ -78,9 +86,9 @@ class Link:
             self.src.run(rsync.close_argv(self.spec))
             self.src.run(["rm", "-f", "--", self.log])
 
-    def _rsync(self, argv: list[str], what: str) -> int:
+    def _rsync(self, argv: list[str], what: str) -> str:
         """Run one rsync on the source, retried while the link is what failed (rsync resumes:
-        --partial); the bytes sent."""
+        --partial); its output (the bytes it sent are counted)."""
         t0 = time.monotonic()
         try:
             for attempt in retrying(self.spec.policy, what, (rsync.LinkError,), self.notes):
@@ -88,9 +96,8 @@ class Link:
                     r = self.src.run(argv)
                     if not r.ok:
                         raise rsync.failure(r.exit_code, r.stderr or r.stdout, what)
-                    sent = rsync.bytes_sent(r.stdout)
-                    self.bytes_sent += sent
-                    return sent
+                    self.bytes_sent += rsync.bytes_sent(r.stdout)
+                    return r.stdout
         finally:
             self.seconds += time.monotonic() - t0
         raise AssertionError("unreachable: retrying re-raises the last error")

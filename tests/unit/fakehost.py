@@ -14,7 +14,7 @@ from pathlib import Path
 
 from orchestrator import facts, strategies
 from orchestrator.config import HostConfig, Policy, WorkloadConfig
-from orchestrator.criu import background
+from orchestrator.criu import background, manifest
 from orchestrator.journal import Journal
 from orchestrator.plan import Context, Plan
 from orchestrator.runtimes import procs
@@ -78,6 +78,7 @@ class FakeHost(Host):
         return _FakeLock(self, path)
 
     def _execute(self, argv: list[str], line: str, timeout: float) -> Result:
+        argv = manifest.pushed(argv)  # the final push is rsync inside a checksumming script
         self.log.append((self.name, argv))
         for watch in self.watchers:
             watch(argv)

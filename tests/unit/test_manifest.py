@@ -63,64 +63,99 @@ def images(tmp_path: Path) -> Path:
     return root
 
 
-def record(images: Path) -> Manifest:
-    final = str(images / "final")
-    assert sh(manifest.start_argv(final, str(images))).returncode == 0
-    r = sh(manifest.collect_argv(final, 30))
+def push_with_sums(
+    src: Path, dst: Path, copy: str, sub: str = "", root: Path | None = None,
+    dst_root: Path | None = None, before: Manifest | None = None, check_dst: bool = True,
+) -> str:  # fmt: skip
+    """around_push on this machine: `copy` ($1 -> $2) stands in for rsync, and the
+    destination's command runs here instead of through ssh."""
+    push = ["sh", "-c", copy, "sh", str(src), str(dst)]
+    dst_cmd = manifest.dst_sum_argv(str(dst_root or dst)) if check_dst else []
+    argv = manifest.around_push(push, str(src), sub, str(root or src), dst_cmd, before)
+    r = sh(argv)
     assert r.returncode == 0, r.stderr
-    return Manifest.parse(r.stdout).under("final")
+    return r.stdout
 
 
-def check(images: Path, m: Manifest) -> list[str]:
-    """What the destination's sums say is wrong (the controller's comparison)."""
-    r = sh(manifest.sum_argv(str(images), m))
-    assert r.returncode == 0, r.stderr
-    return m.differences(Manifest.parse(r.stdout))
+COPY = 'printf "rsync says: Total bytes sent: 42\\n"; cp -a "$1"/. "$2"/'
 
 
-def test_record_then_verify(images: Path) -> None:
-    m = record(images)
-    assert m.paths() == ["./final/core-7.img", "./final/pages-1.img"]  # files, not the log
-    assert not (images / "final" / manifest.FILE).exists()  # collected and removed
-    # Made root-only on the way: CRIU writes its images 0644.
-    assert all(p.stat().st_mode & 0o077 == 0 for p in images.rglob("*") if not p.is_symlink())
-    assert check(images, m) == []
+@pytest.fixture
+def pair(images: Path, tmp_path: Path) -> tuple[Path, Path]:
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    return images / "final", dst
+
+
+def test_push_sums_both_sides_in_one_command(images: Path, pair: tuple[Path, Path]) -> None:
+    src, dst = pair
+    out = push_with_sums(src, dst, COPY, root=images)
+    head, got_src, got_dst = manifest.split_push(out)
+    assert "Total bytes sent: 42" in head
+    assert got_src is not None and got_src.paths() == ["./core-7.img", "./pages-1.img"]
+    assert got_dst == got_src  # (the log is not summed)
+    assert manifest.check(out, None, "", "a", "b", str(dst)) == got_src
+    # Made root-only on the way (CRIU writes its images 0644), on both hosts.
+    for top in (images, dst):
+        assert all(p.stat().st_mode & 0o077 == 0 for p in top.rglob("*") if not p.is_symlink())
+    assert sorted(p.name for p in dst.iterdir()) == ["core-7.img", "dump.log", "pages-1.img",
+                                                     "parent"]  # fmt: skip
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
-def test_verify_refuses_a_damaged_image(images: Path, damage: str) -> None:
-    m = record(images)
-    pages = images / "final" / "pages-1.img"
-    if damage == "flip":
-        data = bytearray(pages.read_bytes())
-        data[5000] ^= 0x01
-        pages.write_bytes(bytes(data))
-    elif damage == "truncate":
-        pages.write_bytes(pages.read_bytes()[:-4096])
-    else:
-        pages.unlink()
-    bad = check(images, m)
-    assert len(bad) == 1 and bad[0].startswith("./final/pages-1.img: "), bad
-    assert {"flip": "content differs", "truncate": "not 1048576", "remove": "missing"}[
-        damage
-    ] in bad[0]
+def test_a_damaged_image_is_refused(pair: tuple[Path, Path], damage: str) -> None:
+    src, dst = pair
+    harm = {
+        "flip": 'printf X | dd of="$2"/pages-1.img bs=1 seek=5000 conv=notrunc 2>/dev/null',
+        "truncate": 'truncate -s -4096 "$2"/pages-1.img',
+        "remove": 'rm "$2"/pages-1.img',
+    }[damage]
+    out = push_with_sums(src, dst, f"{COPY} && {harm}")
+    with pytest.raises(MigrationError) as e:
+        manifest.check(out, None, "", "host-a", "host-b", str(dst))
+    want = {
+        "flip": "content differs",
+        "truncate": "1044480 bytes, not 1048576",
+        "remove": "missing",
+    }[damage]
+    assert f"./pages-1.img: {want}" in str(e.value)
+    assert "Refusing to restore" in str(e.value)
 
 
-def test_no_files_is_an_empty_manifest(tmp_path: Path) -> None:
-    assert sh(manifest.start_argv(str(tmp_path), str(tmp_path))).returncode == 0
-    r = sh(manifest.collect_argv(str(tmp_path), 30))
-    assert r.returncode == 0 and Manifest.parse(r.stdout) == Manifest()
-    assert check(tmp_path, Manifest()) == []
+def test_rounds_sent_before_are_checked_with_the_final_push(images: Path, tmp_path: Path) -> None:
+    """Pre-copy: each round summed by its own push (no check yet); the final push has the
+    destination sum the rounds again with the final dump's files, at the image root."""
+    dst = tmp_path / "dst"
+    (dst / "1").mkdir(parents=True)
+    (dst / "final").mkdir()
+    out = push_with_sums(images / "1", dst / "1", COPY, sub="1", root=images, check_dst=False)
+    round1 = manifest.sent(out, "1")
+    assert round1.paths() == ["./1/pages-1.img"]
+    assert manifest.split_push(out)[2] == Manifest()  # no destination sums for a round
+    (dst / "1" / "pages-1.img").write_bytes(b"round one" * 999 + b"ROUND ONE")  # damaged
+    final = ("final", images, dst)
+    out = push_with_sums(images / "final", dst / "final", COPY, *final, before=round1)
+    with pytest.raises(MigrationError) as e:
+        manifest.check(out, round1, "final", "a", "b", str(dst))
+    assert "./1/pages-1.img: content differs" in str(e.value)
+    (dst / "1" / "pages-1.img").write_bytes((images / "1" / "pages-1.img").read_bytes())
+    out = push_with_sums(images / "final", dst / "final", COPY, *final, before=round1)
+    whole = manifest.check(out, round1, "final", "a", "b", str(dst))
+    assert whole is not None and whole.paths() == [
+        "./1/pages-1.img", "./final/core-7.img", "./final/pages-1.img"]  # fmt: skip
 
 
-def test_rounds_and_final_are_checked_from_the_root(images: Path) -> None:
-    """Pre-copy: each round summed in its own dir, the final dump in `final`; the destination
-    checks them all from the image root."""
-    root = str(images)
-    assert sh(manifest.start_argv(str(images / "1"), root)).returncode == 0
-    round1 = Manifest.parse(sh(manifest.collect_argv(str(images / "1"), 30)).stdout).under("1")
-    both = round1.merged(record(images))
-    assert both.paths() == ["./1/pages-1.img", "./final/core-7.img", "./final/pages-1.img"]
-    assert check(images, both) == []
-    (images / "1" / "pages-1.img").write_bytes(b"round one" * 999 + b"ROUND ONE")
-    assert check(images, both) == ["./1/pages-1.img: content differs (checksum)"]
+def test_nothing_to_check_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    (tmp_path / "d").mkdir()
+    out = push_with_sums(tmp_path / "s", tmp_path / "d", COPY)
+    with pytest.raises(MigrationError, match="left no image"):
+        manifest.check(out, None, "", "a", "b", str(tmp_path / "d"))
+    assert manifest.check("dry run: no output", None, "", "a", "b", "/d") is None
+
+
+def test_the_push_inside_is_found_again() -> None:
+    push = ["rsync", "-a", "x/", "h:y/"]
+    argv = manifest.around_push(push, "/i", "", "/i", ["ssh", "h", "cmd"], None)
+    assert manifest.pushed(argv) == push
+    assert manifest.pushed(push) == push
