@@ -20,10 +20,8 @@ class DumpOptions:
     tcp_established: bool = False
     skip_in_flight: bool = False
     network_lock: str | None = None  # nftables | iptables
-    page_server_port: int | None = None  # stream pages to a page server on 127.0.0.1:PORT
     track_mem: bool = False  # soft-dirty tracking: the next dump writes only changed pages
     prev_images_dir: str | None = None  # relative to images_dir: pages already there are skipped
-    lazy_port: int | None = None  # post-copy: serve pages lazily from 127.0.0.1:PORT
     # #14 page channel: pages over an already-connected Unix socket (pagechannel.dump_flags)
     channel_flags: Sequence[str] = ()
     extra: Sequence[str] = ()
@@ -60,10 +58,6 @@ def dump(criu: str, o: DumpOptions) -> list[str]:
     argv += _net(o.tcp_established, o.network_lock)
     if o.skip_in_flight:
         argv.append("--skip-in-flight")
-    if o.page_server_port:
-        argv += ["--page-server", "--address", "127.0.0.1", "--port", str(o.page_server_port)]
-    if o.lazy_port:
-        argv += ["--lazy-pages", "--address", "127.0.0.1", "--port", str(o.lazy_port)]
     argv += list(o.channel_flags)  # #14
     return argv + _track(o) + list(o.extra)
 
@@ -79,37 +73,6 @@ def pre_dump(criu: str, o: DumpOptions) -> list[str]:
 def _track(o: DumpOptions) -> list[str]:
     argv = ["--track-mem"] if o.track_mem else []
     return argv + (["--prev-images-dir", o.prev_images_dir] if o.prev_images_dir else [])
-
-
-PAGE_SERVER_LOG = "page-server.log"
-
-
-def page_server(criu: str, images_dir: str, port: int) -> list[str]:
-    """A page server on loopback only (reached through an ssh tunnel), in the background; it
-    is listening when this returns, and exits after serving one dump."""
-    return [criu, "page-server", "-D", images_dir, "--address", "127.0.0.1", "--port", str(port),
-            "-d", "-o", PAGE_SERVER_LOG, "-v4"]  # fmt: skip
-
-
-LAZY_PAGES_LOG = "lazy-pages.log"
-
-
-def lazy_pages(criu: str, images_dir: str, port: int) -> list[str]:
-    """The destination's post-copy daemon: pulls pages from the source's lazy dump (at
-    127.0.0.1:port, tunnelled) into the restored tasks as they fault, and the rest behind."""
-    return [criu, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(port),
-            "-D", images_dir, "-o", LAZY_PAGES_LOG, "-v4"]  # fmt: skip
-
-
-# A lazy dump's page server takes a clean end of its one connection for "every page pulled" and
-# leaves the tasks stopped; a truncated request instead fails the dump, and CRIU then unlocks
-# the network and lets the tasks run on. Sent before any client connected, so only for undo.
-_ABORT = 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "\\0\\0\\0\\0" >&3'
-
-
-def abort_lazy_dump(port: int) -> list[str]:
-    """Make a lazy dump still waiting for its client fail, which resumes its tasks."""
-    return ["bash", "-c", _ABORT, "bash", str(port)]
 
 
 def _net(tcp_established: bool, network_lock: str | None) -> list[str]:

@@ -16,9 +16,8 @@ import time
 
 from orchestrator import actions
 from orchestrator.criu import background
-from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import PAGE_SIZE, pages_pulled
-from orchestrator.criu.pagechannel import lazy_pages
+from orchestrator.criu.pagechannel import LAZY_PAGES_LOG, lazy_pages
 from orchestrator.errors import MigrationError
 from orchestrator.journal import Stage
 from orchestrator.phases.base import Phase
@@ -37,7 +36,7 @@ class LazyRestore(Phase):
         # the lazy-pages daemon takes over the connection the destination holds
         argv = ctx.page_channel.take_argv(lazy_pages(ctx.plan.destination.criu, images))
         background.start(ctx.dst, images, background.LAZY_PAGES, argv,
-                         criu.LAZY_PAGES_LOG, "lazy-pages")  # fmt: skip
+                         LAZY_PAGES_LOG, "lazy-pages")  # fmt: skip
         ctx.restored_pid = ctx.runtime.restore(ctx.dst, ctx.target, images, lazy=True)
         ctx.clock.running_at = time.monotonic()
 
@@ -63,7 +62,7 @@ class PullPages(Phase):
         served = background.wait(ctx.src, ctx.src_images.final, background.DUMP, max(left, 10.0))
         ctx.postcopy.pages_done_at = time.monotonic()
         if pulled == 0 and served == 0:
-            log = f"{ctx.dst_images.final}/{criu.LAZY_PAGES_LOG}"
+            log = f"{ctx.dst_images.final}/{LAZY_PAGES_LOG}"
             r = ctx.dst.run(["grep", "-h", "--", "UFFD transferred", log], mutates=False)
             pages, _ = pages_pulled(r.stdout)
             ctx.postcopy.pulled_bytes = pages * PAGE_SIZE

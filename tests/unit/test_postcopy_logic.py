@@ -10,6 +10,7 @@ from orchestrator.config import Policy
 from orchestrator.criu import background
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import pages_pulled
+from orchestrator.criu.pagechannel import PageChannel, dump_flags, lazy_pages
 from orchestrator.errors import MigrationError
 from orchestrator.facts import HostFacts
 from orchestrator.hostcheck import unmet
@@ -65,14 +66,16 @@ def test_postcopy_needs_name_what_is_missing() -> None:
 
 
 def test_lazy_command_lines() -> None:
-    dump = criu.dump("criu", criu.DumpOptions(pid=7, images_dir="/i", lazy_port=4242))
-    assert dump[-5:] == ["--lazy-pages", "--address", "127.0.0.1", "--port", "4242"]
+    channel = PageChannel.for_dirs("/a", "/b", lazy=True)
+    opts = criu.DumpOptions(pid=7, images_dir="/i", channel_flags=dump_flags(channel))
+    dump = criu.dump("criu", opts)
+    assert dump[-3:] == ["--lazy-pages", "--ps-socket", "5"] and "--port" not in dump
     rest = criu.restore(
         "criu", criu.RestoreOptions(images_dir="/i", pidfile="/i/p", lazy_pages=True)
     )
     assert "--lazy-pages" in rest
-    daemon = criu.lazy_pages("criu", "/i", 4242)
-    assert daemon[:3] == ["criu", "lazy-pages", "--page-server"] and "127.0.0.1" in daemon
+    daemon = lazy_pages("criu", "/i")
+    assert daemon[:3] == ["criu", "lazy-pages", "--page-server"] and "--ps-socket" in daemon
 
 
 def test_background_readiness_and_exit_codes() -> None:
