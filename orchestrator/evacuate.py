@@ -77,13 +77,13 @@ def survey(
                 s.missing[name] = str(e)
     finally:
         src.close()
-    bins = [_bin(config, d) for d in s.destinations]
+    bins = [room(config, d) for d in s.destinations]
     items = [Item(n, kb) for n, kb in s.rss_kb.items()]
     s.placement = place(items, [b for b in bins if b is not None])
     return s
 
 
-def _bin(config: Config, name: str) -> Bin | None:
+def room(config: Config, name: str) -> Bin | None:
     """A destination's room: MemAvailable, its capacity, and the RSS of what already runs there."""
     hc = config.host(name)
     host = Host(hc, config.policy)

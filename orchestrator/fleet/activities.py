@@ -41,7 +41,7 @@ from orchestrator.config import (
     load,
 )
 from orchestrator.errors import MigrationError
-from orchestrator.evacuate import select
+from orchestrator.evacuate import room, select
 from orchestrator.fleet.types import (
     ANCHOR,
     MIGRATE,
@@ -50,8 +50,6 @@ from orchestrator.fleet.types import (
     MigrateInput,
     SurveyInput,
 )
-from orchestrator.location import workloads_on
-from orchestrator.placement import Bin, mem_available_kb
 from orchestrator.recover import recover
 from orchestrator.report import Report
 from orchestrator.runtimes import for_workload
@@ -146,7 +144,7 @@ class Activities:
                     missing[name] = str(e)
         finally:
             src.close()
-        bins = [b for b in (_room(config, d) for d in dests) if b is not None]
+        bins = [b for b in (room(config, d) for d in dests) if b is not None]
         return {
             "source": inp.source,
             "destinations": dests,
@@ -343,31 +341,6 @@ def _materialize(state_dir: Path, events: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(e) + "\n" for e in events))
     tmp.replace(path)
-
-
-def _room(config: Config, name: str) -> Bin | None:
-    """A destination's room: MemAvailable, its capacity, and the RSS of what already runs
-    there (as orchestrator.evacuate measures it)."""
-    hc = config.host(name)
-    host = Host(hc, config.policy)
-    try:
-        meminfo = host.run(["cat", "/proc/meminfo"], mutates=False)
-        if not meminfo.ok:
-            log.warning("%s: cannot read /proc/meminfo: %s", name, meminfo.error_line())
-            return None
-        used = 0
-        for wl in workloads_on(config, name).values():
-            try:
-                used += for_workload(wl).locate(host).rss_kb
-            except (MigrationError, HostError):
-                continue
-        capacity = hc.capacity_mb * 1024 if hc.capacity_mb is not None else None
-        return Bin(name, mem_available_kb(meminfo.stdout), capacity, used)
-    except HostError as e:
-        log.warning("%s: unreachable, not a destination: %s", name, e)
-        return None
-    finally:
-        host.close()
 
 
 class _Pulse:
