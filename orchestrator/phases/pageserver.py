@@ -15,14 +15,12 @@ from __future__ import annotations
 from orchestrator import actions
 from orchestrator.criu.pagechannel import PageChannel, page_server
 from orchestrator.errors import MigrationError
-from orchestrator.journal import Stage
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 
 
 class PageTunnel(Phase):
     name = "page-tunnel"
-    stage = Stage.PREPARED
     #: Post-copy: the source's dump serves pages on the channel (else it streams them).
     lazy = True
 

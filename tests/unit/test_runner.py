@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import phases, runner
+from orchestrator import phases, runner, strategies
 from orchestrator.errors import JournalError, MigrationError
 from orchestrator.journal import Journal, Stage, summarize
 from orchestrator.phases.base import Phase
@@ -264,3 +264,10 @@ def test_rollback_leaves_tasks_the_workload_had_stopped(tmp_path: Path) -> None:
     report = run(p)
     assert report.status == "rolled_back"
     assert "a: kill -CONT 100" in verbs(p.log) and "a: kill -CONT 100 101" not in verbs(p.log)
+
+
+def test_every_strategy_only_goes_forward() -> None:
+    """The journal refuses a stage going backwards: no strategy's phase list may ask it."""
+    for strategy in strategies.TABLE.values():
+        stages = [p.stage for p in phases.build(strategy) if p.stage is not None]
+        assert stages == sorted(stages), strategy.name
