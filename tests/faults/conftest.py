@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -169,3 +170,30 @@ def fault_case(
         return FaultCase(lab, case, wl, state, config, wl.count(), background)
 
     return prepare
+
+
+@pytest.fixture
+def gate(lab: labmod.Lab) -> Iterator[Path]:
+    """A file whose appearance lets a gated command (a health check, a held criu) go on;
+    opened at the end in any case, so nothing stays held."""
+    path = lab.dir / "workloads" / f"gate-{os.getpid()}"
+    path.parent.mkdir(exist_ok=True)
+    for f in (path, Path(f"{path}.held")):
+        f.unlink(missing_ok=True)
+    yield path
+    path.touch()
+
+
+@pytest.fixture
+def mounts() -> Iterator[Callable[..., None]]:
+    """mounts(argv...) runs a `mount` on the controller's side (the suite's own mount
+    namespace); every mount point made is unmounted at the end, newest first."""
+    made: list[str] = []
+
+    def mount(*argv: str) -> None:
+        subprocess.run(["mount", *argv], check=True)
+        made.append(argv[-1])
+
+    yield mount
+    for point in reversed(made):
+        subprocess.run(["umount", "-l", point], check=False)

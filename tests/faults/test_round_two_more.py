@@ -1,0 +1,104 @@
+"""Never lose a workload, round two, more faults; each held at the phase it needs (a gate: a
+health check or a criu that waits for a file; a rate-limited transfer), never by a sleep.
+
+- the controller's ssh connection to the source drops while it lives, during the transfer and
+  at the end of the dump: it goes on (lock taken again) or rolls back, never two copies;
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orchestrator import lab as labmod
+from tests.faults.kit import (
+    Background,
+    FaultCase,
+    assert_one_copy,
+    census,
+    drop_connections,
+    gated_config,
+    holding_criu,
+    leftovers,
+    migration_id,
+    processes_mentioning,
+)  # fmt: skip
+from tests.labkit import wait_for
+
+pytestmark = pytest.mark.lab
+
+STOPCOPY = ("--json", "--strategy", "stopcopy")
+
+
+def run_gated(fc: FaultCase, cfg: Path, dst: str = "host-b") -> Background:
+    """`migrate run gated host-a DST --json --strategy stopcopy` in the background."""
+    return fc.start("run", "gated", "host-a", dst, *STOPCOPY, config=cfg, state_dir=fc.state)
+
+
+def where_it_should_be(status: str | None) -> str:
+    """Succeeded: on host-b; rolled back: on host-a."""
+    assert status in ("succeeded", "rolled_back"), status
+    return "host-b" if status == "succeeded" else "host-a"
+
+
+def test_source_connection_dropped_during_transfer(
+    lab: labmod.Lab, fault_case: Callable[..., FaultCase], tmp_path: Path
+) -> None:
+    """The images go at 1 MiB/s (rsync --bwlimit), so the transfer lasts some 20 s: once its
+    rsync runs on host-a, every ssh connection to host-a is dropped. Either the rsync is
+    retried (it resumes) and the lock taken again before restore, and the move succeeds; or it
+    stops there and rolls back (what it does now: the rsync's channel ends with no exit status
+    and is not retried). One copy either way, nothing left (no orphaned rsync either)."""
+    fc = fault_case("controller's ssh to the source dropped during transfer (rsync running)",
+                    "fault-drop-transfer", mib=20)  # fmt: skip
+    cfg = gated_config(lab, tmp_path / "slow.yaml", fc.wl, fc.state, policy={"bwlimit": 1024})
+    run = run_gated(fc, cfg)
+    run.wait("transfer")
+    mid = migration_id(run)
+    wait_for(lambda: any("rsync" in p for p in processes_mentioning(lab, "host-a", mid)),
+             30, "the transfer's rsync to run on host-a")  # fmt: skip
+    before = fc.wl.count()
+    drop_connections(lab, "host-a")
+    assert run.proc.poll() is None, "the transfer was still going on when its connection dropped"
+    out = run.finish()
+    fc.ended(out)
+    assert out.rc in (0, 3) and "Traceback" not in out.stderr, out
+    host = where_it_should_be(out.status)
+    if out.status == "succeeded":
+        assert any("taken again before restore" in n for n in out.notes), out.notes
+    else:
+        assert "host-a" in out.error, out.error
+    assert_one_copy(lab, fc.wl, host, before)
+    fc.count()
+    assert leftovers(lab, out.id) == []
+
+
+def test_source_connection_dropped_at_the_end_of_the_dump(
+    lab: labmod.Lab, fault_case: Callable[..., FaultCase], tmp_path: Path, gate: Path
+) -> None:
+    """criu dump has run (the workload is stopped on host-a, its images whole) but is held
+    before it exits: the controller's connections to host-a drop then, so it never learns how
+    the dump ended. It must roll back (dump is never retried) and resume the stopped source."""
+    fc = fault_case("controller's ssh to the source dropped at the end of criu dump",
+                    "fault-drop-dump")  # fmt: skip
+    criu = holding_criu(tmp_path / "criu-holds-dump", "dump", gate)
+    cfg = gated_config(lab, tmp_path / "hold.yaml", fc.wl, fc.state,
+                       hosts={"host-a": {"criu": str(criu)}})  # fmt: skip
+    run = run_gated(fc, cfg)
+    run.wait("dump")
+    wait_for(lambda: Path(f"{gate}.held").exists(), 60, "criu dump to have run")
+    frozen = census(lab, fc.wl.count_file)
+    assert frozen.stopped.get("host-a"), f"the dump left the source stopped: {frozen}"
+    before = fc.wl.count()
+    drop_connections(lab, "host-a")
+    gate.touch()  # the held criu exits now (its session is gone: nobody hears it)
+    out = run.finish()
+    fc.ended(out)
+    assert out.rc == 3 and out.status == "rolled_back", out
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "dump" in out.error and "host-a" in out.error, out.error
+    assert_one_copy(lab, fc.wl, "host-a", before)
+    fc.count()
+    assert leftovers(lab, out.id) == []
