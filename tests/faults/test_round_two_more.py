@@ -3,10 +3,14 @@ health check or a criu that waits for a file; a rate-limited transfer), never by
 
 - the controller's ssh connection to the source drops while it lives, during the transfer and
   at the end of the dump: it goes on (lock taken again) or rolls back, never two copies;
+- two `recover`s of one dead controller's migration at once: the second is refused, in one
+  line, and changes nothing;
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,11 +25,13 @@ from tests.faults.kit import (
     drop_connections,
     gated_config,
     holding_criu,
+    image_dirs,
     leftovers,
     migration_id,
     processes_mentioning,
+    run_migrate,
 )  # fmt: skip
-from tests.labkit import wait_for
+from tests.labkit import on, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -102,3 +108,45 @@ def test_source_connection_dropped_at_the_end_of_the_dump(
     assert_one_copy(lab, fc.wl, "host-a", before)
     fc.count()
     assert leftovers(lab, out.id) == []
+
+
+def test_second_recover_at_once_is_refused_and_changes_nothing(
+    lab: labmod.Lab, fault_case: Callable[..., FaultCase], tmp_path: Path
+) -> None:
+    """The controller is SIGKILLed as dump begins; a first `recover` is busy with it (the test
+    holds the journal's flock, as a live recover does): a second one is refused in one line
+    ("is live") and touches nothing, neither the journal nor any host. Once the first is done
+    (the flock released), recover rolls back: one copy on host-a, counting on."""
+    fc = fault_case("2nd recover while a 1st holds the journal (controller killed at dump)",
+                    "fault-two-recovers")  # fmt: skip
+    cfg = gated_config(lab, tmp_path / "two.yaml", fc.wl, fc.state)
+    run = run_gated(fc, cfg)
+    run.wait("dump")
+    run.stop()  # SIGKILL, by its pid
+    mid = migration_id(run)
+    # The dead controller's criu may still be dumping: let the hosts settle first.
+    wait_for(lambda: not on(lab, "host-a", "pgrep -x criu || true").strip(), 60, "criu to end")
+    path = fc.state / "journal" / f"{mid}.jsonl"
+    seen, written = census(lab, fc.wl.count_file), path.read_bytes()
+    images = {h: image_dirs(lab, h) for h in lab.names}
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        second = run_migrate("recover", mid, config=cfg)
+        assert second.rc == 1, second
+        assert "is live" in second.stderr and "Traceback" not in second.stderr, second
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert path.read_bytes() == written, "the refused recover wrote to the journal"
+        again = census(lab, fc.wl.count_file)
+        assert (again.running, again.stopped) == (seen.running, seen.stopped), f"{seen} -> {again}"
+        assert {h: image_dirs(lab, h) for h in lab.names} == images
+    finally:
+        os.close(fd)  # the first recover is done
+
+    rec = run_migrate("recover", mid, "--json", config=cfg)
+    fc.case.outcome = f"2nd recover: exit {second.rc}; then recover: {rec.summary()}"
+    assert rec.rc == 3 and rec.status == "rolled_back", rec
+    assert_one_copy(lab, fc.wl, "host-a", fc.before)
+    fc.count()
+    assert leftovers(lab, mid) == []
