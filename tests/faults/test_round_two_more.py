@@ -5,12 +5,15 @@ health check or a criu that waits for a file; a rate-limited transfer), never by
   at the end of the dump: it goes on (lock taken again) or rolls back, never two copies;
 - two `recover`s of one dead controller's migration at once: the second is refused, in one
   line, and changes nothing;
+- the controller's state dir read-only at dump: rolled back in one line, recover ends it;
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,3 +153,45 @@ def test_second_recover_at_once_is_refused_and_changes_nothing(
     assert_one_copy(lab, fc.wl, "host-a", fc.before)
     fc.count()
     assert leftovers(lab, mid) == []
+
+
+def read_only(mounts: Callable[..., None], path: Path) -> None:
+    """Make path read-only for the controller (a read-only bind mount over it)."""
+    mounts("--bind", str(path), str(path))
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+
+
+def test_state_dir_read_only_at_dump_rolls_back_in_one_line(
+    lab: labmod.Lab, fault_case: Callable[..., FaultCase], tmp_path: Path, gate: Path,
+    mounts: Callable[..., None],
+) -> None:  # fmt: skip
+    """criu dump has run and is held before it exits; the journal's dir turns read-only then,
+    so `dump done` cannot be written: rolled back (the stopped source resumed), one line, no
+    traceback. The journal cannot be ended either: once writable again, `recover` ends it."""
+    fc = fault_case("controller's state dir read-only at dump", "fault-ro-dump")
+    criu = holding_criu(tmp_path / "criu-holds-dump", "dump", gate)
+    cfg = gated_config(lab, tmp_path / "ro.yaml", fc.wl, fc.state,
+                       hosts={"host-a": {"criu": str(criu)}})  # fmt: skip
+    run = run_gated(fc, cfg)
+    run.wait("dump")
+    wait_for(lambda: Path(f"{gate}.held").exists(), 60, "criu dump to have run")
+    before = fc.wl.count()
+    journal_dir = fc.state / "journal"
+    read_only(mounts, journal_dir)
+    gate.touch()
+    out = run.finish()
+    fc.ended(out)
+    assert out.rc == 3 and out.status == "rolled_back", out
+    assert "cannot write the journal" in out.error and "Read-only file system" in out.error
+    assert "\n" not in out.error and "Traceback" not in out.stderr, out
+    assert_one_copy(lab, fc.wl, "host-a", before)
+
+    subprocess.run(["umount", str(journal_dir)], check=True)  # writable again
+    rec = run_migrate("recover", out.id, "--json", config=cfg)
+    fc.case.outcome += f"; recover: {rec.summary()}"
+    assert rec.rc in (0, 3) and "Traceback" not in rec.stderr, rec
+    hist = json.loads(run_migrate("history", "--json", config=cfg).stdout)
+    assert next(h for h in hist if h["id"] == out.id)["status"], "still open after recover"
+    assert_one_copy(lab, fc.wl, "host-a", before)
+    fc.count()
+    assert leftovers(lab, out.id) == []
