@@ -6,6 +6,7 @@ health check or a criu that waits for a file; a rate-limited transfer), never by
 - two `recover`s of one dead controller's migration at once: the second is refused, in one
   line, and changes nothing;
 - the controller's state dir read-only at dump: rolled back in one line, recover ends it;
+- the journal unwritable just as confirm begins: rolled back, not "succeeded" with two copies;
 """
 
 from __future__ import annotations
@@ -194,4 +195,42 @@ def test_state_dir_read_only_at_dump_rolls_back_in_one_line(
     assert next(h for h in hist if h["id"] == out.id)["status"], "still open after recover"
     assert_one_copy(lab, fc.wl, "host-a", before)
     fc.count()
+    assert leftovers(lab, out.id) == []
+
+
+def test_journal_unwritable_as_confirm_begins_never_leaves_two_copies(
+    lab: labmod.Lab, fault_case: Callable[..., FaultCase], tmp_path: Path, gate: Path
+) -> None:
+    """Held at verify (gate), the controller's journal is capped (RLIMIT_FSIZE, set on it
+    with prlimit) just past room for `verify done`: the next record, `confirm begin`, cannot be
+    written, before confirm acts. Nothing is confirmed, so it rolls back like any journal
+    failure; never `succeeded` with the source left stopped beside the destination's copy
+    (what it did before: confirm was a cleanup phase, its failure only noted)."""
+    fc = fault_case("journal unwritable (file size limit) as confirm begins",
+                    "fault-fsize-confirm")  # fmt: skip
+    cfg = gated_config(lab, tmp_path / "fsize.yaml", fc.wl, fc.state, gate=gate)
+    run = run_gated(fc, cfg)
+    run.wait("verify")
+    before = fc.wl.count()
+    path = fc.state / "journal" / f"{migration_id(run)}.jsonl"
+    lines = path.read_text().splitlines()
+    # `verify done` is `verify begin` less its stage (13 bytes): it fits; `confirm begin` not.
+    cap = path.stat().st_size + len(lines[-1]) + 50
+    subprocess.run(["prlimit", f"--pid={run.proc.pid}", f"--fsize={cap}"], check=True)
+    gate.touch()
+    out = run.finish()
+    fc.ended(out)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert any("File too large" in n for n in [out.error, *out.notes]), out
+    c = fc.count()
+    assert not any(c.stopped.values()), f"{out.status}, but a stopped copy is left: {c}"
+    assert out.rc == 3 and out.status == "rolled_back", out
+    host = "host-a"
+    assert_one_copy(lab, fc.wl, host, before)
+    hist = json.loads(run_migrate("history", "--json", config=cfg).stdout)
+    if next(h for h in hist if h["id"] == out.id)["status"] is None:
+        rec = run_migrate("recover", out.id, "--json", config=cfg)
+        fc.case.outcome += f"; recover: {rec.summary()}"
+        assert rec.rc in (0, 3), rec
+        assert_one_copy(lab, fc.wl, host, before)
     assert leftovers(lab, out.id) == []
