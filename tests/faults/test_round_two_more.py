@@ -6,11 +6,13 @@ health check or a criu that waits for a file; a rate-limited transfer), never by
 - two `recover`s of one dead controller's migration at once: the second is refused, in one
   line, and changes nothing;
 - the controller's state dir read-only at dump: rolled back in one line, recover ends it;
+- the state dir full (tmpfs) at verify: rolled back in one line, recover ends it;
 - the journal unwritable just as confirm begins: rolled back, not "succeeded" with two copies;
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -27,6 +29,7 @@ from tests.faults.kit import (
     assert_one_copy,
     census,
     drop_connections,
+    fault_config,
     gated_config,
     holding_criu,
     image_dirs,
@@ -233,4 +236,68 @@ def test_journal_unwritable_as_confirm_begins_never_leaves_two_copies(
         fc.case.outcome += f"; recover: {rec.summary()}"
         assert rec.rc in (0, 3), rec
         assert_one_copy(lab, fc.wl, host, before)
+    assert leftovers(lab, out.id) == []
+
+
+def fill(directory: Path) -> None:
+    """Fill the file system of directory up (a ballast file, written until ENOSPC)."""
+    fd = os.open(directory / "ballast", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+
+
+PAD = 2700  # bytes of a comment in the health command (see below)
+
+
+def test_state_dir_full_at_verify_never_loses_the_workload(
+    lab: labmod.Lab, fault_case: Callable[..., FaultCase], tmp_path: Path, gate: Path,
+    mounts: Callable[..., None],
+) -> None:  # fmt: skip
+    """The state dir is a 64 KiB tmpfs, filled up (another writer) while the run is held at
+    verify. A record that fits in the slack of the journal's last page is still written, so
+    the journal is sized (a padded health command) for `verify done` not to fit: it fails
+    (torn), the run rolls back in one line, no traceback; with room again, recover ends the
+    journal (skipping the torn line). One copy on host-a, nothing left."""
+    fc = fault_case("controller's state dir (tmpfs 64k) full at verify", "fault-full-verify")
+    fc.state.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=64k,mode=0700", "fault-state", str(fc.state))
+    # The journal's size at verify hardly varies (~5.3 KiB): a padded health command (the
+    # start record holds it) puts its end ~150 B short of a page, so `verify done` is the
+    # record that does not fit.
+    health = f'#{"x" * PAD}\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done'
+    cfg = fault_config(lab, tmp_path / "full.yaml", state_dir=fc.state,
+                       policy={"command_timeout": 120},
+                       workloads={"gated": {"pidfile": f"{fc.wl.count_file}.pid",
+                                            "health": health}})  # fmt: skip
+    run = run_gated(fc, cfg)
+    run.wait("verify")
+    before = fc.wl.count()
+    path = fc.state / "journal" / f"{migration_id(run)}.jsonl"
+    fill(fc.state)
+    slack, line = -path.stat().st_size % 4096, len(path.read_text().splitlines()[-1]) + 1
+    fc.case.fault += f" (journal page slack {slack} B, lines ~{line} B)"
+    gate.touch()
+    out = run.finish()
+    fc.ended(out)
+    assert out.rc in (0, 3) and "Traceback" not in out.stderr, out
+    assert "\n" not in out.error, out.error
+    assert slack < line - 40, f"set PAD again: `verify done` (~{line} B) fits in {slack} B"
+    assert out.rc == 3 and out.status == "rolled_back", out
+    assert "No space left on device" in out.error, out.error
+    host = "host-a"
+    assert_one_copy(lab, fc.wl, host, before)
+
+    (fc.state / "ballast").unlink()  # room again
+    hist = json.loads(run_migrate("history", "--json", config=cfg).stdout)
+    if next(h for h in hist if h["id"] == out.id)["status"] is None:
+        rec = run_migrate("recover", out.id, "--json", config=cfg)
+        fc.case.outcome += f"; recover: {rec.summary()}"
+        assert rec.rc in (0, 3) and "Traceback" not in rec.stderr, rec
+        assert_one_copy(lab, fc.wl, host, before)
+    fc.count()
     assert leftovers(lab, out.id) == []
