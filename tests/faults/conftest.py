@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.kit import Background, Case, FaultCase, fault_config, start_big
+from tests.faults.kit import (
+    Background,
+    Case,
+    FaultCase,
+    block_ssh,
+    fault_config,
+    start_big,
+    unblock_ssh,
+)
 from tests.labkit import start
 
 RESULTS_ENV = "MIGRATE_FAULT_RESULTS"
@@ -197,3 +205,18 @@ def mounts() -> Iterator[Callable[..., None]]:
     yield mount
     for point in reversed(made):
         subprocess.run(["umount", "-l", point], check=False)
+
+
+@pytest.fixture
+def ssh_blocks(lab: labmod.Lab) -> Iterator[Callable[[str], None]]:
+    """ssh_blocks(host) drops all ssh to host (kit.block_ssh); every block is lifted at the
+    end."""
+    blocked: list[str] = []
+
+    def block(host: str) -> None:
+        blocked.append(host)
+        block_ssh(lab, host)
+
+    yield block
+    for host in blocked:
+        unblock_ssh(lab, host)

@@ -464,3 +464,44 @@ def migration_id(run: Background, timeout: float = 30) -> str:
         lambda: [e for e in run.events() if e.get("event") == "start"], timeout, "start record"
     )
     return str(starts[0]["id"])
+
+
+#: nftables table, in a host's netns, that drops all ssh to the host (its sshd's traffic).
+_SSH_BLOCK = "migrate_fault_ssh"
+
+
+def block_ssh(lab: labmod.Lab, host: str) -> None:
+    """Drop every packet to and from host's sshd (port 22), established connections included:
+    the controller's commands on host hang (a host that stopped answering), nothing fails."""
+    script = (f"table inet {_SSH_BLOCK}\ndelete table inet {_SSH_BLOCK}\n"
+              f"table inet {_SSH_BLOCK} {{\n"
+              "  chain input {\n    type filter hook input priority -150; policy accept;\n"
+              "    tcp dport 22 drop\n  }\n"
+              "  chain output {\n    type filter hook output priority -150; policy accept;\n"
+              "    tcp sport 22 drop\n  }\n}\n")  # fmt: skip
+    _nft(lab, host, script)
+
+
+def unblock_ssh(lab: labmod.Lab, host: str) -> None:
+    """Undo block_ssh (a host not blocked is left alone)."""
+    _nft(lab, host, f"table inet {_SSH_BLOCK}\ndelete table inet {_SSH_BLOCK}\n")
+
+
+def _nft(lab: labmod.Lab, host: str, script: str) -> None:
+    subprocess.run(["ip", "netns", "exec", lab.host(host).netns, "nft", "-f", "-"],
+                   input=script, text=True, check=True, capture_output=True)  # fmt: skip
+
+
+def wait_event(run: Background, test: Callable[[dict[str, Any]], bool], what: str,
+               timeout: float = 60) -> dict[str, Any]:  # fmt: skip
+    """Wait until run's journal has an event that passes test; that event."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in run.events() if test(e)]
+        if found:
+            return found[0]
+        if run.proc.poll() is not None:
+            raise AssertionError(f"migrate ended before {what}: {run.finish()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not journaled within {timeout}s")
+        time.sleep(0.01)

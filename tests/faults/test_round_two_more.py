@@ -37,8 +37,10 @@ from tests.faults.kit import (
     migration_id,
     processes_mentioning,
     run_migrate,
+    unblock_ssh,
+    wait_event,
 )  # fmt: skip
-from tests.labkit import on, wait_for
+from tests.labkit import BROKEN_CRIU, on, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -301,3 +303,45 @@ def test_state_dir_full_at_verify_never_loses_the_workload(
         assert_one_copy(lab, fc.wl, host, before)
     fc.count()
     assert leftovers(lab, out.id) == []
+
+
+def broken_restore(tmp_path: Path) -> str:
+    """A criu whose restore fails (tests.labkit.BROKEN_CRIU); its path."""
+    broken = tmp_path / "criu-fails-restore"
+    broken.write_text(BROKEN_CRIU)
+    broken.chmod(0o755)
+    return str(broken)
+
+
+def test_controller_killed_during_its_rollback_then_recover(
+    lab: labmod.Lab, fault_case: Callable[..., FaultCase], tmp_path: Path,
+    ssh_blocks: Callable[[str], None],
+) -> None:  # fmt: skip
+    """The restore fails on host-b, so the controller rolls back; host-a's ssh stops answering
+    as the restore begins (packets dropped), so the rollback hangs in resuming the stopped
+    source; the controller is SIGKILLed there (its journal shows `rollback` and the undo of
+    restore). With host-a back, `recover` resumes the source: one copy, its state kept."""
+    fc = fault_case("controller SIGKILLed during its rollback (restore failed, source stopped)",
+                    "fault-kill-rollback")  # fmt: skip
+    cfg = gated_config(lab, tmp_path / "broken.yaml", fc.wl, fc.state,
+                       hosts={"host-b": {"criu": broken_restore(tmp_path)}})  # fmt: skip
+    run = run_gated(fc, cfg)
+    run.wait("restore")
+    ssh_blocks("host-a")  # the rollback's next step on host-a hangs
+    mid = migration_id(run)
+    wait_event(run, lambda e: e.get("event") == "rollback", "the rollback")
+    wait_event(run, lambda e: e.get("event") == "undo" and e.get("name") == "restore",
+               "the undo of restore")  # fmt: skip
+    run.stop()  # SIGKILL, by its pid, while it waits on host-a
+    held = census(lab, fc.wl.count_file)
+    fc.case.fault += f" [when killed: {held}]"
+    assert held.stopped.get("host-a"), f"the source was not left stopped: {held}"
+    unblock_ssh(lab, "host-a")
+
+    rec = run_migrate("recover", mid, "--json", config=cfg)
+    fc.case.outcome = f"controller killed; recover: {rec.summary()}"
+    assert rec.rc == 3 and rec.status == "rolled_back", rec
+    assert "Traceback" not in rec.stderr, rec.stderr
+    assert_one_copy(lab, fc.wl, "host-a", fc.before)
+    fc.count()
+    assert leftovers(lab, mid) == []
