@@ -345,3 +345,29 @@ def test_controller_killed_during_its_rollback_then_recover(
     assert_one_copy(lab, fc.wl, "host-a", fc.before)
     fc.count()
     assert leftovers(lab, mid) == []
+
+
+@pytest.mark.parametrize("mode", ["drop", "reject"])
+def test_link_cut_during_rollback_still_resumes_the_source(
+    lab: labmod.Lab, fault_case: Callable[..., FaultCase], tmp_path: Path,
+    links: Callable[..., None], mode: str,
+) -> None:  # fmt: skip
+    """The link host-a <-> host-b is cut (packets dropped, or refused) as the restore begins,
+    the images already on host-b; the restore fails there, and the whole rollback runs with
+    the link cut (its own ssh master between the hosts among what it closes): the source is
+    resumed all the same, one copy, nothing left."""
+    fc = fault_case(f"link a-b cut ({mode}) during the rollback (restore failed on host-b)",
+                    f"fault-cut-rollback-{mode}")  # fmt: skip
+    cfg = gated_config(lab, tmp_path / "broken.yaml", fc.wl, fc.state,
+                       hosts={"host-b": {"criu": broken_restore(tmp_path)}})  # fmt: skip
+    run = run_gated(fc, cfg)
+    run.wait("restore")
+    links("host-a", "host-b", mode)
+    out = run.finish()
+    fc.ended(out)
+    assert out.rc == 3 and out.status == "rolled_back", out
+    assert "restore" in out.error and "host-b" in out.error, out.error
+    assert "Traceback" not in out.stderr, out.stderr
+    assert_one_copy(lab, fc.wl, "host-a", fc.before)
+    fc.count()
+    assert leftovers(lab, out.id) == []
