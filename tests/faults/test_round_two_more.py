@@ -64,8 +64,9 @@ def test_source_connection_dropped_during_transfer(
     """The images go at 1 MiB/s (rsync --bwlimit), so the transfer lasts some 20 s: once its
     rsync runs on host-a, every ssh connection to host-a is dropped. Either the rsync is
     retried (it resumes) and the lock taken again before restore, and the move succeeds; or it
-    stops there and rolls back (what it does now: the rsync's channel ends with no exit status
-    and is not retried). One copy either way, nothing left (no orphaned rsync either)."""
+    stops there and rolls back (what it does now: the rsync's connection is lost, and a
+    command that may have acted is not run again). One copy either way, nothing left (no
+    orphaned rsync either)."""
     fc = fault_case("controller's ssh to the source dropped during transfer (rsync running)",
                     "fault-drop-transfer", mib=20)  # fmt: skip
     cfg = gated_config(lab, tmp_path / "slow.yaml", fc.wl, fc.state, policy={"bwlimit": 1024})
@@ -84,7 +85,7 @@ def test_source_connection_dropped_during_transfer(
     if out.status == "succeeded":
         assert any("taken again before restore" in n for n in out.notes), out.notes
     else:
-        assert "host-a" in out.error, out.error
+        assert "host-a" in out.error and "connection lost running rsync" in out.error, out.error
     assert_one_copy(lab, fc.wl, host, before)
     fc.count()
     assert leftovers(lab, out.id) == []
@@ -113,7 +114,8 @@ def test_source_connection_dropped_at_the_end_of_the_dump(
     fc.ended(out)
     assert out.rc == 3 and out.status == "rolled_back", out
     assert "Traceback" not in out.stderr, out.stderr
-    assert "dump" in out.error and "host-a" in out.error, out.error
+    assert "host-a" in out.error and "connection lost running" in out.error, out.error
+    assert "dump" in out.error, out.error
     assert_one_copy(lab, fc.wl, "host-a", before)
     fc.count()
     assert leftovers(lab, out.id) == []
