@@ -414,9 +414,9 @@ def gated_config(
                         hosts=hosts, workloads={"gated": workload})  # fmt: skip
 
 
-#: A criu that holds one command (HOLD) until a gate file exists, AFTER the real criu has done
-#: it (so a dump has left the workload stopped and its images whole): it touches GATE.held, then
-#: waits. Every other command is the real criu, as in labkit.BROKEN_CRIU.
+#: A criu that holds one command (HOLD) until a gate file exists, after the real criu has done
+#: it (so a dump has left the workload stopped and its images whole), or before it runs (BEFORE):
+#: it touches GATE.held, then waits. Every other command is the real criu (labkit.BROKEN_CRIU).
 HOLD_CRIU = """#!/bin/sh
 self=$(readlink -f "$0")
 real=
@@ -426,6 +426,11 @@ for d in $PATH; do
 done
 unset IFS
 [ -n "$real" ] || { echo "criu not found on PATH" >&2; exit 127; }
+if [ "$1" = "@HOLD@" ] && [ "@BEFORE@" = yes ]; then
+  touch "@GATE@.held"
+  while [ ! -e "@GATE@" ]; do sleep 0.05; done
+  exec "$real" "$@"
+fi
 if [ "$1" = "@HOLD@" ]; then
   "$real" "$@"; rc=$?
   touch "@GATE@.held"
@@ -436,9 +441,11 @@ exec "$real" "$@"
 """
 
 
-def holding_criu(path: Path, command: str, gate: Path) -> Path:
-    """Write HOLD_CRIU at path, holding `command` (e.g. dump) at gate; the path."""
-    path.write_text(HOLD_CRIU.replace("@HOLD@", command).replace("@GATE@", str(gate)))
+def holding_criu(path: Path, command: str, gate: Path, before: bool = False) -> Path:
+    """Write HOLD_CRIU at path, holding `command` (e.g. dump) at gate, after the real criu
+    ran it (with before: before it runs); the path."""
+    script = HOLD_CRIU.replace("@HOLD@", command).replace("@GATE@", str(gate))
+    path.write_text(script.replace("@BEFORE@", "yes" if before else "no"))
     path.chmod(0o755)
     return path
 

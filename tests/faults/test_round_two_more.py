@@ -17,7 +17,7 @@ import fcntl
 import json
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ import pytest
 from orchestrator import lab as labmod
 from tests.faults.kit import (
     Background,
+    Case,
     FaultCase,
     assert_one_copy,
     census,
@@ -40,7 +41,7 @@ from tests.faults.kit import (
     unblock_ssh,
     wait_event,
 )  # fmt: skip
-from tests.labkit import BROKEN_CRIU, on, wait_for
+from tests.labkit import BROKEN_CRIU, COUNTER, Workload, on, start_net_container, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -373,3 +374,67 @@ def test_link_cut_during_rollback_still_resumes_the_source(
     assert_one_copy(lab, fc.wl, "host-a", fc.before)
     fc.count()
     assert leftovers(lab, out.id) == []
+
+
+ADDRESS, MAC, VETH = "198.18.0.62", "02:6d:67:00:05:62", "vrt3"
+
+
+@pytest.fixture
+def net_counter(lab: labmod.Lab, cleanup: list[Path]) -> Iterator[Workload]:
+    """The counter as init of a container with its own network (veth, address) on host-a."""
+    work = lab.dir / "workloads"
+    work.mkdir(exist_ok=True)
+    script, count = work / "counter.sh", work / "counter-killedrestore"
+    script.write_text(COUNTER)
+    cleanup.append(count)
+    pid = start_net_container(lab, "host-a", f"{ADDRESS}/24", MAC, VETH, "sh", str(script),
+                              str(count))  # fmt: skip
+    wl = Workload("netcounter", count, f"pid:{pid}", pid)
+    wait_for(lambda: wl.count() >= 20, what="the counter to reach 20")
+    yield wl
+    for host in lab.names:  # its namespace, and veth, go asynchronously after the kill
+        pids = [int(p) for p in on(lab, host, 'pgrep -f -- "$1" || true', str(count)).split()]
+        if pids:
+            on(lab, host, 'kill -KILL "$@"', *map(str, pids), check=False)
+    for host in lab.names:
+        wait_for(lambda h=host: not on(lab, h, f"ip link show {VETH}", check=False), what=VETH)
+
+
+def test_controller_killed_while_its_rollback_restores_the_source_then_recover(
+    lab: labmod.Lab, case: Case, tmp_path: Path, gate: Path, net_counter: Workload,
+    background: Callable[..., Background],
+) -> None:  # fmt: skip
+    """A workload with its own network is rolled back by killing its stopped source and
+    restoring it from its images. The restore fails on host-b; the rollback's own restore on
+    host-a is held before criu runs (the source is killed: its images are the only copy), and
+    the controller is SIGKILLed there. `recover` restores it from those images: one copy on
+    host-a, counting on from the dump."""
+    case.fault = "controller SIGKILLed in its rollback, the source killed, its restore not run"
+    wl = net_counter
+    hold = holding_criu(tmp_path / "criu-holds-restore", "restore", gate, before=True)
+    state = tmp_path / "state"
+    hosts = {"host-a": {"criu": str(hold)}, "host-b": {"criu": broken_restore(tmp_path)}}
+    cfg = fault_config(lab, tmp_path / "held.yaml", state_dir=state, hosts=hosts)
+    run = background("run", wl.spec, "host-a", "host-b", *STOPCOPY, config=cfg, state_dir=state)
+    mid = migration_id(run)
+    wait_for(lambda: Path(f"{gate}.held").exists(), 90, "the rollback's restore on host-a")
+    run.stop()  # SIGKILL, by its pid
+    # The held criu would restore the source once the gate opens: the controller died before
+    # that, so it must not (its wrapper is killed, by pid; the images are the only copy).
+    held = on(lab, "host-a", 'pgrep -f -- "$1" || true', str(hold)).split()
+    if held:
+        on(lab, "host-a", 'kill -KILL "$@"', *held, check=False)
+    dumped = wl.count()  # what the images hold
+    killed = census(lab, wl.count_file)
+    case.fault += f" [when killed: {killed}]"
+    assert killed.copies == 0, f"the source should exist only as its images: {killed}"
+    assert any(mid in d for d in image_dirs(lab, "host-a")), "the source's images are kept"
+
+    good = fault_config(lab, tmp_path / "good.yaml", state_dir=state)
+    rec = run_migrate("recover", mid, "--json", config=good)
+    case.outcome = f"controller killed; recover: {rec.summary()}"
+    assert rec.rc == 3 and rec.status == "rolled_back", rec
+    assert "Traceback" not in rec.stderr, rec.stderr
+    c = assert_one_copy(lab, wl, "host-a", dumped)
+    case.counted(c)
+    assert leftovers(lab, mid) == []
