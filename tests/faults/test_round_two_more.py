@@ -1,13 +1,17 @@
 """Never lose a workload, round two, more faults; each held at the phase it needs (a gate: a
-health check or a criu that waits for a file; a rate-limited transfer), never by a sleep.
+health check or a criu that waits for a file; a rate-limited transfer; a host whose ssh stops
+answering), never by a sleep.
 
 - the controller's ssh connection to the source drops while it lives, during the transfer and
-  at the end of the dump: it goes on (lock taken again) or rolls back, never two copies;
+  at the end of the dump: it rolls back (the error names the lost connection), never two copies;
 - two `recover`s of one dead controller's migration at once: the second is refused, in one
   line, and changes nothing;
 - the controller's state dir read-only at dump: rolled back in one line, recover ends it;
 - the state dir full (tmpfs) at verify: rolled back in one line, recover ends it;
 - the journal unwritable just as confirm begins: rolled back, not "succeeded" with two copies;
+- the controller SIGKILLed during its rollback (the source stopped; or, with its own network,
+  killed and not yet restored from its images): recover resumes or restores it;
+- the link between the hosts cut during the rollback: the source is resumed all the same.
 """
 
 from __future__ import annotations
