@@ -94,9 +94,11 @@ def _walk(
             break
         emit(phase.name, None)
         t0 = time.monotonic()
+        acting = False  # False while its begin is not journaled: nothing of it has happened
         try:
             journal.advance(phase.stage)
             _record(journal, phase, PhaseState.BEGIN, ctx)
+            acting = True
             phase.act(ctx)
             _passed(ctx, phase)
             _record(journal, phase, PhaseState.DONE, ctx)
@@ -107,7 +109,7 @@ def _walk(
             report.phases.append(result)
             _record(journal, phase, PhaseState.FAILED, ctx, error=_message(e), report=report)
             emit(phase.name, result)
-            if phase.cleanup:  # verified on the destination: report, never roll back
+            if phase.cleanup and acting:  # verified on the destination: never roll back
                 report.notes.append(
                     f"{phase.name}: {_message(e)} (the workload runs on "
                     f"{ctx.plan.destination.name}; clean up {ctx.plan.source.name})"

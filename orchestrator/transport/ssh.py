@@ -281,6 +281,8 @@ class Host:
             r = self._conn.run(line, hide=True, warn=True, timeout=timeout)
             if dropped.is_set():
                 raise CommandTimedOut(r, int(timeout))
+            if r.exited == -1 and _ended(self._conn):  # no exit status: the connection went
+                raise EOFError("it closed before the command's exit status came")
         except CommandTimedOut:
             # The connection may be wedged (a peer that vanished): start afresh next time.
             self.close()
@@ -333,6 +335,12 @@ class Host:
 
 
 WEDGED_GRACE = 5.0  # seconds past a command's timeout before its connection is dropped
+
+
+def _ended(conn: Connection) -> bool:
+    """Whether conn's transport has ended (its thread saw the socket close, or an error)."""
+    transport = conn.transport
+    return transport is None or not transport.is_active() or transport.saved_exception is not None
 
 
 def _drop(conn: Connection, dropped: threading.Event) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,15 @@ from typing import Any
 import pytest
 
 from orchestrator import lab as labmod
-from tests.faults.kit import Background, Case, FaultCase, fault_config, start_big
+from tests.faults.kit import (
+    Background,
+    Case,
+    FaultCase,
+    block_ssh,
+    fault_config,
+    start_big,
+    unblock_ssh,
+)
 from tests.labkit import start
 
 RESULTS_ENV = "MIGRATE_FAULT_RESULTS"
@@ -169,3 +178,45 @@ def fault_case(
         return FaultCase(lab, case, wl, state, config, wl.count(), background)
 
     return prepare
+
+
+@pytest.fixture
+def gate(lab: labmod.Lab) -> Iterator[Path]:
+    """A file whose appearance lets a gated command (a health check, a held criu) go on;
+    opened at the end in any case, so nothing stays held."""
+    path = lab.dir / "workloads" / f"gate-{os.getpid()}"
+    path.parent.mkdir(exist_ok=True)
+    for f in (path, Path(f"{path}.held")):
+        f.unlink(missing_ok=True)
+    yield path
+    path.touch()
+
+
+@pytest.fixture
+def mounts() -> Iterator[Callable[..., None]]:
+    """mounts(argv...) runs a `mount` on the controller's side (the suite's own mount
+    namespace); every mount point made is unmounted at the end, newest first."""
+    made: list[str] = []
+
+    def mount(*argv: str) -> None:
+        subprocess.run(["mount", *argv], check=True)
+        made.append(argv[-1])
+
+    yield mount
+    for point in reversed(made):
+        subprocess.run(["umount", "-l", point], check=False)
+
+
+@pytest.fixture
+def ssh_blocks(lab: labmod.Lab) -> Iterator[Callable[[str], None]]:
+    """ssh_blocks(host) drops all ssh to host (kit.block_ssh); every block is lifted at the
+    end."""
+    blocked: list[str] = []
+
+    def block(host: str) -> None:
+        blocked.append(host)
+        block_ssh(lab, host)
+
+    yield block
+    for host in blocked:
+        unblock_ssh(lab, host)

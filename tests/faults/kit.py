@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -388,3 +389,126 @@ def start_big(lab: labmod.Lab, host: str, name: str, mib: int = 32) -> Workload:
     wl = Workload(name, count, f"pidfile:{pidfile}", int(pidfile.read_text()))
     wait_for(lambda: wl.count() >= 20, what="the big counter to reach 20")
     return wl
+
+
+# -- holding a migration at a phase, and dropping the controller's connections ------------------
+
+
+def gated_config(
+    lab: labmod.Lab,
+    path: Path,
+    wl: Workload,
+    state_dir: Path,
+    *,
+    gate: Path | None = None,
+    policy: dict[str, Any] | None = None,
+    hosts: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """A config whose workload `gated` is wl (by its pidfile); with gate, its health check
+    waits at verify until that file exists (so a run is held at verify, never by a sleep)."""
+    workload: dict[str, Any] = {"pidfile": f"{wl.count_file}.pid"}
+    if gate is not None:
+        workload["health"] = f'while [ ! -e "{gate}" ]; do sleep 0.05; done'
+    return fault_config(lab, path, state_dir=state_dir,
+                        policy={"command_timeout": 120, **(policy or {})},
+                        hosts=hosts, workloads={"gated": workload})  # fmt: skip
+
+
+#: A criu that holds one command (HOLD) until a gate file exists, after the real criu has done
+#: it (so a dump has left the workload stopped and its images whole), or before it runs (BEFORE):
+#: it touches GATE.held, then waits. Every other command is the real criu (labkit.BROKEN_CRIU).
+HOLD_CRIU = """#!/bin/sh
+self=$(readlink -f "$0")
+real=
+IFS=:
+for d in $PATH; do
+  if [ -x "$d/criu" ] && [ "$(readlink -f "$d/criu")" != "$self" ]; then real="$d/criu"; break; fi
+done
+unset IFS
+[ -n "$real" ] || { echo "criu not found on PATH" >&2; exit 127; }
+if [ "$1" = "@HOLD@" ] && [ "@BEFORE@" = yes ]; then
+  touch "@GATE@.held"
+  while [ ! -e "@GATE@" ]; do sleep 0.05; done
+  exec "$real" "$@"
+fi
+if [ "$1" = "@HOLD@" ]; then
+  "$real" "$@"; rc=$?
+  touch "@GATE@.held"
+  while [ ! -e "@GATE@" ]; do sleep 0.05; done
+  exit $rc
+fi
+exec "$real" "$@"
+"""
+
+
+def holding_criu(path: Path, command: str, gate: Path, before: bool = False) -> Path:
+    """Write HOLD_CRIU at path, holding `command` (e.g. dump) at gate, after the real criu
+    ran it (with before: before it runs); the path."""
+    script = HOLD_CRIU.replace("@HOLD@", command).replace("@GATE@", str(gate))
+    path.write_text(script.replace("@BEFORE@", "yes" if before else "no"))
+    path.chmod(0o755)
+    return path
+
+
+def sshd_sessions(lab: labmod.Lab, host: str) -> list[int]:
+    """The sshd processes serving established connections to host's port 22."""
+    out = on(lab, host, "ss -Htnp state established '( sport = :22 )'")
+    return sorted({int(p) for p in re.findall(r"pid=(\d+)", out)})
+
+
+def drop_connections(lab: labmod.Lab, host: str) -> list[int]:
+    """Drop every ssh connection to host (the controller's: hosts reach each other's sshd,
+    not their own) by killing the sshd processes serving them; their pids."""
+    sessions = sshd_sessions(lab, host)
+    assert sessions, f"no ssh connection to {host} to drop"
+    on(lab, host, 'kill -KILL "$@"', *map(str, sessions))
+    return sessions
+
+
+def migration_id(run: Background, timeout: float = 30) -> str:
+    """The id of the migration run journals (from its start record)."""
+    starts = wait_for(
+        lambda: [e for e in run.events() if e.get("event") == "start"], timeout, "start record"
+    )
+    return str(starts[0]["id"])
+
+
+#: nftables table, in a host's netns, that drops all ssh to the host (its sshd's traffic).
+_SSH_BLOCK = "migrate_fault_ssh"
+
+
+def block_ssh(lab: labmod.Lab, host: str) -> None:
+    """Drop every packet to and from host's sshd (port 22), established connections included:
+    the controller's commands on host hang (a host that stopped answering), nothing fails."""
+    script = (f"table inet {_SSH_BLOCK}\ndelete table inet {_SSH_BLOCK}\n"
+              f"table inet {_SSH_BLOCK} {{\n"
+              "  chain input {\n    type filter hook input priority -150; policy accept;\n"
+              "    tcp dport 22 drop\n  }\n"
+              "  chain output {\n    type filter hook output priority -150; policy accept;\n"
+              "    tcp sport 22 drop\n  }\n}\n")  # fmt: skip
+    _nft(lab, host, script)
+
+
+def unblock_ssh(lab: labmod.Lab, host: str) -> None:
+    """Undo block_ssh (a host not blocked is left alone)."""
+    _nft(lab, host, f"table inet {_SSH_BLOCK}\ndelete table inet {_SSH_BLOCK}\n")
+
+
+def _nft(lab: labmod.Lab, host: str, script: str) -> None:
+    subprocess.run(["ip", "netns", "exec", lab.host(host).netns, "nft", "-f", "-"],
+                   input=script, text=True, check=True, capture_output=True)  # fmt: skip
+
+
+def wait_event(run: Background, test: Callable[[dict[str, Any]], bool], what: str,
+               timeout: float = 60) -> dict[str, Any]:  # fmt: skip
+    """Wait until run's journal has an event that passes test; that event."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in run.events() if test(e)]
+        if found:
+            return found[0]
+        if run.proc.poll() is not None:
+            raise AssertionError(f"migrate ended before {what}: {run.finish()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not journaled within {timeout}s")
+        time.sleep(0.01)
