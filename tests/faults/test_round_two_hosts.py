@@ -23,6 +23,9 @@ or `recover`, ends `succeeded` with it, counting on from the dump's state).
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,8 +37,10 @@ from tests.faults.kit import (
     assert_one_copy,
     fault_config,
     leftovers,
+    phases,
     run_migrate,
 )  # fmt: skip
+from tests.labkit import on, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -132,3 +137,68 @@ def test_source_host_crashes(
     assert leftovers(lab, out.id) == []
     rows = json.loads(run_migrate("gc", "--json", config=cfg).stdout)["leftovers"]
     assert [r for r in rows if r["garbage"]] == [], rows
+
+
+# -- 2. CRIU hangs --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sigstopped(lab: labmod.Lab) -> Iterator[list[tuple[str, int]]]:
+    """(host, pid) pairs a test SIGSTOPped: each still there gets SIGCONT at the end."""
+    stopped: list[tuple[str, int]] = []
+    yield stopped
+    for host, pid in stopped:
+        if labmod.host_up(lab, host):
+            on(lab, host, 'kill -CONT "$1" 2>/dev/null || true', str(pid))
+
+
+# host-a's criu: `criu dump` stops itself (SIGSTOP) as it starts, before it touches the tree,
+# then is the real criu if it is ever continued. Its process is named criu, like the real one.
+HANGING_CRIU = """#!/bin/sh
+[ "$1" = dump ] && kill -STOP $$
+exec {criu} "$@"
+"""
+
+
+def test_criu_dump_hangs(
+    lab: labmod.Lab,
+    fault_case: Callable[..., FaultCase],
+    sigstopped: list[tuple[str, int]],
+    tmp_path: Path,
+) -> None:
+    """`criu dump` on host-a is stopped from its start past the policy's command timeout: the
+    dump times out, its undo waits for the hung CRIU (never resuming a source a late dump could
+    still stop) and gives up on it, the source is seen running: rolled back. The hung CRIU is
+    left to `migrate gc --apply`, which kills it; the source runs on."""
+    hanging = tmp_path / "criu"
+    real = os.path.realpath(shutil.which("criu") or "criu")
+    hanging.write_text(HANGING_CRIU.format(criu=shlex.quote(real)))
+    hanging.chmod(0o755)
+    fc = fault_case("criu dump SIGSTOPped on src (command_timeout 8 s)", "fault-criuhang",
+                    policy={"command_timeout": 8},
+                    hosts={"host-a": {"criu": str(hanging)}})  # fmt: skip
+    wl = fc.wl
+    run = fc.background()
+    run.wait("dump")
+    found = wait_for(lambda: on(lab, "host-a", "pgrep -x criu || true").split(), what="criu dump")
+    pids = [int(p) for p in found]
+    sigstopped.extend(("host-a", p) for p in pids)
+    stat = on(lab, "host-a", 'ps -o stat= -p "$1"', str(pids[0])).strip()
+    assert stat.startswith("T"), f"criu dump is {stat}, not stopped"
+    out = run.finish(timeout=120)
+    c = fc.ended(out)
+    assert out.rc == 3 and out.status == "rolled_back", out
+    assert "host-a" in out.error and "timed out" in out.error and "criu dump" in out.error
+    assert ("dump", "failed") in phases(out), phases(out)
+    # The hung dump is never killed by the run: its undo waits for it, then gives up.
+    undo = next(p for p in out.report["phases"] if p["name"] == "undo dump")  # type: ignore[index]
+    assert undo["status"] == "undo_failed" and "still uses" in undo["error"], undo
+    assert c.where() == {"host-a": [wl.root_pid]}, c
+    assert_one_copy(lab, wl, "host-a", fc.before)
+    assert any(f"host-a: criu process {p} " in x for p in pids for x in leftovers(lab, out.id))
+    # `migrate gc --apply` removes the hung dump (its migration has ended); the source runs on.
+    gc = run_migrate("gc", "--apply", config=fc.config)
+    assert gc.rc == 0, gc
+    assert leftovers(lab, out.id) == []
+    fc.count()
+    assert_one_copy(lab, wl, "host-a", fc.before)
