@@ -33,13 +33,24 @@ import pytest
 
 from orchestrator import lab as labmod
 from tests.faults.kit import (
+    Background,
+    Case,
     FaultCase,
     assert_one_copy,
     fault_config,
+    journal_files,
     leftovers,
     phases,
     run_migrate,
 )  # fmt: skip
+from tests.integration.test_runtimes import (  # noqa: F401  (fixtures used by name)
+    RUNTIMES,
+    Container,
+    container,
+    podman_image,
+    rootfs,
+    workload_config,
+)
 from tests.labkit import on, wait_for
 
 pytestmark = pytest.mark.lab
@@ -202,3 +213,43 @@ def test_criu_dump_hangs(
     assert leftovers(lab, out.id) == []
     fc.count()
     assert_one_copy(lab, wl, "host-a", fc.before)
+
+
+# -- 3. containers: the controller dies at transfer begin ---------------------------------------
+
+
+@pytest.mark.parametrize("container", RUNTIMES, indirect=True)
+def test_container_controller_killed_at_transfer_then_recover(
+    lab: labmod.Lab,
+    case: Case,
+    container: Container,  # noqa: F811  (the fixture, parametrized by runtime)
+    tmp_path: Path,
+    background: Callable[..., Background],
+) -> None:
+    """The controller is SIGKILLed as the transfer begins (the container is checkpointed: frozen
+    or only in its images); `migrate recover` rolls back through the container's runtime: it
+    runs on host-a again as its runtime sees it, counting on from the checkpoint, and host-b
+    knows nothing of it."""
+    ctr = container
+    case.fault = f"{ctr.runtime}: controller SIGKILLed at transfer begin, then recover"
+    state = tmp_path / "state"
+    base = fault_config(lab, tmp_path / "base.yaml", state_dir=state)
+    cfg = workload_config(lab, tmp_path / "migrate.yaml", ctr, base=base)
+    before = ctr.count("host-a")
+    run = background("run", ctr.name, "host-a", "host-b", "--json", config=cfg, state_dir=state)
+    run.wait("transfer")
+    run.stop()
+    (path,) = journal_files(state)
+    migration = path.stem
+    rec = run_migrate("recover", migration, "--json", config=cfg, timeout=180)
+    case.outcome = f"recover: {rec.status} (exit {rec.rc})"
+    running = {h: ctr.pid(h) for h in lab.names if ctr.pid(h)}
+    case.copies = ", ".join(f"1 on {h}" for h in running) or "0"
+    assert rec.rc == 3 and rec.status == "rolled_back", rec
+    assert "(the controller died in transfer)" in " ".join(rec.notes), rec.notes
+    assert set(running) == {"host-a"}, running
+    assert not ctr.exists("host-b") and not ctr.exists("host-c")
+    now = ctr.count("host-a")
+    assert now >= before, f"state lost: {now} < {before}"  # a fresh container counts from 1
+    wait_for(lambda: ctr.count("host-a") > now + 5, what="the container to count on host-a")
+    assert leftovers(lab, migration) == []
