@@ -37,10 +37,12 @@ from tests.faults.kit import (
     Case,
     FaultCase,
     assert_one_copy,
+    census,
     fault_config,
     journal_files,
     leftovers,
     phases,
+    processes_mentioning,
     run_migrate,
 )  # fmt: skip
 from tests.integration.test_runtimes import (  # noqa: F401  (fixtures used by name)
@@ -253,3 +255,71 @@ def test_container_controller_killed_at_transfer_then_recover(
     assert now >= before, f"state lost: {now} < {before}"  # a fresh container counts from 1
     wait_for(lambda: ctr.count("host-a") > now + 5, what="the container to count on host-a")
     assert leftovers(lab, migration) == []
+
+
+# -- 4. post-copy after the point of no return ----------------------------------------------------
+
+
+def lazy_pages_pids(lab: labmod.Lab, host: str, migration: str) -> list[int]:
+    """Pids of `criu lazy-pages` working for this migration on host."""
+    return [
+        int(line.split(None, 1)[0])
+        for line in processes_mentioning(lab, host, migration)
+        if line.split(None, 1)[1].startswith("criu lazy-pages ")
+    ]
+
+
+@pytest.mark.parametrize("fault", ["lazy-pages killed", "link cut"])
+def test_postcopy_breaks_while_pages_are_pulled(
+    lab: labmod.Lab,
+    fault_case: Callable[..., FaultCase],
+    links: Callable[..., None],
+    fault: str,
+) -> None:
+    """Past the point of no return (host-b has resumed the workload, a 512 MiB one, so pulling
+    takes a while): the run ends stranded (exit 4) with the POST-COPY INCOMPLETE alarm, undoes
+    nothing, and leaves the source copy frozen on host-a with its pages. The test then kills
+    both copies by hand, as an operator deciding would."""
+    fc = fault_case(f"postcopy: {fault} on dst at pull-pages begin", f"fault-pc-{fault[:4]}",
+                    mib=512, policy={"postcopy_deadline": 20, "command_timeout": 20})  # fmt: skip
+    wl = fc.wl
+    run = fc.start("run", wl.spec, "host-a", "host-b", "--json", "--strategy", "postcopy",
+                   config=fc.config, state_dir=fc.state)  # fmt: skip
+    run.wait("pull-pages")
+    migration = journal_files(fc.state)[0].stem
+    if fault == "link cut":
+        links("host-a", "host-b", "drop")
+    else:
+        pids = lazy_pages_pids(lab, "host-b", migration)
+        assert pids, processes_mentioning(lab, "host-b", migration)
+        on(lab, "host-b", 'kill -KILL "$@"', *map(str, pids))
+    out = run.finish(timeout=120)
+    c = fc.ended(out)
+    why = {"lazy-pages killed": "the lazy-pages daemon on host-b failed (exit 137)",
+           "link cut": "not every page arrived within 20s"}[fault]  # fmt: skip
+    assert out.rc == 4 and out.status == "stranded", out
+    assert out.error.startswith(f"POST-COPY INCOMPLETE: {why}"), out.error
+    assert f"stays frozen on host-a (pid {wl.root_pid}) with its pages" in out.error, out.error
+    assert any(n.startswith("NO ROLLBACK: host-b had resumed") for n in out.notes), out.notes
+    assert phases(out)[-2:] == [("lazy-restore", "ok"), ("pull-pages", "failed")], phases(out)
+    assert not [n for n, _ in phases(out) if n.startswith("undo")], "nothing may be undone"
+    # The source copy: frozen, where it was, with all its memory.
+    assert {h: p for h, p in c.stopped.items() if p} == {"host-a": [wl.root_pid]}, c
+    rss_kib = int(on(lab, "host-a", "awk '/^VmRSS/ {print $2}' /proc/$1/status", str(wl.root_pid)))
+    assert rss_kib >= 500 * 1024, f"the frozen source holds only {rss_kib} KiB"
+    # The destination copy, restored with the source's pid, is left as it is: alive (its
+    # command line, in memory not pulled, may not even be readable: ps shows "?") or dead of
+    # a page that never came (both seen after the daemon's kill); the run killed nothing.
+    dst_pid = out.report["restored_pid"]  # type: ignore[index]
+    assert dst_pid == wl.root_pid
+    alive = on(lab, "host-b", 'test -d "/proc/$1" && echo yes || true', str(dst_pid)).strip()
+    fc.case.copies += f"; dst pid {dst_pid} " + ("alive, pages missing" if alive else "died")
+    # The operator's decision, by hand: here, kill both copies by pid. The journal ended
+    # (stranded), so `migrate gc --apply` may then remove what the migration left.
+    if alive:
+        on(lab, "host-b", 'kill -KILL "$1" 2>/dev/null || true', str(dst_pid))
+    on(lab, "host-a", 'kill -KILL "$1"', str(wl.root_pid))
+    gc = run_migrate("gc", "--apply", config=fc.config)
+    assert gc.rc == 0, gc
+    assert leftovers(lab, migration) == []
+    assert census(lab, wl.count_file).copies == 0
