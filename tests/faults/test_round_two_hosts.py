@@ -323,3 +323,32 @@ def test_postcopy_breaks_while_pages_are_pulled(
     assert gc.rc == 0, gc
     assert leftovers(lab, migration) == []
     assert census(lab, wl.count_file).copies == 0
+
+
+# -- 5. back and forth ----------------------------------------------------------------------------
+
+
+def test_ten_moves_back_and_forth(lab: labmod.Lab, fault_case: Callable[..., FaultCase]) -> None:
+    """The same workload moved host-a -> host-b -> host-a ... ten times (stop-copy): every move
+    succeeds, one copy each time, counting on from where it was; nothing left behind."""
+    fc = fault_case("10 moves a->b->a->b... in a row (stopcopy)", "fault-pingpong")
+    wl, before = fc.wl, fc.before
+    hosts = ["host-a", "host-b"]
+    ids, downtimes = [], []
+    for i in range(10):
+        src, dst = hosts[i % 2], hosts[(i + 1) % 2]
+        out = run_migrate("run", wl.spec, src, dst, "--json", "--strategy", "stopcopy",
+                          config=fc.config)  # fmt: skip
+        fc.ended(out)
+        fc.case.outcome = f"move {i + 1}/10 {src}->{dst}: {out.summary()}"
+        assert out.rc == 0 and out.status == "succeeded", out
+        assert out.report and out.report["restored_pid"] == wl.root_pid  # its own pids
+        c = assert_one_copy(lab, wl, dst, before)
+        fc.case.counted(c)
+        before = wl.count()
+        ids.append(out.id)
+        downtimes.append(out.report["downtime_ms"])
+    fc.case.outcome = f"10 x succeeded (exit 0); downtime {min(downtimes)}-{max(downtimes)} ms"
+    assert len(set(ids)) == 10
+    for migration in ids:
+        assert leftovers(lab, migration) == []
