@@ -233,7 +233,8 @@ def test_container_controller_killed_at_transfer_then_recover(
     runs on host-a again as its runtime sees it, counting on from the checkpoint, and host-b
     knows nothing of it."""
     ctr = container
-    case.fault = f"{ctr.runtime}: controller SIGKILLed at transfer begin, then recover"
+    case.fault = "controller SIGKILLed at transfer begin, then recover"
+    case.runtime, case.strategy = ctr.runtime, "stopcopy"
     state = tmp_path / "state"
     base = fault_config(lab, tmp_path / "base.yaml", state_dir=state)
     cfg = workload_config(lab, tmp_path / "migrate.yaml", ctr, base=base)
@@ -280,8 +281,9 @@ def test_postcopy_breaks_while_pages_are_pulled(
     takes a while): the run ends stranded (exit 4) with the POST-COPY INCOMPLETE alarm, undoes
     nothing, and leaves the source copy frozen on host-a with its pages. The test then kills
     both copies by hand, as an operator deciding would."""
-    fc = fault_case(f"postcopy: {fault} on dst at pull-pages begin", f"fault-pc-{fault[:4]}",
-                    mib=512, policy={"postcopy_deadline": 20, "command_timeout": 20})  # fmt: skip
+    what = fault.replace("link", "link a-b")
+    fc = fault_case(f"{what} at pull-pages begin", f"fault-pc-{fault[:4]}", mib=512,
+                    policy={"postcopy_deadline": 20, "command_timeout": 20})  # fmt: skip
     wl = fc.wl
     run = fc.start("run", wl.spec, "host-a", "host-b", "--json", "--strategy", "postcopy",
                    config=fc.config, state_dir=fc.state)  # fmt: skip
@@ -331,7 +333,7 @@ def test_postcopy_breaks_while_pages_are_pulled(
 def test_ten_moves_back_and_forth(lab: labmod.Lab, fault_case: Callable[..., FaultCase]) -> None:
     """The same workload moved host-a -> host-b -> host-a ... ten times (stop-copy): every move
     succeeds, one copy each time, counting on from where it was; nothing left behind."""
-    fc = fault_case("10 moves a->b->a->b... in a row (stopcopy)", "fault-pingpong")
+    fc = fault_case("10 moves a->b->a->b... in a row", "fault-pingpong")
     wl, before = fc.wl, fc.before
     hosts = ["host-a", "host-b"]
     ids, downtimes = [], []
