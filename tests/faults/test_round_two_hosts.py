@@ -12,12 +12,17 @@ when the journal shows that phase begin: never a sleep race.
 - one workload moved a -> b -> a -> b ... ten times in a row.
 
 What "exactly one copy" means when the source host crashes: a crash takes every process of
-that host with it, the workload's frozen or running source copy included; that loss is the
-crash's, not the tool's. Before the destination has restored, the workload dies with its host:
-the tool must then leave no copy (not even a half-restored one) on the destination, and no copy
-may appear later (e.g. when `recover` or a revived host runs). Once the destination has
-restored it, that copy is the workload: it must survive the crash, and be confirmed (the run,
-or `recover`, ends `succeeded` with it, counting on from the dump's state).
+that host with it, the workload's running or frozen source copy included; that loss is the
+crash's, not the tool's. What the tool guarantees, and these tests assert:
+- never a copy half-restored on the destination, nor a second copy later (after the host is
+  revived, after `recover`): at most one copy, ever;
+- before the freeze (prepare) the workload is lost with its host: the run fails, `recover`
+  says no copy runs, and none appears;
+- after the dump and before the restore (transfer) the images on the source's disk outlive the
+  crash: the run fails with the journal open, and `recover`, once the host is back, restores
+  the source from them (one copy, on the source, with the dump's state);
+- once the destination has restored it (verify), that copy is the workload: it survives the
+  crash and `recover` confirms it (one copy, on the destination, with the dump's state).
 """
 
 from __future__ import annotations
