@@ -232,11 +232,13 @@ def test_container_controller_killed_at_transfer_then_recover(
     container: Container,  # noqa: F811  (the fixture, parametrized by runtime)
     tmp_path: Path,
     background: Callable[..., Background],
+    links: Callable[..., None],
 ) -> None:
     """The controller is SIGKILLed as the transfer begins (the container is checkpointed: frozen
-    or only in its images); `migrate recover` rolls back through the container's runtime: it
-    runs on host-a again as its runtime sees it, counting on from the checkpoint, and host-b
-    knows nothing of it."""
+    or only in its images; the link a-b is cut from dump begin, so neither the transfer nor the
+    restore can end before the kill, and mended after it); `migrate recover` rolls back through
+    the container's runtime: it runs on host-a again as its runtime sees it, counting on from
+    the checkpoint, and host-b knows nothing of it."""
     ctr = container
     case.fault = "controller SIGKILLed at transfer begin, then recover"
     case.runtime, case.strategy = ctr.runtime, "stopcopy"
@@ -245,8 +247,11 @@ def test_container_controller_killed_at_transfer_then_recover(
     cfg = workload_config(lab, tmp_path / "migrate.yaml", ctr, base=base)
     before = ctr.count("host-a")
     run = background("run", ctr.name, "host-a", "host-b", "--json", config=cfg, state_dir=state)
+    run.wait("dump")
+    links("host-a", "host-b", "drop")
     run.wait("transfer")
     run.stop()
+    labmod.mend_link(lab, "host-a", "host-b")
     (path,) = journal_files(state)
     migration = path.stem
     rec = run_migrate("recover", migration, "--json", config=cfg, timeout=180)
