@@ -30,6 +30,7 @@ class _Walk:
     done: list[Phase] = field(default_factory=list)
     failure: BaseException | None = None  # before the point of no return: roll back
     stranded: BaseException | None = None  # after it: undo nothing, alarm
+    unconfirmed: BaseException | None = None  # verified on dst, src unlocked: left to recover
 
 
 def run(
@@ -61,6 +62,15 @@ def run(
             f"NO ROLLBACK: {plan.destination.name} had resumed the workload; nothing was undone "
             f"and {plan.source.name} was not confirmed. Journal {journal.path}"
         )
+    elif walk.unconfirmed is not None:
+        report.status, settled = "failed", False
+        _fail(report, walk.unconfirmed)
+        report.notes.append(
+            f"NOT CONFIRMED: the workload runs on {plan.destination.name} (verified); nothing was "
+            f"undone and {plan.source.name}'s copy and images are left as they were: run "
+            f"`migrate recover {plan.id}` once {plan.source.name} answers (journal "
+            f"{journal.path}; it stays open)"
+        )
     elif walk.failure is None:
         report.status = "succeeded"
     else:
@@ -89,8 +99,11 @@ def _walk(
     for phase in phases:
         lost = _keep_lock(ctx, phase)
         if lost is not None:  # never go on unlocked: stop here, as if the last phase failed
-            walk.failure = lost
             report.phases.append(PhaseResult(phase.name, "failed", 0.0, _message(lost)))
+            if phase.cleanup:  # the destination's copy is verified: never undo it for a lock
+                walk.unconfirmed = lost
+            else:
+                walk.failure = lost
             break
         emit(phase.name, None)
         t0 = time.monotonic()

@@ -63,6 +63,8 @@ def case(request: pytest.FixtureRequest) -> Iterator[Case]:
     line = {
         "test": request.node.nodeid,
         "fault": c.fault,
+        "strategy": c.strategy,
+        "runtime": c.runtime,
         "outcome": c.outcome,
         "copies": c.copies,
         "seconds": round(time.monotonic() - t0, 1),

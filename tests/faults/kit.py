@@ -180,11 +180,14 @@ class Case:
     fault: str = ""
     outcome: str = ""
     copies: str = ""
+    strategy: str = ""  # as the run's report names it (set by ended()), or by the test
+    runtime: str = "process"  # the workload's runtime: a test of a container sets it
     error: str = ""  # the report's error and notes, kept in the results file
     notes: tuple[str, ...] = ()
 
     def ended(self, out: Outcome) -> None:
         self.outcome = out.summary()
+        self.strategy = str((out.report or {}).get("strategy") or self.strategy)
         self.error = out.error
         self.notes = tuple(out.notes)
 

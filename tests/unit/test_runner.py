@@ -10,11 +10,11 @@ import pytest
 
 from orchestrator import phases, runner, strategies
 from orchestrator.errors import JournalError, MigrationError
-from orchestrator.journal import Journal, Stage, summarize
+from orchestrator.journal import Journal, Stage, read_events, summarize
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
 from orchestrator.transport.ssh import Result
-from tests.unit.fakehost import ID, criu, fail, pair, verbs, words
+from tests.unit.fakehost import ID, _FakeLock, criu, fail, pair, verbs, words
 
 STOPCOPY = ["preflight", "prepare", "dump", "transfer", "restore", "verify", "confirm"]
 
@@ -271,3 +271,27 @@ def test_every_strategy_only_goes_forward() -> None:
     for strategy in strategies.TABLE.values():
         stages = [p.stage for p in phases.build(strategy) if p.stage is not None]
         assert stages == sorted(stages), strategy.name
+
+
+def test_a_lock_lost_before_confirm_never_undoes_the_verified_destination(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source host is gone after verify (its lock cannot be taken again): nothing is undone
+    (the destination's copy may be the only one left), the journal stays open for recover."""
+    p = pair(tmp_path)
+
+    def ensure(_lock: object) -> bool:
+        done = [e.get("name") for e in read_events(p.journal.path) if e.get("state") == "done"]
+        if "verify" in done:
+            raise MigrationError("a (198.18.0.1): cannot connect")
+        return False
+
+    monkeypatch.setattr(_FakeLock, "ensure", ensure)
+    report = run(p)
+    assert report.status == "failed" and report.exit_code == 1
+    assert "cannot take it again before confirm" in (report.error or "")
+    assert [x.name for x in report.phases][-2:] == ["verify", "confirm"]
+    assert not [o for o in verbs(p.log) if "kill" in o or "rm -rf" in o], verbs(p.log)
+    assert any(n.startswith("NOT CONFIRMED") and f"migrate recover {ID}" in n for n in report.notes)
+    s = summarize(p.journal.path)
+    assert s is not None and s.status is None  # open: recover decides
