@@ -280,7 +280,10 @@ def _rollback(
         state = "unknown"
     if state == procs.RUNNING:
         if not clean:
-            report.notes.append(f"some undo steps failed (above): check {dst} for leftovers")
+            report.notes.append(
+                f"some undo steps failed (above): check {src} and {dst} for leftovers "
+                "(`migrate gc` lists them)"
+            )
         report.notes.append(
             f"rolled back: the workload runs on {src} again (pid {ctx.target.root_pid})"
         )
