@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import lab as labmod
+from tests.containerkit import container, podman_image, rootfs  # noqa: F401 (fixtures)
 from tests.labkit import counter_pids, on
 
 

@@ -25,7 +25,7 @@ from tests.faults.kit import (
     start_big,
     unblock_ssh,
 )
-from tests.labkit import start
+from tests.labkit import COUNTER, Workload, on, start, start_net_container, wait_for
 
 RESULTS_ENV = "MIGRATE_FAULT_RESULTS"
 
@@ -222,3 +222,33 @@ def ssh_blocks(lab: labmod.Lab) -> Iterator[Callable[[str], None]]:
     yield block
     for host in blocked:
         unblock_ssh(lab, host)
+
+
+@pytest.fixture
+def net_counter(lab: labmod.Lab, cleanup: list[Path]) -> Iterator[Callable[..., Workload]]:
+    """net_counter(name, address, mac, veth): the counter as init of a container with its own
+    network (veth, address) on host-a; every copy killed and its veth gone at the end."""
+    made: list[tuple[Path, str]] = []
+
+    def start(name: str, address: str, mac: str, veth: str) -> Workload:
+        work = lab.dir / "workloads"
+        work.mkdir(exist_ok=True)
+        script, count = work / "counter.sh", work / f"counter-{name}"
+        script.write_text(COUNTER)
+        cleanup.append(count)
+        made.append((count, veth))
+        pid = start_net_container(lab, "host-a", f"{address}/24", mac, veth, "sh", str(script),
+                                  str(count))  # fmt: skip
+        wl = Workload(name, count, f"pid:{pid}", pid)
+        wait_for(lambda: wl.count() >= 20, what="the counter to reach 20")
+        return wl
+
+    yield start
+    for count, veth in made:
+        for host in lab.names:  # its namespace, and veth, go asynchronously after the kill
+            pids = [int(p) for p in on(lab, host, 'pgrep -f -- "$1" || true', str(count)).split()]
+            if pids:
+                on(lab, host, 'kill -KILL "$@"', *map(str, pids), check=False)
+        for host in lab.names:
+            wait_for(lambda h=host, v=veth: not on(lab, h, f"ip link show {v}", check=False),
+                     what=veth)  # fmt: skip

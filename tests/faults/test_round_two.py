@@ -12,7 +12,6 @@ by a gate (a health check that waits for a file), never by a sleep.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,41 +24,16 @@ from tests.faults.kit import (
     Case,
     assert_one_copy,
     census,
+    drop_connections,
     fault_config,
+    gated_config,
     image_dirs,
     leftovers,
     run_migrate,
 )  # fmt: skip
-from tests.labkit import BROKEN_CRIU, COUNTER, Workload, on, start, start_net_container, wait_for
+from tests.labkit import BROKEN_CRIU, Workload, on, start
 
 pytestmark = pytest.mark.lab
-
-ADDRESS, MAC, VETH = "198.18.0.61", "02:6d:67:00:05:61", "vrt2"
-
-
-@pytest.fixture
-def gate(lab: labmod.Lab) -> Iterator[Path]:
-    """A file whose appearance lets a gated health check pass (opened at the end in any case)."""
-    path = lab.dir / "workloads" / "gate"
-    path.parent.mkdir(exist_ok=True)
-    path.unlink(missing_ok=True)
-    yield path
-    path.touch()
-
-
-def gated(lab: labmod.Lab, tmp: Path, wl: Workload, gate: Path, state: Path, name: str) -> Path:
-    """A config whose workload `gated` (wl, by its pidfile) waits at verify until gate exists."""
-    health = f'while [ ! -e "{gate}" ]; do sleep 0.05; done'
-    return fault_config(lab, tmp / f"{name}.yaml", state_dir=state,
-                        policy={"command_timeout": 120},
-                        workloads={"gated": {"pidfile": f"{wl.count_file}.pid",
-                                             "health": health}})  # fmt: skip
-
-
-def sshd_sessions(lab: labmod.Lab, host: str) -> list[int]:
-    """The sshd processes serving established connections to host's port 22."""
-    out = on(lab, host, "ss -Htnp state established '( sport = :22 )'")
-    return sorted({int(p) for p in re.findall(r"pid=(\d+)", out)})
 
 
 def test_lost_connection_retakes_the_lock_and_a_second_controller_is_refused(
@@ -70,14 +44,12 @@ def test_lost_connection_retakes_the_lock_and_a_second_controller_is_refused(
     wl = start(lab, "host-a", "counter-lostlock", container=False)
     cleanup.append(wl.count_file)
     state = tmp_path / "state"
-    cfg = gated(lab, tmp_path, wl, gate, state, "first")
+    cfg = gated_config(lab, tmp_path / "first.yaml", wl, state, gate=gate)
     run = background("run", "gated", "host-a", "host-b", "--json", config=cfg, state_dir=state)
     run.wait("verify")
     before = wl.count()
-    sessions = sshd_sessions(lab, "host-a")
-    assert sessions, "the controller's connection to host-a"
-    on(lab, "host-a", 'kill -KILL "$@"', *map(str, sessions))
-    other = gated(lab, tmp_path, wl, gate, tmp_path / "other", "second")
+    drop_connections(lab, "host-a")  # the controller's connection to host-a
+    other = gated_config(lab, tmp_path / "second.yaml", wl, tmp_path / "other", gate=gate)
     second = run_migrate("run", "gated", "host-a", "host-c", "--json", config=other)
     gate.touch()
     out = run.finish()
@@ -98,7 +70,7 @@ def test_recover_of_a_live_migration_changes_nothing(
     wl = start(lab, "host-a", "counter-liverecover", container=False)
     cleanup.append(wl.count_file)
     state = tmp_path / "state"
-    cfg = gated(lab, tmp_path, wl, gate, state, "live")
+    cfg = gated_config(lab, tmp_path / "live.yaml", wl, state, gate=gate)
     run = background("run", "gated", "host-a", "host-b", "--json", config=cfg, state_dir=state)
     run.wait("verify")
     before = wl.count()
@@ -113,32 +85,11 @@ def test_recover_of_a_live_migration_changes_nothing(
     assert_one_copy(lab, wl, "host-b", before)
 
 
-@pytest.fixture
-def net_counter(lab: labmod.Lab, cleanup: list[Path]) -> Iterator[Workload]:
-    """The counter as init of a container with its own network (veth, address) on host-a."""
-    work = lab.dir / "workloads"
-    work.mkdir(exist_ok=True)
-    script, count = work / "counter.sh", work / "counter-lastcopy"
-    script.write_text(COUNTER)
-    cleanup.append(count)
-    pid = start_net_container(lab, "host-a", f"{ADDRESS}/24", MAC, VETH, "sh", str(script),
-                              str(count))  # fmt: skip
-    wl = Workload("lastcopy", count, f"pid:{pid}", pid)
-    wait_for(lambda: wl.count() >= 20, what="the counter to reach 20")
-    yield wl
-    for host in lab.names:  # its namespace, and veth, go asynchronously after the kill
-        pids = [int(p) for p in on(lab, host, 'pgrep -f -- "$1" || true', str(count)).split()]
-        if pids:
-            on(lab, host, 'kill -KILL "$@"', *map(str, pids), check=False)
-    for host in lab.names:
-        wait_for(lambda h=host: not on(lab, h, f"ip link show {VETH}", check=False), what=VETH)
-
-
 def test_rollback_that_cannot_restore_keeps_the_last_copy_for_recover(
-    lab: labmod.Lab, case: Case, tmp_path: Path, net_counter: Workload
+    lab: labmod.Lab, case: Case, tmp_path: Path, net_counter: Callable[..., Workload]
 ) -> None:
     case.fault = "restore fails on both hosts (own network: rollback restores the source)"
-    wl = net_counter
+    wl = net_counter("lastcopy", "198.18.0.61", "02:6d:67:00:05:61", "vrt2")
     broken = tmp_path / "criu-fails-restore"
     broken.write_text(BROKEN_CRIU)
     broken.chmod(0o755)
@@ -186,7 +137,7 @@ def test_state_dir_read_only_mid_migration_rolls_back_in_one_line(
     wl = start(lab, "host-a", "counter-rostate", container=False)
     cleanup.append(wl.count_file)
     state = tmp_path / "state"
-    cfg = gated(lab, tmp_path, wl, gate, state, "ro")
+    cfg = gated_config(lab, tmp_path / "ro.yaml", wl, state, gate=gate)
     run = background("run", "gated", "host-a", "host-b", "--json", config=cfg, state_dir=state)
     run.wait("verify")
     before = wl.count()

@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import lab as labmod
+from tests.containerkit import RUNTIMES, Container, workload_config
 from tests.faults.kit import (
     Background,
     Case,
@@ -44,43 +45,16 @@ from tests.faults.kit import (
     assert_one_copy,
     census,
     fault_config,
+    gated_config,
     journal_files,
     leftovers,
     phases,
     processes_mentioning,
     run_migrate,
 )  # fmt: skip
-from tests.integration.test_runtimes import (  # noqa: F401  (fixtures used by name)
-    RUNTIMES,
-    Container,
-    container,
-    podman_image,
-    rootfs,
-    workload_config,
-)
 from tests.labkit import on, wait_for
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def gate(lab: labmod.Lab) -> Iterator[Path]:
-    """A file whose appearance lets a gated health check pass (made at the end in any case)."""
-    path = lab.dir / "workloads" / "gate-hosts"
-    path.parent.mkdir(exist_ok=True)
-    path.unlink(missing_ok=True)
-    yield path
-    path.touch()
-
-
-def gated(fc: FaultCase, gate: Path, tmp: Path, policy: dict[str, object] | None = None) -> Path:
-    """fc's config with a workload `gated` (fc's counter, by pidfile) whose health check waits
-    at verify until gate exists; the same state_dir as fc's own config."""
-    health = f'while [ ! -e "{gate}" ]; do sleep 0.05; done'
-    return fault_config(fc.lab, tmp / "gated.yaml", state_dir=fc.state,
-                        policy={"command_timeout": 120, **(policy or {})},
-                        workloads={"gated": {"pidfile": f"{fc.wl.count_file}.pid",
-                                             "health": health}})  # fmt: skip
 
 
 # -- 1. the source host crashes ------------------------------------------------------------------
@@ -107,7 +81,7 @@ def test_source_host_crashes(
     held = {"prepare": "", "transfer": " (link a-b cut)", "verify": " (held by a gate)"}[phase]
     fc = fault_case(f"src host-a crashes at {phase} begin{held}", f"fault-srccrash-{phase}")
     wl = fc.wl
-    cfg = gated(fc, gate, tmp_path)
+    cfg = gated_config(fc.lab, tmp_path / "gated.yaml", fc.wl, fc.state, gate=gate)
     run = fc.start("run", "gated", "host-a", "host-b", "--json", config=cfg, state_dir=fc.state)
     if phase == "transfer":  # the images cannot reach host-b: the run stays in transfer
         run.wait("dump")

@@ -21,7 +21,7 @@ import fcntl
 import json
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,7 +45,7 @@ from tests.faults.kit import (
     unblock_ssh,
     wait_event,
 )  # fmt: skip
-from tests.labkit import BROKEN_CRIU, COUNTER, Workload, on, start_net_container, wait_for
+from tests.labkit import BROKEN_CRIU, Workload, on, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -379,32 +379,9 @@ def test_link_cut_during_rollback_still_resumes_the_source(
     assert leftovers(lab, out.id) == []
 
 
-ADDRESS, MAC, VETH = "198.18.0.62", "02:6d:67:00:05:62", "vrt3"
-
-
-@pytest.fixture
-def net_counter(lab: labmod.Lab, cleanup: list[Path]) -> Iterator[Workload]:
-    """The counter as init of a container with its own network (veth, address) on host-a."""
-    work = lab.dir / "workloads"
-    work.mkdir(exist_ok=True)
-    script, count = work / "counter.sh", work / "counter-killedrestore"
-    script.write_text(COUNTER)
-    cleanup.append(count)
-    pid = start_net_container(lab, "host-a", f"{ADDRESS}/24", MAC, VETH, "sh", str(script),
-                              str(count))  # fmt: skip
-    wl = Workload("netcounter", count, f"pid:{pid}", pid)
-    wait_for(lambda: wl.count() >= 20, what="the counter to reach 20")
-    yield wl
-    for host in lab.names:  # its namespace, and veth, go asynchronously after the kill
-        pids = [int(p) for p in on(lab, host, 'pgrep -f -- "$1" || true', str(count)).split()]
-        if pids:
-            on(lab, host, 'kill -KILL "$@"', *map(str, pids), check=False)
-    for host in lab.names:
-        wait_for(lambda h=host: not on(lab, h, f"ip link show {VETH}", check=False), what=VETH)
-
-
 def test_controller_killed_while_its_rollback_restores_the_source_then_recover(
-    lab: labmod.Lab, case: Case, tmp_path: Path, gate: Path, net_counter: Workload,
+    lab: labmod.Lab, case: Case, tmp_path: Path, gate: Path,
+    net_counter: Callable[..., Workload],
     background: Callable[..., Background],
 ) -> None:  # fmt: skip
     """A workload with its own network is rolled back by killing its stopped source and
@@ -413,7 +390,7 @@ def test_controller_killed_while_its_rollback_restores_the_source_then_recover(
     the controller is SIGKILLed there. `recover` restores it from those images: one copy on
     host-a, counting on from the dump."""
     case.fault = "controller SIGKILLed in its rollback, the source killed, its restore not run"
-    wl = net_counter
+    wl = net_counter("netcounter", "198.18.0.62", "02:6d:67:00:05:62", "vrt3")
     hold = holding_criu(tmp_path / "criu-holds-restore", "restore", gate, before=True)
     state = tmp_path / "state"
     hosts = {"host-a": {"criu": str(hold)}, "host-b": {"criu": broken_restore(tmp_path)}}
