@@ -126,11 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # -v is for operators: migrate's own lines (one per remote command, with its host and
+    # duration), timestamped; never Fabric's, Invoke's or paramiko's debug lines.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="migrate: %(message)s",
+        level=logging.WARNING,
+        format="%(asctime)s.%(msecs)03d migrate: %(message)s" if args.verbose
+        else "migrate: %(message)s",
+        datefmt="%H:%M:%S",
         stream=sys.stderr,
-    )
+    )  # fmt: skip
+    logging.getLogger("migrate").setLevel(logging.INFO if args.verbose else logging.WARNING)
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     try:
         from orchestrator.fleet.cli import dispatch as fleet_dispatch

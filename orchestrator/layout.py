@@ -71,6 +71,12 @@ class ImageLayout:
         path = f"{self.root.rsplit('/images/', 1)[0]}/images/ssh-{self.root.rsplit('/', 1)[1]}"
         return path if len(path) <= SOCKET_MAX else None
 
+    @property
+    def pipe_socket(self) -> str | None:
+        """The image pipe's root-only socket (phases/imagepipe.py; None: path too long)."""
+        path = f"{self.root}/images.sock"
+        return path if len(path.encode()) <= SOCKET_MAX else None
+
     def contains(self, path: str) -> bool:
         return path == self.root or path.startswith(self.root + "/")
 

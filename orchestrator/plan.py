@@ -63,12 +63,19 @@ def new_id() -> str:
 
 @dataclass
 class Clock:
-    """When the freeze began and ended (monotonic seconds on the controller)."""
+    """The freeze, on the controller's time.monotonic(): from the final dump command's start on
+    the source to the restore command's end on the destination, both stamped on those hosts by
+    their agents (the controller's own time around the calls without one). The rest is the
+    freeze breakdown's parts (orchestrator/freeze.py)."""
 
     frozen_at: float | None = None
     dumped_at: float | None = None  # the final dump is done (the freeze goes on)
     transferred_at: float | None = None
+    restore_started_at: float | None = None
     running_at: float | None = None
+    transfer_ms: float | None = None  # the images' transfer command(s) inside the freeze
+    transfer_bytes: int = 0  # what they moved
+    freeze: dict[str, float | int | None] | None = None  # the breakdown, once measured
 
     @property
     def downtime_ms(self) -> int | None:
@@ -110,6 +117,8 @@ class Context:
     target: Target | None = None
     lock: RemoteLock | None = None  # held on the source from pre-flight to the end
     page_channel: PageChannel | None = None  # stream/post-copy: how pages travel (#14)
+    image_pipe: str | None = None  # the image pipe's forward (phases/imagepipe.py), if open
+    pipe_bytes: int = 0  # what the image pipe moved
     manifest: Manifest | None = None  # the images' checksums (rounds, final), from the source
     restored_pid: int = 0
     restored_start: int | None = None  # its start time there (verify reads it)
@@ -137,8 +146,10 @@ class Context:
 
     @property
     def bytes_transferred(self) -> int:
-        """Every byte that moved: rsync's, and pages pulled after a post-copy resume."""
-        return self.link.bytes_sent + self.postcopy.pulled_bytes
+        """Every byte that moved: rsync's, the image pipe's, pages streamed through the page
+        channel inside the freeze, and pages pulled after a post-copy resume."""
+        streamed = int((self.clock.freeze or {}).get("page_bytes") or 0)
+        return self.link.bytes_sent + self.pipe_bytes + streamed + self.postcopy.pulled_bytes
 
     @property
     def postcopy_tail_ms(self) -> int | None:

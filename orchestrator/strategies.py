@@ -61,8 +61,8 @@ class Strategy:
         return self.pages is Pages.LAZY
 
 
-_COPY = ("transfer", "restore", "verify")
-_LAZY = ("lazy-dump", "transfer", "lazy-restore", "pull-pages", "verify")
+_COPY = ("image-pipe", "dump", "transfer", "restore", "verify")
+_LAZY = ("image-pipe", "lazy-dump", "transfer", "lazy-restore", "pull-pages", "verify")
 # python3: the page channel's helper on both hosts (criu/pagechannel.py); on the source also
 # to unlock a rolled-back workload's TCP sockets (runtimes/net.py).
 PY = ("python3",)
@@ -80,14 +80,14 @@ TABLE: dict[str, Strategy] = {
         Strategy(
             "stopcopy", "stop-copy",
             "Freeze, dump everything, copy, restore: the freeze grows with memory size.",
-            ("preflight", "prepare", "dump", *_COPY, "confirm"),
+            ("preflight", "prepare", *_COPY, "confirm"),
             Needs(), Pages.FILES,
         ),
         Strategy(
             "stream", "stream",
             "Like stop-copy, but the dump streams pages straight to a page server on the "
             "destination through the source's ssh link; only small images are rsynced.",
-            ("preflight", "prepare", "page-server", "dump", *_COPY, "confirm"),
+            ("preflight", "prepare", "page-server", *_COPY, "confirm"),
             Needs(runtime=frozenset({Capability.PAGE_SERVER}), src_commands=PY, dst_commands=PY),
             Pages.PAGE_SERVER,
         ),
@@ -95,7 +95,7 @@ TABLE: dict[str, Strategy] = {
             "precopy", "pre-copy",
             "Rounds of pre-dumps while the workload runs (each sends only the pages dirtied "
             "since the one before) until the stop rule says freeze; the final dump is small.",
-            ("preflight", "prepare", "rounds", "dump", *_COPY, "final-round", "confirm"),
+            ("preflight", "prepare", "rounds", *_COPY, "final-round", "confirm"),
             Needs(src_features=(DIRTY_TRACKING,), runtime=frozenset({Capability.PRE_DUMP})),
             Pages.FILES, rounds=True,
         ),

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from orchestrator.criu.logs import raise_on_failure
+from orchestrator.criu.pagechannel import Call
 from orchestrator.errors import MigrationError
 from orchestrator.transport.ssh import Host
 
@@ -80,10 +81,11 @@ def parse_wait(stdout: str) -> int | None:
     return int(text) if text.lstrip("-").isdigit() else None
 
 
-def start(host: Host, images_dir: str, name: str, argv: list[str], log: str, what: str) -> None:
-    """Start argv detached as NAME on host; raise with CRIU's own error lines if it ends before
-    it is ready."""
-    r = host.run(start_argv(images_dir, name, host.policy.command_timeout, argv))
+def start(host: Host, images_dir: str, name: str, call: Call, log: str, what: str) -> None:
+    """Start call's argv detached as NAME on host (with the sockets it is handed); raise with
+    CRIU's own error lines if it ends before it is ready."""
+    argv = start_argv(images_dir, name, host.policy.command_timeout, call.argv)
+    r = host.run(argv, sockets=call.sockets, handed=call.handed)
     if r.dry:
         return
     started = parse_start(r.stdout) if r.ok else Started(False, "")

@@ -142,3 +142,37 @@ def dump_stats(data: bytes) -> DumpStats:
         if n in _DUMP_FIELDS and isinstance(v, int)
     }
     return DumpStats(**values)
+
+
+STATS_RESTORE = "stats-restore"  # written by a restore into its images dir
+
+
+@dataclass(frozen=True)
+class RestoreStats:
+    """CRIU's restore_stats_entry (images/stats.proto); times in microseconds."""
+
+    pages_compared: int = 0
+    pages_skipped_cow: int = 0
+    forking_time_us: int = 0
+    restore_time_us: int = 0
+    pages_restored: int = 0
+
+
+_RESTORE_FIELDS = {1: "pages_compared", 2: "pages_skipped_cow", 3: "forking_time_us",
+                   4: "restore_time_us", 5: "pages_restored"}  # fmt: skip
+
+
+def restore_stats(data: bytes) -> RestoreStats:
+    """Decode a stats-restore image (stats_entry { ...; restore_stats_entry restore = 2; })."""
+    msgs = entries(data, STATS_MAGIC)
+    if len(msgs) != 1:
+        raise ImageError(f"stats-restore holds {len(msgs)} entries, expected 1")
+    restore = fields(msgs[0]).get(2)
+    if not isinstance(restore, bytes):
+        raise ImageError("stats-restore holds no restore statistics (a dump's stats?)")
+    values = {
+        _RESTORE_FIELDS[n]: v
+        for n, v in fields(restore).items()
+        if n in _RESTORE_FIELDS and isinstance(v, int)
+    }
+    return RestoreStats(**values)

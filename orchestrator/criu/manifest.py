@@ -75,6 +75,14 @@ printf '%s\n' "$list" | "${dst[@]}"; rc=$?
 [ "$rc" -eq 0 ] || { echo "cannot sum the images on the destination (exit $rc)" >&2; exit "$rc"; }
 """
 
+# $1 root, $2 algorithm, then the paths to sum: as _DST_SUM, with the paths as arguments.
+_DST_SUM_ARGS = r"""
+root=$1 algo=$2; shift 2
+chmod -R go= -- "$root" && cd -- "$root" || exit 1
+[ "$#" -eq 0 ] || cksum -a "$algo" -- "$@"
+exit 0
+"""
+
 _SRC_MARK = "#14 source sums"
 _DST_MARK = "#14 destination sums"
 
@@ -180,7 +188,13 @@ def check(
     want = (before or Manifest()).merged(src.under(subdir))
     if not want:
         raise MigrationError(f"the dump on {source} left no image to check")
-    bad = want.differences(dst)
+    refuse_differences(want, dst, source, dest, root)
+    return want
+
+
+def refuse_differences(want: Manifest, got: Manifest, source: str, dest: str, root: str) -> None:
+    """MigrationError (so: rollback, no restore) naming what got lacks or holds otherwise."""
+    bad = want.differences(got)
     if bad:
         shown = "; ".join(bad[:3]) + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "")
         raise MigrationError(
@@ -188,4 +202,16 @@ def check(
             "Refusing to restore them",
             details=bad,
         )
-    return want
+
+
+def of_files(files: dict[str, list[int]], subdir: str) -> Manifest:
+    """An agent's account of an image dir it sent or received (relative path -> [CRC-32,
+    size]), named from the image root like the sums above."""
+    digests = tuple((f"./{p}", f"{crc} {size}") for p, (crc, size) in sorted(files.items()))
+    return Manifest(digests).under(subdir)
+
+
+def dst_sum_paths_argv(root: str, paths: list[str]) -> list[str]:
+    """Run on the destination: make root's files root-only, sum the named files (relative to
+    root); a missing one is named on stderr and left out."""
+    return ["sh", "-c", _DST_SUM_ARGS, "sh", root, ALGO, *paths]

@@ -24,7 +24,7 @@ image dirs; `PageChannel.for_dirs` is the one place the paths are chosen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: The fd number CRIU gets the connected socket on (3 is background.py's --status-fd).
 FD = 5
@@ -139,6 +139,27 @@ def _helper(*args: str) -> list[str]:
     return ["python3", "-I", "-S", "-c", HELPER, *args]
 
 
+#: With an agent on the host (transport/agent.py), CRIU gets the socket from the agent itself:
+#: this token in its argv becomes the fd's number (no helper process inside the freeze).
+TOKEN = "@page-channel"
+
+
+@dataclass(frozen=True)
+class Call:
+    """A command on the channel: its argv and the sockets the host's agent hands it."""
+
+    argv: list[str]
+    sockets: dict[str, str] = field(default_factory=dict)  # token -> socket to connect
+    handed: dict[str, str] = field(default_factory=dict)  # token -> holder to take it from
+
+
+def _on_token(criu_argv: list[str]) -> list[str]:
+    argv = list(criu_argv)
+    i = argv.index("--ps-socket")
+    argv[i + 1] = TOKEN
+    return argv
+
+
 @dataclass(frozen=True)
 class PageChannel:
     """Where one migration's page channel lives: a socket in each host's 0700 image dir."""
@@ -190,6 +211,19 @@ class PageChannel:
     def connect_argv(self, criu_argv: list[str]) -> list[str]:
         """Source: connect to src_sock (the forward) and exec the dump with it on fd."""
         return _helper("connect", self.src_sock, str(self.fd), "--", *criu_argv)
+
+    def connect(self, criu_argv: list[str], agent: bool) -> Call:
+        """Source: the dump on src_sock, handed by the agent, else by the `connect` helper."""
+        if agent:
+            return Call(_on_token(criu_argv), sockets={TOKEN: self.src_sock})
+        return Call(self.connect_argv(criu_argv))
+
+    def take(self, criu_argv: list[str], agent: bool) -> Call:
+        """Destination (post-copy): the lazy-pages daemon on the held connection, taken by
+        the agent, else by the `take` helper."""
+        if agent:
+            return Call(_on_token(criu_argv), handed={TOKEN: self.dst_hand})
+        return Call(self.take_argv(criu_argv))
 
     def take_argv(self, criu_argv: list[str]) -> list[str]:
         """Destination (post-copy): exec the lazy-pages daemon on the held connection."""

@@ -11,6 +11,7 @@ def build(strategy: Strategy) -> list[Phase]:
     from orchestrator.phases import (
         confirm,
         dump,
+        imagepipe,
         pageserver,
         postcopy,
         precopy,
@@ -23,7 +24,8 @@ def build(strategy: Strategy) -> list[Phase]:
 
     kinds: list[type[Phase]] = [
         preflight.Preflight, prepare.Prepare, precopy.Precopy, precopy.FinalRound,
-        pageserver.PageServer, pageserver.PageTunnel, dump.Dump, dump.LazyDump,
+        pageserver.PageServer, pageserver.PageTunnel, imagepipe.ImagePipe, dump.Dump,
+        dump.LazyDump,
         transfer.Transfer, restore.Restore, postcopy.LazyRestore, postcopy.PullPages,
         verify.Verify, confirm.Confirm,
     ]  # fmt: skip

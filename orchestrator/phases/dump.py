@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from orchestrator import actions
+from orchestrator import actions, freeze
 from orchestrator.checkpoint import Checkpoint
 from orchestrator.journal import Stage
 from orchestrator.phases.base import Phase
@@ -23,9 +23,11 @@ class Dump(Phase):
 
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None
-        ctx.clock.frozen_at = time.monotonic()
-        ctx.runtime.checkpoint(ctx.src, ctx.target, final_checkpoint(ctx))
-        ctx.clock.dumped_at = time.monotonic()
+        t0 = time.monotonic()
+        with ctx.src.recording() as ran:
+            ctx.runtime.checkpoint(ctx.src, ctx.target, final_checkpoint(ctx))
+        began, ended = freeze.span(ran)
+        ctx.clock.frozen_at, ctx.clock.dumped_at = began or t0, ended or time.monotonic()
 
     def undo(self, ctx: Context) -> None:
         actions.resume_source(ctx)

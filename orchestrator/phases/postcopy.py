@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from orchestrator import actions
+from orchestrator import actions, freeze
 from orchestrator.criu import background
 from orchestrator.criu.logs import PAGE_SIZE, pages_pulled
 from orchestrator.criu.pagechannel import LAZY_PAGES_LOG, lazy_pages
@@ -34,11 +34,15 @@ class LazyRestore(Phase):
         assert ctx.target is not None and ctx.page_channel is not None
         images = ctx.dst_images.final
         # the lazy-pages daemon takes over the connection the destination holds
-        argv = ctx.page_channel.take_argv(lazy_pages(ctx.plan.destination.criu, images))
-        background.start(ctx.dst, images, background.LAZY_PAGES, argv,
-                         LAZY_PAGES_LOG, "lazy-pages")  # fmt: skip
-        ctx.restored_pid = ctx.runtime.restore(ctx.dst, ctx.target, images, lazy=True)
-        ctx.clock.running_at = time.monotonic()
+        call = ctx.page_channel.take(lazy_pages(ctx.plan.destination.criu, images),
+                                     ctx.dst.agent is not None)  # fmt: skip
+        t0 = time.monotonic()
+        with ctx.dst.recording() as ran:
+            background.start(ctx.dst, images, background.LAZY_PAGES, call,
+                             LAZY_PAGES_LOG, "lazy-pages")  # fmt: skip
+            ctx.restored_pid = ctx.runtime.restore(ctx.dst, ctx.target, images, lazy=True)
+        began, ended = freeze.span(ran, to_longest=True)
+        ctx.clock.restore_started_at, ctx.clock.running_at = began or t0, ended or time.monotonic()
 
     def undo(self, ctx: Context) -> None:
         actions.remove_restored(ctx)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from orchestrator import actions
+from orchestrator import actions, freeze
 from orchestrator.journal import Stage
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
@@ -16,8 +16,11 @@ class Restore(Phase):
 
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None
-        ctx.restored_pid = ctx.runtime.restore(ctx.dst, ctx.target, ctx.dst_images.final)
-        ctx.clock.running_at = time.monotonic()
+        t0 = time.monotonic()
+        with ctx.dst.recording() as ran:
+            ctx.restored_pid = ctx.runtime.restore(ctx.dst, ctx.target, ctx.dst_images.final)
+        began, ended = freeze.span(ran, to_longest=True)
+        ctx.clock.restore_started_at, ctx.clock.running_at = began or t0, ended or time.monotonic()
 
     def undo(self, ctx: Context) -> None:
         actions.remove_restored(ctx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from orchestrator import freeze
 from orchestrator.errors import MigrationError
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
@@ -29,3 +30,4 @@ class Verify(Phase):
             r = ctx.dst.run(["sh", "-c", health])  # (not retried: it may not be read-only)
             if not r.ok:
                 raise MigrationError(f"health check failed on {ctx.dst}: {r.error_line()}")
+        freeze.measure(ctx)

@@ -9,14 +9,13 @@ from orchestrator.config import ConfigError
 from orchestrator.criu import background
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import raise_on_failure
-from orchestrator.criu.pagechannel import dump_flags
+from orchestrator.criu.pagechannel import Call, dump_flags
 from orchestrator.errors import MigrationError
 from orchestrator.runtimes import net, procs
 from orchestrator.runtimes.base import Runtime, Target
 from orchestrator.transport.ssh import Host
 
 PIDFILE = "restored.pid"
-_THEN_CAT = 'umask 077; pf=$1; shift; "$@" || exit $?; cat -- "$pf"'
 
 
 class ProcessRuntime(Runtime):
@@ -151,12 +150,12 @@ class ProcessRuntime(Runtime):
             raise_on_failure(host, r, cp.images_dir, criu.PRE_DUMP_LOG, "pre-dump")
             return
         argv = criu.dump(host.config.criu, options)
-        if cp.channel:  # the dump gets the page channel's socket, connected, on an fd
-            argv = cp.channel.connect_argv(argv)
+        # the dump gets the page channel's socket, connected, on an fd
+        call = cp.channel.connect(argv, host.agent is not None) if cp.channel else Call(argv)
         if cp.pages is Pages.LAZY:
-            background.start(host, cp.images_dir, background.DUMP, argv, criu.DUMP_LOG, "dump")
+            background.start(host, cp.images_dir, background.DUMP, call, criu.DUMP_LOG, "dump")
             return
-        r = host.run(argv, private=True)
+        r = host.run(call.argv, private=True, sockets=call.sockets)
         raise_on_failure(host, r, cp.images_dir, criu.DUMP_LOG, "dump")
 
     def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
@@ -185,18 +184,14 @@ class ProcessRuntime(Runtime):
                 extra=self.workload.criu_options,
             ),
         )
-        # One round trip inside the freeze: restore, then print the pid CRIU wrote.
-        r = host.run(["sh", "-c", _THEN_CAT, "sh", pidfile, *argv])
+        r = host.run(argv, private=True)
         raise_on_failure(host, r, images_dir, criu.RESTORE_LOG, "restore")
-        if host.dry_run:
-            return 0
-        last = r.stdout.strip().rsplit("\n", 1)[-1]
-        return int(last) if last.isdigit() else self.find_restored(host, images_dir)
+        return 0 if host.dry_run else self.find_restored(host, images_dir)
 
     def find_restored(self, host: Host, images_dir: str) -> int:
-        r = host.run(["cat", "--", f"{images_dir}/{PIDFILE}"], mutates=False)
-        text = r.stdout.strip()
-        return int(text) if r.ok and text.isdigit() else 0
+        """The pid CRIU wrote (read by the host's agent: no process inside the freeze)."""
+        text = (host.read_file(f"{images_dir}/{PIDFILE}") or b"").decode(errors="replace").strip()
+        return int(text) if text.isdigit() else 0
 
     def resume(self, host: Host, target: Target, images_dir: str) -> None:
         state = procs.state(host, target.root_pid)

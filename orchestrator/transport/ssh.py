@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import shlex
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +28,11 @@ from tenacity import Retrying as _Retrying
 
 from orchestrator.config import HostConfig, Policy
 from orchestrator.errors import MigrationError
+from orchestrator.transport.agent import ARGV as AGENT_ARGV
+from orchestrator.transport.agent import Agent, AgentLost, AgentTimeout
 
 log = logging.getLogger("migrate.ssh")
+cmd_log = logging.getLogger("migrate.command")  # -v: one line per remote command
 
 
 class HostError(MigrationError):
@@ -55,6 +61,10 @@ class Result:
     stdout: str = ""
     stderr: str = ""
     dry: bool = False
+    # When the command's process started and ended, on the controller's time.monotonic()
+    # (stamped on the host by its agent; None without one).
+    started: float | None = None
+    ended: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -165,8 +175,11 @@ class Host:
     dry_run: bool = False
     planned: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # retries and the like, for the report
+    use_agent: bool = True  # run commands through the host's agent (transport/agent.py)
     _conn: Connection | None = None
+    _agent: Agent | None = None
     _unreachable: str | None = None  # set once connecting failed after every retry
+    _recording: threading.local = field(default_factory=threading.local, repr=False)
 
     @property
     def name(self) -> str:
@@ -188,6 +201,18 @@ class Host:
         except _Transient as e:
             self._unreachable = str(e)
             raise
+        if self.use_agent and self._conn is not None and self._conn.transport is not None:
+            self._agent = Agent.start(
+                self._conn.transport, self.name, self.policy.connect_timeout, quote(AGENT_ARGV)
+            )
+
+    @property
+    def agent(self) -> Agent | None:
+        """The host's agent, connecting first; None if it has none (no python3 there)."""
+        if self.dry_run or not self.use_agent:
+            return None
+        self.connect()
+        return self._agent if self._agent is not None and self._agent.alive else None
 
     def _open(self) -> Connection:
         cfg = self.config
@@ -243,34 +268,111 @@ class Host:
         mutates: bool = True,
         check: bool = False,
         private: bool = False,
+        sockets: Mapping[str, str] | None = None,
+        handed: Mapping[str, str] | None = None,
     ) -> Result:
         """Run argv (quoted here, nowhere else); never raises for a non-zero exit unless check.
-        With private, under umask 077 (in the same shell: no process more), so that what it
-        writes (CRIU's images hold process memory) is 0600."""
+        With private, under umask 077, so that what it writes (CRIU's images hold process
+        memory) is 0600. With sockets (agent only), each Unix socket path is connected and
+        handed to the command, its fd number replacing the token in argv; with handed, the
+        connection a holder on that path hands over (SCM_RIGHTS). Past its timeout a
+        command run by the agent is killed (with its process group)."""
         argv = [str(a) for a in argv]
         line = quote(argv)
         if self.dry_run and mutates:
             self.planned.append(f"{self.name}$ {line}")
             return Result(self.name, argv, 0, dry=True)
         limit = timeout or self.policy.command_timeout
-        if private:
-            line = f"umask 077; {line}"
+        t0 = time.monotonic()
         if mutates:  # never repeated blindly: the first run may have acted
-            result = self._execute(argv, line, limit)
+            result = self._dispatch(argv, line, limit, private, sockets, handed)
         else:  # a read is safe to repeat on a fresh connection
             what = f"{self.name}: {_short(line, 60)}"
             for attempt in retrying(self.policy, what, (_Lost,), self.notes):
                 with attempt:
-                    result = self._execute(argv, line, limit)
+                    result = self._dispatch(argv, line, limit, private, sockets, handed)
+        cmd_log.info("%s %6.3fs exit %d  %s", self.name, time.monotonic() - t0,
+                     result.exit_code, _short(line, 160))  # fmt: skip
+        ran = getattr(self._recording, "ran", None)
+        if ran is not None:
+            ran.append(result)
         if check and not result.ok:
             raise HostError(f"{self}: `{_short(line)}` failed: {result.error_line()}")
         return result
+
+    @contextmanager
+    def recording(self) -> Iterator[list[Result]]:
+        """The results of the commands this thread runs on the host inside the block (when
+        each started and ended there: the freeze's breakdown)."""
+        outer = getattr(self._recording, "ran", None)
+        ran: list[Result] = []
+        self._recording.ran = ran
+        try:
+            yield ran
+        finally:
+            if outer is not None:
+                outer.extend(ran)
+            self._recording.ran = outer
+
+    def read_file(self, path: str) -> bytes | None:
+        """A small file's bytes (None: it does not exist), without a process on the host if
+        it has an agent."""
+        agent = self.agent
+        if agent is None:
+            r = self.run(["base64", "-w", "0", "--", path], mutates=False)
+            if not r.ok:
+                return None
+            try:
+                return base64.b64decode(r.stdout.strip(), validate=True)
+            except binascii.Error:
+                raise HostError(f"{self}: unreadable output reading {path}") from None
+        a = self.call(agent, "read", self.policy.command_timeout, f"read {path}", path=path)
+        if a.get("missing"):
+            return None
+        if "error" in a:
+            raise HostError(f"{self}: cannot read {path}: {a['error']}")
+        return base64.b64decode(a["data"])
+
+    def call(self, agent: Agent, op: str, wait: float, what: str, /, **args: object) -> dict:
+        """One agent request; a lost or wedged agent's connection is dropped (HostError)."""
+        try:
+            return agent.call(op, wait + WEDGED_GRACE, **args)
+        except AgentTimeout:
+            self.close()
+            raise HostError(f"{self}: timed out after {wait:.0f}s: {_short(what)}") from None
+        except AgentLost as e:
+            self.close()
+            raise _Lost(f"{self}: connection lost running {_short(what)}: {e}") from None
+
+    def _dispatch(
+        self,
+        argv: list[str],
+        line: str,
+        timeout: float,
+        private: bool,
+        sockets: Mapping[str, str] | None,
+        handed: Mapping[str, str] | None,
+    ) -> Result:
+        agent = self.agent
+        if agent is None:
+            if sockets or handed:
+                raise HostError(f"{self}: handing a socket to a command needs the host's agent")
+            return self._execute(argv, f"umask 077; {line}" if private else line, timeout)
+        a = self.call(agent, "run", timeout, line, argv=argv, timeout=timeout,
+                      umask=0o077 if private else None, sockets=dict(sockets or {}),
+                      handed=dict(handed or {}))  # fmt: skip
+        if a.get("timed_out"):
+            raise HostError(f"{self}: timed out after {timeout:.0f}s (killed): {_short(line)}")
+        if "error" in a:
+            raise HostError(f"{self}: the agent could not run {_short(line)}: {a['error']}")
+        rc = int(a["rc"])
+        return Result(self.name, argv, rc if rc >= 0 else 128 - rc, a["out"], a["err"],
+                      started=agent.local(a["started"]), ended=agent.local(a["ended"]))  # fmt: skip
 
     def _execute(self, argv: list[str], line: str, timeout: float) -> Result:
         """Run one quoted line over the persistent connection."""
         self.connect()
         assert self._conn is not None
-        log.debug("%s$ %s", self.name, line)
         # Past its timeout, a command on a peer that vanished silently can still block (the
         # channel waits on TCP): then its socket is dropped, which ends every wait on it.
         dropped = threading.Event()
@@ -327,6 +429,9 @@ class Host:
         raise HostError(f"{self}: cannot take lock {path} (exit {status})")
 
     def close(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
         if self._conn is not None:
             try:
                 self._conn.close()

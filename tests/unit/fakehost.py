@@ -18,7 +18,7 @@ from orchestrator.criu import background, manifest
 from orchestrator.journal import Journal
 from orchestrator.plan import Context, Plan
 from orchestrator.runtimes import procs
-from orchestrator.runtimes.process import _THEN_CAT, ProcessRuntime
+from orchestrator.runtimes.process import ProcessRuntime
 from orchestrator.transport.ssh import Host, RemoteLock, Result
 
 Match = Callable[[list[str]], bool]
@@ -112,7 +112,7 @@ def healthy_host(host: FakeHost, restored: list[bool]) -> None:
     host.on(script(procs._NS_SCRIPT), "NSpid:\t100\npid same\nmnt same\nnet same\n")
     host.answer(lambda a: Result(host.name, a, 0, facts_output(host, a))
                 if script(facts.SCRIPT)(a) else None)  # fmt: skip
-    host.on(lambda a: a[:1] == ["cat"] and a[-1].endswith("restored.pid"), "100\n")
+    host.on(lambda a: a[:1] == ["base64"] and a[-1].endswith("restored.pid"), "MTAwCg==")
     host.on(lambda a: a[:1] == ["cat"] and a[-1].endswith(".log"),
             "(0.1) Error (criu/x.c:1): it broke\n")  # fmt: skip
     host.on(script(background._START), "ready\n")  # CRIU in the background: ready at once
@@ -121,7 +121,7 @@ def healthy_host(host: FakeHost, restored: list[bool]) -> None:
                 if words("ps", "-ww", "-e")(a) else None)  # fmt: skip
 
     def restore(argv: list[str]) -> None:
-        if script(_THEN_CAT)(argv):
+        if criu("restore")(argv):
             restored.append(True)
 
     host.watchers.append(restore)

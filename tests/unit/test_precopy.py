@@ -79,7 +79,7 @@ def test_rounds_then_final_dump_on_top_of_the_last(tmp_path: Path) -> None:
     report = run(p)
     assert report.status == "succeeded", report.error
     assert [p.name for p in report.phases] == [
-        "preflight", "prepare", "rounds", "dump", "transfer", "restore", "verify",
+        "preflight", "prepare", "rounds", "image-pipe", "dump", "transfer", "restore", "verify",
         "final-round", "confirm",
     ]  # fmt: skip
     cmds = [c for c in lines(p) if c.startswith(("criu pre-dump", "criu dump"))]

@@ -16,7 +16,16 @@ from orchestrator.plan import Context
 from orchestrator.transport.ssh import Result
 from tests.unit.fakehost import ID, _FakeLock, criu, fail, pair, verbs, words
 
-STOPCOPY = ["preflight", "prepare", "dump", "transfer", "restore", "verify", "confirm"]
+STOPCOPY = [
+    "preflight",
+    "prepare",
+    "image-pipe",
+    "dump",
+    "transfer",
+    "restore",
+    "verify",
+    "confirm",
+]
 
 
 def run(p, **kw):  # type: ignore[no-untyped-def]
@@ -52,7 +61,7 @@ def test_the_journal_names_each_phase_and_its_stage(tmp_path: Path) -> None:
     s = summarize(p.journal.path)
     assert s is not None and s.status == "succeeded" and s.stage == Stage.CONFIRMING
     begun = [(e["name"], e["stage"]) for e in s.events if e.get("state") == "begin"]
-    assert begun == [("preflight", 0), ("prepare", 1), ("dump", 3), ("transfer", 3),
+    assert begun == [("preflight", 0), ("prepare", 1), ("image-pipe", 1), ("dump", 3), ("transfer", 3),
                      ("restore", 4), ("verify", 4), ("confirm", 6)]  # fmt: skip
     assert s.root_pid == 100 and s.restored_pid == 100 and s.facts["command"] == "/bin/sh /w.sh"
 
@@ -72,7 +81,9 @@ def test_restore_failure_rolls_back_newest_first(tmp_path: Path) -> None:
     assert report.status == "rolled_back" and report.exit_code == 3
     assert "criu restore failed on b" in (report.error or "")
     assert report.criu_errors == ["Error (criu/x.c:1): it broke"]
-    assert [x.name for x in report.phases][-3:] == ["undo restore", "undo dump", "undo prepare"]
+    assert [x.name for x in report.phases][-4:] == [
+        "undo restore", "undo dump", "undo image-pipe", "undo prepare"
+    ]  # fmt: skip
     order = verbs(p.log)
     after = order[order.index("b: criu restore") + 1 :]
     # the destination copy is removed before the source resumes; the source is never killed
@@ -80,7 +91,7 @@ def test_restore_failure_rolls_back_newest_first(tmp_path: Path) -> None:
     assert after.index("a: kill -CONT 100 101") < after.index(f"b: rm -rf -- /wb/images/{ID}")
     assert "a: kill -KILL 100 101" not in order and "a: ssh close" in after
     events = summarize(p.journal.path).events  # type: ignore[union-attr]
-    assert [e["event"] for e in events].count("undo") == 3
+    assert [e["event"] for e in events].count("undo") == 4
 
 
 def test_preflight_refusal_changes_nothing(tmp_path: Path) -> None:
@@ -141,7 +152,8 @@ def test_a_bug_in_an_undo_skips_no_other_undo(tmp_path: Path) -> None:
     p.dst.answer(broken_restore_undo)
     report = run(p)
     undo = {x.name: x.status for x in report.phases if x.name.startswith("undo ")}
-    assert undo == {"undo restore": "undo_failed", "undo dump": "undone", "undo prepare": "undone"}
+    assert undo == {"undo restore": "undo_failed", "undo dump": "undone",
+                    "undo image-pipe": "undone", "undo prepare": "undone"}  # fmt: skip
     assert "a: kill -CONT 100 101" in verbs(p.log) and report.status == "rolled_back"
     assert summarize(p.journal.path).status == "rolled_back"  # type: ignore[union-attr]
 

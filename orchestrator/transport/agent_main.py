@@ -1,0 +1,358 @@
+"""The per-host agent (issue 15): the program the controller starts on each host over its ssh
+connection, once, when it connects (transport/agent.py sends this file's text; nothing is
+installed). Python's standard library only.
+
+It reads requests (one JSON object a line) on stdin and answers each on stdout, tagged with the
+request's id, from a thread of its own, so that requests overlap. It runs argv lists itself:
+no shell, no rc file, no ssh session per command, which is what a command cost inside the freeze
+before (~0.2 s each). Ops:
+
+- ping: the host's clock (the controller estimates the offset between the clocks).
+- run: argv, with a timeout (past it the command's process group is killed: it never goes on
+  later), a umask, and Unix sockets to connect and hand the command as file descriptors (the
+  page channel: no helper process in between). Answers exit code, output, and when it started
+  and ended on the host's clock.
+- read: a small file's bytes (CRIU's stats, a pidfile), no process started.
+- listen / collect / cancel: receive one image dir on a root-only Unix socket (one connection,
+  from uid 0) into a dir, before the freeze; collect waits for it to have arrived and says what
+  arrived, each file's CRC-32 and size read back from the disk.
+- send: send an image dir to such a socket (through the ssh link's forward), CRC-32 and size of
+  each file as read.
+
+When stdin closes (the controller or its connection went) it exits; commands it started run on.
+"""
+
+import base64
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+CHUNK = 1 << 20
+#: What an image dir holds that is not an image: logs, exit codes, FIFOs, sockets.
+SKIP_SUFFIXES = (".log", ".err", ".rc", ".ready", ".sock", ".part", ".tmp")
+READ_MAX = 64 << 20
+
+_out_lock = threading.Lock()
+_receivers: dict = {}  # socket path -> Receiver
+
+
+def reply(msg):
+    data = (json.dumps(msg) + "\n").encode()
+    with _out_lock:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+
+def op_ping(req):
+    return {"time": time.time(), "pid": os.getpid()}
+
+
+def _high(fd):
+    """fd, moved to 10 or above (clear of a shell's 3>...), close-on-exec until handed over."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return high
+
+
+def _connect(path, handed):
+    """A connection to the Unix socket path; with handed, the connection a holder there hands
+    over (SCM_RIGHTS) instead."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with s:
+        s.settimeout(30)
+        s.connect(path)
+        if not handed:
+            return _high(s.detach())
+        _, fds, _, _ = socket.recv_fds(s, 1, 1)
+    if not fds:
+        raise OSError(f"nothing was handed over on {path}")
+    return _high(fds[0])
+
+
+def op_run(req):
+    argv = [str(a) for a in req["argv"]]
+    fds = []
+    try:
+        for key, handed in (("sockets", False), ("handed", True)):
+            for token, path in (req.get(key) or {}).items():
+                fd = _connect(path, handed)
+                fds.append(fd)
+                argv = [str(fd) if a == token else a for a in argv]
+        umask = req.get("umask")
+        started = time.time()
+        try:
+            p = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                pass_fds=fds,
+                umask=-1 if umask is None else int(umask),
+            )
+        except OSError as e:
+            return {"rc": 127, "out": "", "err": f"{argv[0]}: {e.strerror}",
+                    "started": started, "ended": time.time()}  # fmt: skip
+        for fd in fds:  # the command has them now
+            os.close(fd)
+        fds = []
+        timed_out = False
+        try:
+            out, err = p.communicate(timeout=req.get("timeout"))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                out, err = p.communicate(timeout=5)
+            except subprocess.TimeoutExpired:  # a grandchild holds the pipes: let them be
+                out, err = b"", b""
+        ended = time.time()
+        return {
+            "rc": p.wait(),
+            "out": out.decode("utf-8", "replace"),
+            "err": err.decode("utf-8", "replace"),
+            "started": started,
+            "ended": ended,
+            "timed_out": timed_out,
+        }
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def op_read(req):
+    try:
+        with open(req["path"], "rb") as f:
+            data = f.read(READ_MAX + 1)
+    except FileNotFoundError:
+        return {"missing": True}
+    if len(data) > READ_MAX:
+        return {"error": f"{req['path']} is larger than {READ_MAX} bytes"}
+    return {"data": base64.b64encode(data).decode()}
+
+
+def _files(top):
+    """(relative path, kind, size or link target) under top, sorted, images only."""
+    out = []
+    for here, dirs, names in os.walk(top):
+        dirs.sort()
+        for name in sorted(dirs + names):
+            path = os.path.join(here, name)
+            rel = os.path.relpath(path, top)
+            if name.endswith(SKIP_SUFFIXES):
+                continue
+            if os.path.islink(path):
+                out.append((rel, "link", os.readlink(path)))
+            elif name in dirs:
+                out.append((rel, "dir", 0))
+            elif os.path.isfile(path):
+                out.append((rel, "file", os.path.getsize(path)))
+    return out
+
+
+def _line(sock_file, msg):
+    sock_file.write((json.dumps(msg) + "\n").encode())
+
+
+def op_send(req):
+    top, bwlimit = req["dir"], int(req.get("bwlimit") or 0) * 1024
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(req["sock"])
+    t0 = time.monotonic()
+    sent, files = 0, {}
+    with s, s.makefile("wb", buffering=CHUNK) as w:
+        for rel, kind, what in _files(top):
+            if kind != "file":
+                _line(w, {"path": rel, "kind": kind, "target": what})
+                continue
+            _line(w, {"path": rel, "kind": "file", "size": what})
+            crc, left = 0, what
+            with open(os.path.join(top, rel), "rb") as f:
+                while left:
+                    chunk = f.read(min(CHUNK, left))
+                    if not chunk:  # shrank while being sent: the receiver sees it short
+                        break
+                    w.write(chunk)
+                    crc = zlib.crc32(chunk, crc)
+                    left -= len(chunk)
+                    sent += len(chunk)
+                    if bwlimit:
+                        ahead = sent / bwlimit - (time.monotonic() - t0)
+                        if ahead > 0:
+                            w.flush()
+                            time.sleep(ahead)
+            if left:
+                raise OSError(f"{rel} shrank while it was being sent")
+            _line(w, {"crc": crc})
+            files[rel] = [crc, what]
+        _line(w, {"end": True})
+        w.flush()
+        s.shutdown(socket.SHUT_WR)
+        ack = s.recv(16)
+    if ack != b"ok\n":
+        raise OSError("the destination did not take the images")
+    return {"files": files, "bytes": sent, "seconds": time.monotonic() - t0}
+
+
+def _crc_of(path):
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(CHUNK)
+            if not chunk:
+                return crc
+            crc = zlib.crc32(chunk, crc)
+
+
+class Receiver:
+    """One image dir arriving on a root-only socket: accept one root peer, write the files as
+    .NAME.part (0600), read each back, and only then give them their names."""
+
+    def __init__(self, sock_path, top, wait):
+        self.path, self.top = sock_path, top
+        if os.path.lexists(sock_path):
+            raise OSError(f"{sock_path} exists")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.listener.bind(sock_path)
+        finally:
+            os.umask(old)
+        self.listener.listen(4)
+        self.listener.settimeout(wait)
+        self.result = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        try:
+            self.result = self._receive()
+        except Exception as e:  # every failure reaches collect
+            self.result = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            self.cancel()
+            self.done.set()
+
+    def _accept(self):
+        while True:
+            c, _ = self.listener.accept()
+            cred = c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            if struct.unpack("3i", cred)[1] == 0:
+                c.settimeout(None)
+                self.cancel()
+                return c
+            c.close()
+
+    def _receive(self):
+        c = self._accept()
+        os.makedirs(self.top, mode=0o700, exist_ok=True)
+        got, parts, nbytes = {}, [], 0
+        with c, c.makefile("rb", buffering=CHUNK) as r:
+            while True:
+                head = json.loads(r.readline() or b'{"eof": true}')
+                if head.get("end") or head.get("eof"):
+                    if head.get("eof"):
+                        raise OSError("the images stopped short")
+                    break
+                rel = os.path.normpath(head["path"])
+                if rel.startswith("..") or os.path.isabs(rel):
+                    raise OSError("refused path {!r}".format(head["path"]))
+                dest = os.path.join(self.top, rel)
+                if head["kind"] == "dir":
+                    os.makedirs(dest, mode=0o700, exist_ok=True)
+                    continue
+                if head["kind"] == "link":
+                    if os.path.lexists(dest):
+                        os.unlink(dest)
+                    os.symlink(head["target"], dest)
+                    continue
+                part = os.path.join(os.path.dirname(dest), "." + os.path.basename(dest) + ".part")
+                left, crc = head["size"], 0
+                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    while left:
+                        chunk = r.read(min(CHUNK, left))
+                        if not chunk:
+                            raise OSError(f"{rel} stopped short")
+                        f.write(chunk)
+                        crc = zlib.crc32(chunk, crc)
+                        left -= len(chunk)
+                        nbytes += len(chunk)
+                trailer = json.loads(r.readline() or b"{}")
+                if trailer.get("crc") != crc:
+                    raise OSError(f"{rel} changed on the way")
+                parts.append((rel, part, dest))
+            for rel, part, _ in parts:  # what is on the disk, read back
+                got[rel] = [_crc_of(part), os.path.getsize(part)]
+            for _, part, dest in parts:
+                os.replace(part, dest)
+            c.sendall(b"ok\n")
+        return {"files": got, "bytes": nbytes}
+
+    def cancel(self):
+        try:
+            self.listener.close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def op_listen(req):
+    _receivers[req["sock"]] = Receiver(req["sock"], req["dir"], float(req.get("wait", 3600)))
+    return {"listening": True}
+
+
+def op_collect(req):
+    rec = _receivers.get(req["sock"])
+    if rec is None:
+        return {"error": "nothing listens on {}".format(req["sock"])}
+    if not rec.done.wait(req.get("timeout")):
+        return {"error": "the images did not arrive in time"}
+    _receivers.pop(req["sock"], None)
+    return rec.result
+
+
+def op_cancel(req):
+    rec = _receivers.pop(req["sock"], None)
+    if rec is not None:
+        rec.cancel()
+    return {"cancelled": rec is not None}
+
+
+OPS = {"ping": op_ping, "run": op_run, "read": op_read, "send": op_send, "listen": op_listen,
+       "collect": op_collect, "cancel": op_cancel}  # fmt: skip
+
+
+def serve(req):
+    try:
+        res = OPS[req["op"]](req)
+    except Exception as e:
+        res = {"error": f"{type(e).__name__}: {e}"}
+    res["id"] = req["id"]
+    reply(res)
+
+
+def main():
+    reply({"id": 0, "ready": True, "time": time.time(), "pid": os.getpid()})
+    for line in sys.stdin.buffer:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        threading.Thread(target=serve, args=(req,), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()
