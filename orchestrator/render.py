@@ -119,6 +119,8 @@ def report(r: Report) -> None:
         )
     if r.rounds:
         rounds(r)
+    if r.freeze:
+        freeze(r.freeze)
     downtime = f"{r.downtime_ms} ms" if r.downtime_ms is not None else "-"
     if r.postcopy_tail_ms is not None:
         pulled = r.transfer.get("postcopy_bytes", 0)
@@ -139,6 +141,21 @@ def report(r: Report) -> None:
     )
     if r.error:
         print(f"error: {r.error}", file=sys.stderr)
+
+
+def freeze(f: dict[str, Any]) -> None:
+    """The freeze taken apart: what each part took, and what CRIU itself says."""
+
+    def ms(key: str) -> str:
+        v = f.get(key)
+        return f"{v:.0f} ms" if isinstance(v, (int, float)) else "-"
+
+    moved = (f.get("transfer_bytes") or 0) + (f.get("page_bytes") or 0)
+    print(f"  {'freeze':<8} {'criu dump':>10} {'transfer':>10} {'restore':>10} {'overhead':>10}")
+    print(f"  {ms('downtime_ms'):<8} {ms('criu_dump_ms'):>10} {ms('transfer_ms'):>10} "
+          f"{ms('restore_ms'):>10} {ms('overhead_ms'):>10}   (CRIU: frozen "
+          f"{ms('criu_frozen_ms')}, restore {ms('criu_restore_ms')}; "
+          f"{human_bytes(moved)} moved inside the freeze)")  # fmt: skip
 
 
 def rounds(r: Report) -> None:
@@ -199,13 +216,17 @@ def show(j: Summary, as_json: bool = False) -> None:
           f"{j.status or 'UNFINISHED'} (stage {j.stage.name.lower()})")  # fmt: skip
     t0 = j.started
     for ev in j.events:
-        rest = {k: v for k, v in ev.items() if k not in ("t", "event") and v not in (None, [])}
+        rest = {
+            k: v for k, v in ev.items() if k not in ("t", "event", "freeze") and v not in (None, [])
+        }
         facts = rest.pop("facts", None) or {}
         rest.update({k: v for k, v in facts.items() if v not in (None, [], False)})
         detail = " ".join(f"{k}={v}" for k, v in rest.items() if k != "workload_config")
         t = ev.get("t")
         offset = f"+{t - t0:8.3f}s" if isinstance(t, (int, float)) else " " * 10
         print(f"  {offset} {ev['event']:<9} {detail}")
+        if ev["event"] == "end" and isinstance(ev.get("freeze"), dict):
+            freeze(ev["freeze"])
 
 
 def leftovers(verdicts: list[Verdict], applied: bool, failed: list[str], as_json: bool) -> None:

@@ -40,6 +40,9 @@ class Report:
     status: str = "failed"  # succeeded | rolled_back | failed | stranded
     phases: list[PhaseResult] = field(default_factory=list)
     downtime_ms: int | None = None
+    # The freeze taken apart (orchestrator/freeze.py): CRIU's dump, the transfer inside the
+    # freeze, CRIU's restore, CRIU's own figures, and the orchestration's overhead.
+    freeze: dict[str, Any] | None = None
     postcopy_tail_ms: int | None = None  # post-copy: running on destination -> all pages there
     total_ms: int = 0
     bytes_transferred: int = 0

@@ -82,7 +82,7 @@ def run(
     report.total_ms = round((time.monotonic() - started) * 1000)
     try:
         if settled:
-            journal.write("end", status=report.status, error=report.error)
+            journal.write("end", status=report.status, error=report.error, freeze=report.freeze)
     except MigrationError as e:
         report.notes.append(f"{e}: `migrate recover {plan.id}` will find it unfinished")
     if ctx.lock is not None:
@@ -196,6 +196,7 @@ def _fill(report: Report, ctx: Context) -> None:
     """What the run measured, from the context."""
     plan, link = ctx.plan, ctx.link
     report.downtime_ms = None if plan.dry_run else ctx.clock.downtime_ms
+    report.freeze = ctx.clock.freeze
     report.postcopy_tail_ms = ctx.postcopy_tail_ms
     report.bytes_transferred = ctx.bytes_transferred
     report.transfer = {

@@ -109,7 +109,9 @@ def settle_auto(policy: Policy, src: Host, dst: Host, runtime: Runtime) -> tuple
     elif any(DIRTY_TRACKING in s.needs.src_features and s.needs.runtime <= runtime.capabilities
              for s in strategies.TABLE.values()):  # fmt: skip
         src_f = [DIRTY_TRACKING] if _has_feature(src, DIRTY_TRACKING) else []
-    return strategies.choose(policy, src_f, dst_f, runtime.capabilities)
+    # Each host's agent is python3 running there (transport/agent.py).
+    python = ("python3",) if src.agent is not None and dst.agent is not None else ()
+    return strategies.choose(policy, src_f, dst_f, runtime.capabilities, python)
 
 
 def _has_feature(host: Host, feature: str) -> bool:

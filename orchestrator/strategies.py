@@ -123,7 +123,9 @@ CHOICES = ("auto", *TABLE)
 #: What `auto` tries, best first: post-copy kinds only when the policy allows them (like
 #: libvirt's --postcopy: they cannot roll back once the destination runs); then pre-copy,
 #: which can, and whose freeze moves only the last dirty pages; stop-copy always works.
-AUTO_ORDER = ("hybrid", "postcopy", "precopy", "stopcopy")
+#: Stream before stop-copy: the same rollback, and its freeze is shorter at every size measured
+#: (pages go straight into the destination while the dump runs; docs/bench).
+AUTO_ORDER = ("hybrid", "postcopy", "precopy", "stream", "stopcopy")
 
 
 def get(name: str) -> Strategy:
@@ -144,10 +146,14 @@ def unmet_by(
     src_features: Collection[str],
     dst_features: Collection[str],
     runtime_can: Collection[Capability],
+    commands: Collection[str] = (),
 ) -> str | None:
-    """Why `auto` cannot pick s here (None: it can)."""
+    """Why `auto` cannot pick s here (None: it can); `commands`: those both hosts have."""
     if s.postcopy and not policy.allow_postcopy:
         return "post-copy is not allowed by policy (allow_postcopy)"
+    lacking = sorted({*s.needs.src_commands, *s.needs.dst_commands} - set(commands))
+    if lacking:
+        return f"it needs {', '.join(lacking)} on both hosts"
     missing_caps = s.needs.runtime - set(runtime_can)
     if missing_caps:
         return f"this runtime cannot do {', '.join(sorted(c.value for c in missing_caps))}"
@@ -160,12 +166,13 @@ def unmet_by(
 
 
 def choose(policy: Policy, src_features: Collection[str], dst_features: Collection[str],
-           runtime_can: Collection[Capability]) -> tuple[str, str]:  # fmt: skip
+           runtime_can: Collection[Capability],
+           commands: Collection[str] = ()) -> tuple[str, str]:  # fmt: skip
     """What `auto` means for these hosts: (strategy name, why)."""
     passed: list[str] = []
     for name in AUTO_ORDER:
         s = TABLE[name]
-        why_not = unmet_by(s, policy, src_features, dst_features, runtime_can)
+        why_not = unmet_by(s, policy, src_features, dst_features, runtime_can, commands)
         if why_not is None:
             said = f" ({'; '.join(passed)})" if passed else ""
             return name, f"auto: {s.title}{said}"

@@ -83,7 +83,7 @@ class Agent:
     def alive(self) -> bool:
         return self._dead is None and not self.channel.closed
 
-    def call(self, op: str, wait: float, **args: Any) -> dict[str, Any]:
+    def call(self, op: str, wait: float, /, **args: Any) -> dict[str, Any]:
         """Send one request; its answer (an `error` key if the op failed on the host).
         AgentLost if the channel closed, AgentTimeout after `wait` seconds without answer."""
         rid = next(self._ids)

@@ -59,6 +59,7 @@ def _high(fd):
     """fd, moved to 10 or above (clear of a shell's 3>...), close-on-exec until handed over."""
     high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
     os.close(fd)
+    os.set_blocking(high, True)  # (a socket with a timeout was made non-blocking)
     return high
 
 

@@ -209,7 +209,7 @@ class Host:
     @property
     def agent(self) -> Agent | None:
         """The host's agent, connecting first; None if it has none (no python3 there)."""
-        if self.dry_run or not self.use_agent:
+        if not self.use_agent:
             return None
         self.connect()
         return self._agent if self._agent is not None and self._agent.alive else None

@@ -75,3 +75,14 @@ def test_built_message_and_unknown_fields() -> None:
 def test_bad_images_are_refused(data: bytes, error: str) -> None:
     with pytest.raises(images.ImageError, match=error):
         images.dump_stats(data)
+
+
+def test_restore_stats_from_a_real_restore() -> None:
+    """stats-restore written by CRIU 4.2.1 restoring a `sleep` on this kernel."""
+    s = images.restore_stats((Path(__file__).parent / "fixtures" / "stats-restore.img").read_bytes())
+    assert s.restore_time_us == 1671 and s.pages_restored == 31
+
+
+def test_a_dump_stats_is_not_a_restore_stats() -> None:
+    with pytest.raises(images.ImageError, match="no restore statistics"):
+        images.restore_stats(FIXTURE.read_bytes())

@@ -24,11 +24,11 @@ SOFT_DIRTY = ["mem_dirty_track"]
 @pytest.mark.parametrize(
     ("allow", "src", "dst", "can", "expected"),
     [
-        (False, [], ["uffd-noncoop"], ALL, "stopcopy"),  # never without the policy's consent
+        (False, [], ["uffd-noncoop"], ALL, "stream"),  # never without the policy's consent
         (False, SOFT_DIRTY, ["uffd-noncoop"], ALL, "precopy"),
         (True, [], ["uffd-noncoop"], ALL, "postcopy"),
         (True, SOFT_DIRTY, ["uffd-noncoop"], ALL, "hybrid"),  # rounds, then post-copy
-        (True, [], [], ALL, "stopcopy"),  # no userfaultfd on the destination
+        (True, [], [], ALL, "stream"),  # no userfaultfd on the destination
         (True, SOFT_DIRTY, [], ALL, "precopy"),
         (True, [], ["uffd-noncoop"], frozenset(), "stopcopy"),  # runtime cannot
     ],
@@ -36,8 +36,14 @@ SOFT_DIRTY = ["mem_dirty_track"]
 def test_auto_picks_postcopy_only_when_allowed_and_possible(
     allow: bool, src: list[str], dst: list[str], can: frozenset[Capability], expected: str
 ) -> None:
-    name, why = strategies.choose(Policy(allow_postcopy=allow), src, dst, can)
+    name, why = strategies.choose(Policy(allow_postcopy=allow), src, dst, can, ["python3"])
     assert name == expected and why.startswith("auto: ")
+
+
+def test_auto_without_python3_on_both_hosts_falls_back_to_stop_copy() -> None:
+    name, why = strategies.choose(Policy(allow_postcopy=True), [], ["uffd-noncoop"], ALL)
+    assert name == "stopcopy"
+    assert "not stream: it needs python3 on both hosts" in why
 
 
 def test_unknown_strategy_is_refused() -> None:
