@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 
+from orchestrator.checkpoint import Pages
 from orchestrator.criu import background, manifest
 from orchestrator.criu.pagechannel import PageChannel
 from orchestrator.errors import MigrationError
@@ -43,8 +44,22 @@ def kill_criu(host: Host, command: str, images_dir: str) -> None:
 def resume_source(ctx: Context) -> None:
     """Undo the final dump: the stopped source runs on (restored from its images if need be)."""
     settle(ctx.src, ctx.src_images.root, ctx.plan.policy.command_timeout)
-    if ctx.target is not None:
-        ctx.runtime.resume(ctx.src, ctx.target, ctx.src_images.final)
+    target = ctx.target
+    if target is None:
+        return
+    if (
+        ctx.strategy.pages is Pages.PAGE_SERVER
+        and target.net is not None
+        and ctx.runtime.state(ctx.src, target.root_pid) == procs.STOPPED
+    ):
+        # The source's images lack the pages (they streamed into the destination): the
+        # stopped copy is the only one with its memory. Never kill it to restore from those
+        # images: unlock its network (sockets out of repair mode) and let it run on, as CRIU
+        # itself does after a failed dump.
+        unlock_network(ctx)
+        procs.signal(ctx.src, "CONT", target.to_continue(procs.tree_of(ctx.src, target.root_pid)))
+        return
+    ctx.runtime.resume(ctx.src, target, ctx.src_images.final)
 
 
 def abort_lazy_dump(ctx: Context) -> None:

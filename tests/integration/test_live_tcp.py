@@ -102,14 +102,17 @@ def test_tcp_connection_survives_two_moves(
     assert result["received"] > 200  # ~3 s of 10 ms messages on ONE connection (no reconnect)
 
 
+@pytest.mark.parametrize("strategy", ["stopcopy", "stream"])
 def test_rollback_keeps_the_connection(
-    lab: labmod.Lab, container: list[str], tmp_path: Path
+    lab: labmod.Lab, container: list[str], tmp_path: Path, strategy: str
 ) -> None:
+    """Stop-copy's source comes back from its own images; stream's cannot (its pages went to
+    the destination): its stopped copy is unlocked and runs on, connection and all."""
     pid = echo_server(lab, container, 7001)
     cfg = failing_restore_config(lab, tmp_path)
     client = net_client(lab, "echo_client", ADDRESS, 7001, tmp_path)
     time.sleep(1)
-    report = run(lab, pid, "host-a", "host-b", cfg)
+    report = run(lab, pid, "host-a", "host-b", cfg, strategy=strategy)
     assert report["exit"] == 3 and report["status"] == "rolled_back", report
     time.sleep(1)
     result = client.stop()

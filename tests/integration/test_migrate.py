@@ -35,10 +35,22 @@ def test_migrates_and_keeps_state(lab: labmod.Lab, cleanup: list[Path], containe
     report = json.loads(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
     assert report["status"] == "succeeded"
+    # auto: stream (both hosts run python3: their agents); images through the image pipe
+    assert report["strategy"] == "stream"
     assert [p["name"] for p in report["phases"]] == [
-        "preflight", "prepare", "dump", "transfer", "restore", "verify", "confirm",
+        "preflight", "prepare", "page-server", "image-pipe", "dump", "transfer", "restore",
+        "verify", "confirm",
     ]  # fmt: skip
     assert report["bytes_transferred"] > 0 and report["downtime_ms"] > 0
+    # The freeze taken apart: its parts add up to the downtime the report gives.
+    f = report["freeze"]
+    assert f["downtime_ms"] == report["downtime_ms"]
+    assert f["criu_dump_ms"] > 0 and f["restore_ms"] > 0 and f["transfer_ms"] > 0
+    assert f["criu_frozen_ms"] > 0 and f["criu_restore_ms"] > 0 and f["pages_written"] > 0
+    assert f["page_bytes"] == f["pages_written"] * 4096 and f["transfer_bytes"] > 0
+    parts = f["criu_dump_ms"] + f["transfer_ms"] + f["restore_ms"] + f["overhead_ms"]
+    assert abs(parts - f["downtime_ms"]) <= 2
+    assert report["bytes_transferred"] >= f["page_bytes"] + f["transfer_bytes"]
 
     # It runs on host-b, in host-b's network namespace, and is gone from host-a.
     pid_b = report["restored_pid"]
@@ -123,7 +135,7 @@ def test_images_are_private(lab: labmod.Lab, cleanup: list[Path]) -> None:
     wl = start(lab, "host-a", "counter-keep", container=False)
     cleanup.append(wl.count_file)
     r = migrate("run", wl.spec, "host-a", "host-b", "--json", "--keep-images",
-                config=lab.config_path)  # fmt: skip
+                "--strategy", "stopcopy", config=lab.config_path)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     mid = json.loads(r.stdout)["id"]
     for name in ("host-a", "host-b"):

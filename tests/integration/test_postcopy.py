@@ -167,7 +167,7 @@ def test_auto_is_postcopy_only_when_the_policy_allows(lab: labmod.Lab, tmp_path:
                 ),
                 expected,
             )  # fmt: skip
-            for path, expected in ((lab.config_path, "stopcopy"), (allowing, "postcopy"))
+            for path, expected in ((lab.config_path, "stream"), (allowing, "postcopy"))
         ]
     finally:
         on(lab, "host-a", f"kill -KILL {pid}", check=False)
@@ -175,5 +175,5 @@ def test_auto_is_postcopy_only_when_the_policy_allows(lab: labmod.Lab, tmp_path:
         assert r.returncode == 0, r.stdout + r.stderr
         report = json.loads(r.stdout)
         assert report["strategy"] == expected, report
-        said = {"stopcopy": "auto: stop-copy", "postcopy": "auto: post-copy"}[expected]
+        said = {"stream": "auto: stream", "postcopy": "auto: post-copy"}[expected]
         assert any(n.startswith(said) for n in report["notes"]), report

@@ -60,7 +60,7 @@ def test_auto_falls_back_to_stopcopy_with_a_note(lab: labmod.Lab, cleanup: list[
     r = migrate("run", wl.spec, "host-a", "host-b", "--dry-run", config=lab.config_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "strategy stopcopy" in r.stdout
-    assert "note: auto: stop-copy (" in r.stdout and "mem_dirty_track" in r.stdout
+    assert "note: auto: stream (" in r.stdout and "mem_dirty_track" in r.stdout
     assert "pre-dump" not in r.stdout
 
 
