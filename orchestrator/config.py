@@ -119,6 +119,9 @@ class Policy:
     goal: int = 20
     max_iterations: int = 8
     max_precopy_seconds: float = 120.0
+    # Run each host's commands through a small agent (python3, started over the connection;
+    # nothing installed): no shell or ssh session per command. False: the old way, slower.
+    agent: bool = True
 
 
 # (key, lowest allowed, highest allowed) for the policy's numbers

@@ -30,7 +30,9 @@ class ImagePipe(Phase):
             return
         src_agent, dst_agent = ctx.src.agent, ctx.dst.agent
         if src_agent is None or dst_agent is None:
-            ctx.notes.append("no agent on both hosts (python3): the images go by rsync")
+            host = ctx.src if src_agent is None else ctx.dst
+            ctx.notes.append(f"no agent on {host.name} (policy agent: false, or no python3 "
+                             "there): the images go by rsync")  # fmt: skip
             return
         a = ctx.dst.call(dst_agent, "listen", ctx.plan.policy.command_timeout,
                          f"listen on {dst_sock}", sock=dst_sock, dir=ctx.dst_images.final,

@@ -175,7 +175,6 @@ class Host:
     dry_run: bool = False
     planned: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # retries and the like, for the report
-    use_agent: bool = True  # run commands through the host's agent (transport/agent.py)
     _conn: Connection | None = None
     _agent: Agent | None = None
     _unreachable: str | None = None  # set once connecting failed after every retry
@@ -201,7 +200,7 @@ class Host:
         except _Transient as e:
             self._unreachable = str(e)
             raise
-        if self.use_agent and self._conn is not None and self._conn.transport is not None:
+        if self.policy.agent and self._conn is not None and self._conn.transport is not None:
             self._agent = Agent.start(
                 self._conn.transport, self.name, self.policy.connect_timeout, quote(AGENT_ARGV)
             )
@@ -209,7 +208,7 @@ class Host:
     @property
     def agent(self) -> Agent | None:
         """The host's agent, connecting first; None if it has none (no python3 there)."""
-        if not self.use_agent:
+        if not self.policy.agent:
             return None
         self.connect()
         return self._agent if self._agent is not None and self._agent.alive else None

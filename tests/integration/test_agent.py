@@ -72,9 +72,7 @@ def test_private_commands_write_root_only_files(agent: Agent, tmp_path: Path) ->
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o644
 
 
-def test_a_command_past_its_timeout_is_killed_with_its_group(
-    agent: Agent, tmp_path: Path
-) -> None:
+def test_a_command_past_its_timeout_is_killed_with_its_group(agent: Agent, tmp_path: Path) -> None:
     marker = tmp_path / "late"
     # The child (and its own child) would write the marker after 3 s: both must be gone.
     script = f"(sleep 3; touch {marker}) & sleep 3; touch {marker}"
@@ -142,8 +140,9 @@ def test_a_byte_changed_on_the_destination_is_seen(agent: Agent, tmp_path: Path)
     _images(src)
     agent.call("listen", 5, sock=str(sock), dir=str(dst), wait=30)
     sending = threading.Thread(
-        target=agent.call, args=("send", 60), kwargs={"sock": str(sock), "dir": str(src),
-                                                      "bwlimit": 512}  # fmt: skip
+        target=agent.call,
+        args=("send", 60),
+        kwargs={"sock": str(sock), "dir": str(src), "bwlimit": 512},  # fmt: skip
     )
     sending.start()
     part = dst / ".pages-1.img.part"
@@ -195,7 +194,10 @@ def test_a_socket_is_handed_to_the_command(agent: Agent, tmp_path: Path) -> None
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(path))
     server.listen(1)
-    script = "import os,sys; fd=int(sys.argv[1]); assert os.get_blocking(fd); os.write(fd, b'hello from fd')"
+    script = (
+        "import os,sys; fd=int(sys.argv[1]); assert os.get_blocking(fd); "
+        "os.write(fd, b'hello from fd')"
+    )
     r = agent.call("run", 10, argv=["python3", "-c", script, "@tok"], timeout=5,
                    sockets={"@tok": str(path)})  # fmt: skip
     assert r["rc"] == 0, r

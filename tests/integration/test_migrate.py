@@ -233,3 +233,28 @@ def test_page_traffic_is_never_in_clear(lab: labmod.Lab, tmp_path: Path, strateg
         assert b"PAGEMARKER-" in pages
     shutil.rmtree(images)
     shutil.rmtree(lab.host("host-a").workdir / "images" / json.loads(r.stdout)["id"])
+
+
+@pytest.mark.parametrize("strategy", ["stopcopy", "stream", "postcopy"])
+def test_without_agents_each_command_is_its_own_session(
+    lab: labmod.Lab, cleanup: list[Path], tmp_path: Path, strategy: str
+) -> None:
+    """policy.agent: false (hosts where python3 may not run a helper of ours): the old way,
+    one ssh session per command, rsync for the images, the page channel's own helpers."""
+    import yaml
+
+    wl = start(lab, "host-a", f"counter-noagent-{strategy}", container=False)
+    cleanup.append(wl.count_file)
+    config = yaml.safe_load(lab.config_path.read_text())
+    config.setdefault("policy", {}).update({"agent": False, "allow_postcopy": True})
+    path = tmp_path / "no-agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    before = wl.count()
+    r = migrate("run", wl.spec, "host-a", "host-b", "--strategy", strategy, "--json",
+                config=path)  # fmt: skip
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["status"] == "succeeded", r.stdout + r.stderr
+    assert any("images go by rsync" in n for n in report["notes"]), report["notes"]
+    assert report["transfer"]["rsync_bytes"] > 0
+    wait_for(lambda: wl.count() > before + 5, what="the counter to count on on host-b")
+    assert running_pids(lab, "host-a", wl.count_file) == []

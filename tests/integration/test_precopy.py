@@ -1,5 +1,5 @@
 """Pre-copy on this machine's kernel, which has no soft-dirty tracking: `--strategy precopy`
-is refused in pre-flight with the reason, and `auto` says it falls back to stop-copy. (Pre-copy
+is refused in pre-flight with the reason, and `auto` says it falls back to stream. (Pre-copy
 itself is proven in a VM whose kernel has it: tests/vm.)"""
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ def test_precopy_is_refused_in_preflight(lab: labmod.Lab, cleanup: list[Path]) -
     assert r.stderr.strip().startswith("error: pre-copy needs CRIU feature mem_dirty_track")
 
 
-def test_auto_falls_back_to_stopcopy_with_a_note(lab: labmod.Lab, cleanup: list[Path]) -> None:
+def test_auto_falls_back_to_stream_with_a_note(lab: labmod.Lab, cleanup: list[Path]) -> None:
     wl = start(lab, "host-a", "counter-auto", container=False)
     cleanup.append(wl.count_file)
     r = migrate("run", wl.spec, "host-a", "host-b", "--dry-run", config=lab.config_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "strategy stopcopy" in r.stdout
+    assert "strategy stream" in r.stdout
     assert "note: auto: stream (" in r.stdout and "mem_dirty_track" in r.stdout
     assert "pre-dump" not in r.stdout
 

@@ -79,7 +79,9 @@ def test_bad_images_are_refused(data: bytes, error: str) -> None:
 
 def test_restore_stats_from_a_real_restore() -> None:
     """stats-restore written by CRIU 4.2.1 restoring a `sleep` on this kernel."""
-    s = images.restore_stats((Path(__file__).parent / "fixtures" / "stats-restore.img").read_bytes())
+    s = images.restore_stats(
+        (Path(__file__).parent / "fixtures" / "stats-restore.img").read_bytes()
+    )
     assert s.restore_time_us == 1671 and s.pages_restored == 31
 
 

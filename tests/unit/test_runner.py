@@ -61,7 +61,8 @@ def test_the_journal_names_each_phase_and_its_stage(tmp_path: Path) -> None:
     s = summarize(p.journal.path)
     assert s is not None and s.status == "succeeded" and s.stage == Stage.CONFIRMING
     begun = [(e["name"], e["stage"]) for e in s.events if e.get("state") == "begin"]
-    assert begun == [("preflight", 0), ("prepare", 1), ("image-pipe", 1), ("dump", 3), ("transfer", 3),
+    assert begun == [("preflight", 0), ("prepare", 1), ("image-pipe", 1), ("dump", 3),
+                     ("transfer", 3),
                      ("restore", 4), ("verify", 4), ("confirm", 6)]  # fmt: skip
     assert s.root_pid == 100 and s.restored_pid == 100 and s.facts["command"] == "/bin/sh /w.sh"
 
