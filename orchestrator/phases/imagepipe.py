@@ -36,7 +36,7 @@ class ImagePipe(Phase):
             return
         a = ctx.dst.call(dst_agent, "listen", ctx.plan.policy.command_timeout,
                          f"listen on {dst_sock}", sock=dst_sock, dir=ctx.dst_images.final,
-                         wait=WAIT_S)  # fmt: skip
+                         wait=WAIT_S, stall=ctx.plan.policy.stall_timeout)  # fmt: skip
         if "error" in a:
             raise MigrationError(f"cannot open the image pipe on {ctx.dst.name}: {a['error']}")
         ctx.image_pipe = f"{src_sock}:{dst_sock}"

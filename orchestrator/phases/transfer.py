@@ -45,7 +45,8 @@ def _through_pipe(ctx: Context) -> int:
     timeout = ctx.plan.policy.command_timeout
     what = f"sending the images {ctx.src.name} -> {ctx.dst.name}"
     sent = ctx.src.call(src_agent, "send", timeout, what, sock=src_sock,
-                        dir=ctx.src_images.final, bwlimit=ctx.plan.policy.bwlimit or 0)  # fmt: skip
+                        dir=ctx.src_images.final, bwlimit=ctx.plan.policy.bwlimit or 0,
+                        stall=ctx.plan.policy.stall_timeout)  # fmt: skip
     if "error" in sent:  # e.g. the link broke: rsync retries, and resumes
         ctx.dst.call(dst_agent, "cancel", timeout, f"cancel {dst_sock}", sock=dst_sock)
         ctx.notes.append(f"the image pipe failed ({sent['error']}): the images went by rsync")

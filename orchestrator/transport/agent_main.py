@@ -169,6 +169,7 @@ def _line(sock_file, msg):
 def op_send(req):
     top, bwlimit = req["dir"], int(req.get("bwlimit") or 0) * 1024
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(req.get("stall"))  # no progress this long: the link is gone
     s.connect(req["sock"])
     t0 = time.monotonic()
     sent, files = 0, {}
@@ -220,8 +221,8 @@ class Receiver:
     """One image dir arriving on a root-only socket: accept one root peer, write the files as
     .NAME.part (0600), read each back, and only then give them their names."""
 
-    def __init__(self, sock_path, top, wait):
-        self.path, self.top = sock_path, top
+    def __init__(self, sock_path, top, wait, stall=None):
+        self.path, self.top, self.stall = sock_path, top, stall
         if os.path.lexists(sock_path):
             raise OSError(f"{sock_path} exists")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -250,7 +251,7 @@ class Receiver:
             c, _ = self.listener.accept()
             cred = c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             if struct.unpack("3i", cred)[1] == 0:
-                c.settimeout(None)
+                c.settimeout(self.stall)
                 self.cancel()
                 return c
             c.close()
@@ -312,7 +313,9 @@ class Receiver:
 
 
 def op_listen(req):
-    _receivers[req["sock"]] = Receiver(req["sock"], req["dir"], float(req.get("wait", 3600)))
+    _receivers[req["sock"]] = Receiver(
+        req["sock"], req["dir"], float(req.get("wait", 3600)), req.get("stall")
+    )
     return {"listening": True}
 
 

@@ -290,8 +290,9 @@ class Host:
             for attempt in retrying(self.policy, what, (_Lost,), self.notes):
                 with attempt:
                     result = self._dispatch(argv, line, limit, private, sockets, handed)
-        cmd_log.info("%s %6.3fs exit %d  %s", self.name, time.monotonic() - t0,
-                     result.exit_code, _short(line, 160))  # fmt: skip
+        if cmd_log.isEnabledFor(logging.INFO):
+            cmd_log.info("%s %6.3fs exit %d  %s", self.name, time.monotonic() - t0,
+                         result.exit_code, _brief(argv))  # fmt: skip
         ran = getattr(self._recording, "ran", None)
         if ran is not None:
             ran.append(result)
@@ -457,6 +458,12 @@ def _drop(conn: Connection, dropped: threading.Event) -> None:
             sock.close()
         except OSError:
             pass
+
+
+def _brief(argv: list[str]) -> str:
+    """argv for the -v log: whole, but for the scripts in it (named by their size)."""
+    return quote([a if len(a) <= 200 and "\n" not in a else f"<script: {len(a)} chars>"
+                  for a in argv])  # fmt: skip
 
 
 def _short(line: str, width: int = 120) -> str:

@@ -153,7 +153,8 @@ def fault_case(
     tmp_path: Path,
     background: Callable[..., Background],
 ) -> Callable[..., FaultCase]:
-    """fault_case(fault, workload, mib=None, policy=None, hosts=None): the setup fault cases
+    """fault_case(fault, workload, mib=None, policy=None, hosts=None, strategy="auto"): the
+    setup fault cases
     share. Names the case's fault for the table, starts the counter `workload` on host-a (with
     `mib`: a python3 holding that much touched memory) and kills every copy of it at the end,
     writes a config with the short policy (plus `policy`, `hosts` changes) and its own
@@ -166,6 +167,7 @@ def fault_case(
         mib: int | None = None,
         policy: dict[str, Any] | None = None,
         hosts: dict[str, dict[str, Any]] | None = None,
+        strategy: str = "auto",
     ) -> FaultCase:
         case.fault = fault
         if mib:
@@ -177,7 +179,7 @@ def fault_case(
         config = fault_config(
             lab, tmp_path / "migrate.yaml", state_dir=state, policy=policy, hosts=hosts
         )
-        return FaultCase(lab, case, wl, state, config, wl.count(), background)
+        return FaultCase(lab, case, wl, state, config, wl.count(), background, strategy)
 
     return prepare
 

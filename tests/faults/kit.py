@@ -267,16 +267,17 @@ class FaultCase:
     config: Path
     before: int
     start: Callable[..., Background]  # conftest's `background`: killed at the end if still on
+    strategy: str = "auto"  # a case about stop-copy's transfer says stopcopy
 
     def background(self, dst: str = "host-b") -> Background:
         """`migrate run WORKLOAD host-a DST --json` in the background."""
-        return self.start(
-            "run", self.wl.spec, "host-a", dst, "--json", config=self.config, state_dir=self.state
-        )
+        return self.start("run", self.wl.spec, "host-a", dst, "--json", "--strategy",
+                          self.strategy, config=self.config, state_dir=self.state)  # fmt: skip
 
     def migrate(self, dst: str = "host-b") -> Outcome:
         """`migrate run WORKLOAD host-a DST --json`, to the end."""
-        return run_migrate("run", self.wl.spec, "host-a", dst, "--json", config=self.config)
+        return run_migrate("run", self.wl.spec, "host-a", dst, "--json", "--strategy",
+                           self.strategy, config=self.config)  # fmt: skip
 
     def count(self) -> Census:
         """Where the copies are now, recorded for the summary table."""

@@ -84,7 +84,7 @@ def test_disk_fills_during_transfer(
     disk = small_disk("host-b", "160m")
     fc = fault_case(
         "dst disk filled by another writer during dump", "fault-disk-fill", mib=MIB,
-        hosts={"host-b": {"workdir": str(disk)}},
+        hosts={"host-b": {"workdir": str(disk)}}, strategy="stopcopy",
     )  # fmt: skip
     wl, before = fc.wl, fc.before
 

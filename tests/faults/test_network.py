@@ -40,7 +40,7 @@ def test_short_cut_heals(
 ) -> None:
     """Packets dropped for ~3 s, then the link is back: the transfer goes on (TCP retransmits,
     or rsync is retried) well within the retry deadline, and the migration succeeds."""
-    fc = fault_case("link a-b dropped 3 s during transfer", "fault-net-short")
+    fc = fault_case("link a-b dropped 3 s during transfer", "fault-net-short", strategy="stopcopy")
     wl, before = fc.wl, fc.before
 
     run = fc.background("host-b")
@@ -66,7 +66,8 @@ def test_refused_link_is_retried(
 ) -> None:
     """Connections refused (TCP reset) for ~3 s: the first rsync fails at once, a retry after
     the link is back succeeds within the deadline; the report says the transfer was retried."""
-    fc = fault_case("link a-b refused 3 s during transfer", "fault-net-refused")
+    fc = fault_case("link a-b refused 3 s during transfer", "fault-net-refused",
+                    strategy="stopcopy")  # fmt: skip
     wl, before = fc.wl, fc.before
 
     run = fc.background("host-b")
@@ -95,7 +96,8 @@ def test_long_cut_rolls_back(
 ) -> None:
     """Cut for good (longer than the retry deadline): the transfer gives up, everything is undone
     and the source runs on, as before."""
-    fc = fault_case("link a-b dropped for good (> deadline)", "fault-net-long")
+    fc = fault_case("link a-b dropped for good (> deadline)", "fault-net-long",
+                    strategy="stopcopy")  # fmt: skip
     wl, before = fc.wl, fc.before
 
     run = fc.background("host-b")

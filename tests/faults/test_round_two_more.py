@@ -63,23 +63,31 @@ def where_it_should_be(status: str | None) -> str:
     return "host-b" if status == "succeeded" else "host-a"
 
 
+@pytest.mark.parametrize("agent", [True, False], ids=["image-pipe", "rsync"])
 def test_source_connection_dropped_during_transfer(
-    lab: labmod.Lab, fault_case: Callable[..., FaultCase], tmp_path: Path
+    lab: labmod.Lab, fault_case: Callable[..., FaultCase], tmp_path: Path, agent: bool
 ) -> None:
-    """The images go at 1 MiB/s (rsync --bwlimit), so the transfer lasts some 20 s: once its
-    rsync runs on host-a, every ssh connection to host-a is dropped. Either the rsync is
-    retried (it resumes) and the lock taken again before restore, and the move succeeds; or it
-    stops there and rolls back (what it does now: the rsync's connection is lost, and a
-    command that may have acted is not run again). One copy either way, nothing left (no
-    orphaned rsync either)."""
-    fc = fault_case("controller's ssh to the source dropped during transfer (rsync running)",
-                    "fault-drop-transfer", mib=20)  # fmt: skip
-    cfg = gated_config(lab, tmp_path / "slow.yaml", fc.wl, fc.state, policy={"bwlimit": 1024})
+    """The images go at 1 MiB/s (--bwlimit), so the transfer lasts some 20 s: once host-b is
+    writing them (the image pipe, from host-a's agent) or host-a's rsync runs (no agents),
+    every ssh connection to host-a is dropped. Either the transfer is retried and the lock
+    taken again before restore, and the move succeeds; or it stops there and rolls back (what
+    it does now: the connection is lost, and a command that may have acted is not run again).
+    One copy either way, nothing left (no orphaned rsync or half-written image either)."""
+    how = "image pipe" if agent else "rsync"
+    fc = fault_case(f"controller's ssh to the source dropped during transfer ({how} running)",
+                    f"fault-drop-transfer-{int(agent)}", mib=20)  # fmt: skip
+    cfg = gated_config(lab, tmp_path / "slow.yaml", fc.wl, fc.state,
+                       policy={"bwlimit": 1024, "agent": agent})  # fmt: skip
     run = run_gated(fc, cfg)
     run.wait("transfer")
     mid = migration_id(run)
-    wait_for(lambda: any("rsync" in p for p in processes_mentioning(lab, "host-a", mid)),
-             30, "the transfer's rsync to run on host-a")  # fmt: skip
+    images_b = lab.host("host-b").workdir / "images" / mid
+    if agent:
+        wait_for(lambda: any(p.stat().st_size > 1 << 20 for p in images_b.glob(".*.part")),
+                 30, "host-b to be writing the images")  # fmt: skip
+    else:
+        wait_for(lambda: any("rsync" in p for p in processes_mentioning(lab, "host-a", mid)),
+                 30, "the transfer's rsync to run on host-a")  # fmt: skip
     before = fc.wl.count()
     drop_connections(lab, "host-a")
     assert run.proc.poll() is None, "the transfer was still going on when its connection dropped"

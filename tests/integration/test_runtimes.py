@@ -4,6 +4,7 @@ own checkpoint/restore: real busybox containers, built here offline from busybox
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -187,11 +188,22 @@ def test_controller_killed_then_recover(
     lab: labmod.Lab, container: Container, tmp_path: Path, phase: str, expect: str
 ) -> None:
     """After the dump a runc or Podman source exists only as its images, an LXC one frozen:
-    recover brings it back from them (or confirms the destination copy)."""
+    recover brings it back from them (or confirms the destination copy). The run is held in
+    the phase (whatever the load): the transfer at 16 KiB/s (some 10 s for the images), verify
+    by a health check that waits for a gate, opened once the controller is dead."""
     ctr = container
     cfg = workload_config(lab, tmp_path / "migrate.yaml", ctr)
+    gate = tmp_path / "gate"
+    config = yaml.safe_load(cfg.read_text())
+    if phase == "transfer":
+        config.setdefault("policy", {})["bwlimit"] = 16
+    else:
+        wait = 'while [ ! -e "$0" ]; do sleep 0.1; done'
+        config["workloads"][ctr.name]["health"] = f"sh -c {shlex.quote(wait)} {gate}"
+    cfg.write_text(yaml.safe_dump(config))
     before = ctr.count("host-a")
     migration = run_until_phase(cfg, ctr.name, phase)
+    gate.touch()
     r = migrate("recover", migration, "--json", config=cfg)
     report = json.loads(r.stdout)
     assert report["status"] == expect, r.stdout + r.stderr
