@@ -20,23 +20,30 @@ class Transfer(Phase):
 
     def act(self, ctx: Context) -> None:
         t0 = time.monotonic()
+        piped = 0.0
         with ctx.src.recording() as ran:
             if ctx.image_pipe is not None:
-                ctx.clock.transfer_bytes = _through_pipe(ctx)
+                ctx.clock.transfer_bytes, piped = _through_pipe(ctx)
             else:
                 sent = actions.push_images(ctx, ctx.src_images.final, ctx.dst_images.final,
                                            check=True)  # fmt: skip
                 ctx.clock.transfer_bytes = sent
             ctx.link.push_paths(ctx.plan.workload.sync_paths)
             actions.mirror_paths(ctx)
+        # the transfer's own time, as the source's host measured it: the pipe's send (the
+        # source's agent), and the commands (rsync) it ran
         began, ended = freeze.span(ran)
-        ctx.clock.transfer_ms = round(((ended or time.monotonic()) - (began or t0)) * 1000, 1)
+        commands = (ended - began) if began is not None and ended is not None else 0.0
+        if not piped and not ran:
+            commands = time.monotonic() - t0
+        ctx.clock.transfer_ms = round((piped + commands) * 1000, 1)
         ctx.clock.transferred_at = time.monotonic()
 
 
-def _through_pipe(ctx: Context) -> int:
+def _through_pipe(ctx: Context) -> tuple[int, float]:
     """Send the final dump through the image pipe; refuse it (no restore) if what is on the
-    destination's disk differs from what the source read. The bytes sent."""
+    destination's disk differs from what the source read. The bytes sent, and the seconds the
+    source's agent took to send them (its own clock)."""
     assert ctx.image_pipe is not None
     src_sock, dst_sock = ctx.image_pipe.split(":")
     src_agent, dst_agent = ctx.src.agent, ctx.dst.agent
@@ -51,7 +58,9 @@ def _through_pipe(ctx: Context) -> int:
         ctx.dst.call(dst_agent, "cancel", timeout, f"cancel {dst_sock}", sock=dst_sock)
         ctx.notes.append(f"the image pipe failed ({sent['error']}): the images went by rsync")
         ctx.image_pipe = None
-        return actions.push_images(ctx, ctx.src_images.final, ctx.dst_images.final, check=True)
+        sent_by_rsync = actions.push_images(ctx, ctx.src_images.final, ctx.dst_images.final,
+                                            check=True)  # fmt: skip
+        return sent_by_rsync, 0.0
     got = ctx.dst.call(dst_agent, "collect", timeout, what, sock=dst_sock, timeout=timeout)
     if "error" in got:
         raise MigrationError(f"receiving the images on {ctx.dst.name} failed: {got['error']}")
@@ -65,4 +74,4 @@ def _through_pipe(ctx: Context) -> int:
                                 ctx.dst.name, ctx.dst_images.root)  # fmt: skip
     ctx.manifest = (ctx.manifest or manifest.Manifest()).merged(want)
     ctx.pipe_bytes += int(sent["bytes"])
-    return int(sent["bytes"])
+    return int(sent["bytes"]), float(sent.get("seconds") or 0.0)

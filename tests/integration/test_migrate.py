@@ -48,8 +48,9 @@ def test_migrates_and_keeps_state(lab: labmod.Lab, cleanup: list[Path], containe
     assert f["criu_dump_ms"] > 0 and f["restore_ms"] > 0 and f["transfer_ms"] > 0
     assert f["criu_frozen_ms"] > 0 and f["criu_restore_ms"] > 0 and f["pages_written"] > 0
     assert f["page_bytes"] == f["pages_written"] * 4096 and f["transfer_bytes"] > 0
-    parts = f["criu_dump_ms"] + f["transfer_ms"] + f["restore_ms"] + f["overhead_ms"]
-    assert abs(parts - f["downtime_ms"]) <= 2
+    parts = f["criu_dump_ms"] + f["transfer_ms"] + f["restore_ms"]
+    assert parts <= f["downtime_ms"] + 3  # (two hosts' clocks, each offset known to ~1 ms)
+    assert f["overhead_ms"] == max(0.0, round(f["downtime_ms"] - parts, 1))
     assert report["bytes_transferred"] >= f["page_bytes"] + f["transfer_bytes"]
 
     # It runs on host-b, in host-b's network namespace, and is gone from host-a.
