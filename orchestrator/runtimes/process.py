@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 from orchestrator.checkpoint import Capability, Checkpoint, Pages
 from orchestrator.config import ConfigError
@@ -22,6 +23,7 @@ _THEN_CAT = 'umask 077; pf=$1; shift; "$@" || exit $?; cat -- "$pf"'
 class ProcessRuntime(Runtime):
     name = "process"
     capabilities = frozenset(Capability)
+    inspects_tree = True
 
     def locate(self, host: Host) -> Target:
         pid = self._root_pid(host)
@@ -137,12 +139,14 @@ class ProcessRuntime(Runtime):
             images_dir=cp.images_dir,
             leave_stopped=not cp.running,
             ext_mount_map_auto=target.own_mntns,
-            tcp_established=target.net is not None and not cp.running,
+            tcp_established=(target.net is not None or bool(target.tcp_connections))
+            and not cp.running,
             skip_in_flight=self.workload.network.skip_in_flight,
             network_lock=None if cp.running else target.network_lock,
             track_mem=cp.track_mem,
             prev_images_dir=cp.parent_dir,
             channel_flags=dump_flags(cp.channel) if cp.channel else (),
+            file_locks=bool(target.locked_files) and not cp.running,
             extra=self.workload.criu_options,
         )
         if cp.running:
@@ -158,16 +162,37 @@ class ProcessRuntime(Runtime):
             return
         r = host.run(argv, private=True)
         raise_on_failure(host, r, cp.images_dir, criu.DUMP_LOG, "dump")
+        if target.ends_at_dump:
+            # Its locks must be free for the restore to take them (and its sockets are in
+            # repair mode): the stopped copy goes now; a rollback restores it from the images.
+            self.remove(host, target.root_pid)
+            self._wait_gone(host, target.root_pid)
+
+    def _wait_gone(self, host: Host, pid: int, timeout: float = 10.0) -> None:
+        """Until pid has exited (and so let go of its locks); MigrationError after timeout."""
+        deadline = time.monotonic() + timeout
+        while procs.state(host, pid) != procs.GONE and not host.dry_run:
+            if time.monotonic() > deadline:
+                raise MigrationError(f"pid {pid} on {host} did not exit within {timeout:.0f}s")
+            time.sleep(0.05)
 
     def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
-        pid = self._restore(host, target, images_dir, host.config.bridge, lazy)
+        pid = self._restore(host, target, images_dir, host.config.bridge, lazy, moved=True)
         if target.net and pid:
             host.run(net.announce_argv(pid, target.net))
         return pid
 
     def _restore(
-        self, host: Host, target: Target, images_dir: str, bridge: str, lazy: bool = False
+        self,
+        host: Host,
+        target: Target,
+        images_dir: str,
+        bridge: str,
+        lazy: bool = False,
+        moved: bool = False,
     ) -> int:
+        """moved: on the destination (connections the policy closes are closed there; a
+        rollback restores them as they were)."""
         pidfile = f"{images_dir}/{PIDFILE}"
         veths = [(target.net.interface, target.net.veth, bridge)] if target.net else []
         argv = criu.restore(
@@ -177,11 +202,13 @@ class ProcessRuntime(Runtime):
                 pidfile=pidfile,
                 ext_mount_map_auto=target.own_mntns,
                 root="/" if target.own_mntns else None,
-                tcp_established=target.net is not None,
-                tcp_close=target.net is not None and self.workload.network.tcp == "close",
+                tcp_established=target.net is not None or bool(target.tcp_connections),
+                tcp_close=(target.net is not None and self.workload.network.tcp == "close")
+                or (moved and target.tcp_close),
                 network_lock=target.network_lock,
                 veths=veths,
                 lazy_pages=lazy,
+                file_locks=bool(target.locked_files),
                 extra=self.workload.criu_options,
             ),
         )
@@ -204,7 +231,7 @@ class ProcessRuntime(Runtime):
             # An earlier resume killed it and its restore failed: its images are the copy.
             self._restore_here(host, target, images_dir)
             return
-        if target.net is None or state != procs.STOPPED:
+        if (target.net is None and not target.ends_at_dump) or state != procs.STOPPED:
             # Left stopped by a dump: continue it. (A dump that failed has already let it run
             # on, unlocked; a workload that is gone cannot be resumed.)
             procs.signal(host, "CONT", target.to_continue(procs.tree_of(host, target.root_pid)))
