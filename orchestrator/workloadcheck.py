@@ -156,14 +156,14 @@ def judge(facts: TreeFacts, pidns_init: bool, tcp_outside: str = "refuse") -> Ve
     v.refusals.extend(_other_users(facts))
     if pidns_init and facts.own_mntns:
         v.refusals.extend(_files_outside(facts))
-    if facts.own_mntns:
-        v.refusals.extend(_nsfs_mounts(facts))
     if facts.veths and any(t.userns != facts.userns for t in facts.tasks):
         v.refusals.append(
             f"it has a user namespace of its own with a veth ({facts.veths[0]}): CRIU cannot "
             "restore a veth from inside a user namespace (usernsd); run it without --user, or "
             "move it without its network"
         )
+    if facts.own_mntns:
+        v.refusals.extend(_nsfs_mounts(facts))
     v.locked_files.extend(_locked_files(facts))
     if not facts.own_netns:  # its own network moves with it (and is checked elsewhere)
         internal, outside = _connections(facts)

@@ -1,6 +1,5 @@
-"""A workload holding a file lock (posix, flock or ofd) on PATH: counts in memory and writes the
-count to PATH.count every tick; checks each tick that it still holds its lock (a lost lock
-writes "lost" and exits)."""
+"""A workload holding a file lock (posix, flock or ofd) on PATH, from start to end: counts in
+memory and writes the count to PATH.count every tick (a new file each time: none stays open)."""
 
 import fcntl
 import os

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from orchestrator import workloadcheck as wc
 from orchestrator.procparse import parse_locks, parse_mountinfo, parse_tcp
+from orchestrator.runtimes.process import lock_rules
 
 FIXTURES = Path(__file__).parent / "fixtures" / "workloadcheck"
 PLAIN = (FIXTURES / "plain-locks-tcp.txt").read_text()
@@ -111,3 +112,25 @@ def test_veth_names_parsed() -> None:
         "[veth]\n", "[veth]\n7: eth0@if8: <BROADCAST,MULTICAST,UP> mtu 1500 qdisc noqueue\n"
     )
     assert wc.parse_facts(text).veths == ("eth0",)
+
+
+IPTABLES_S = """\
+-P INPUT ACCEPT
+-P OUTPUT ACCEPT
+-A INPUT -s 127.0.0.1/32 -d 127.0.0.1/32 -p tcp -m mark ! --mark 0xc114 -m tcp --sport 7301 --dport 58908 -j DROP
+-A OUTPUT -s 127.0.0.1/32 -d 127.0.0.1/32 -p tcp -m mark ! --mark 0xc114 -m tcp --sport 58908 --dport 7301 -j DROP
+-A INPUT -s 127.0.0.1/32 -d 127.0.0.1/32 -p tcp -m mark ! --mark 0xc114 -m tcp --sport 7301 --dport 40000 -j DROP
+-A INPUT -s 127.0.0.1/32 -p tcp -m tcp --sport 7301 --dport 58908 -j DROP
+"""  # noqa: E501  (recorded after a dump of a tree connected to 127.0.0.1:7301, CRIU 4.2.1)
+
+
+def test_lock_rules_are_only_those_of_our_connections() -> None:
+    rules = lock_rules(IPTABLES_S, ["127.0.0.1:58908 -> 127.0.0.1:7301"])
+    assert [r[0] for r in rules] == ["INPUT", "OUTPUT"]
+    assert rules[0][-6:] == ["--sport", "7301", "--dport", "58908", "-j", "DROP"]
+    assert lock_rules(IPTABLES_S, []) == []
+    v6 = (
+        "-A OUTPUT -s ::1/128 -d ::1/128 -p tcp -m mark ! --mark 0xc114 -m tcp --sport 5 "
+        "--dport 6 -j DROP"
+    )
+    assert len(lock_rules(v6, ["[::1]:5 -> [::1]:6"])) == 1
