@@ -12,7 +12,15 @@ import pytest
 
 from orchestrator import lab as labmod
 from orchestrator.workloadcheck import CAP_SYS_RESOURCE
-from tests.labkit import NETAPPS, PYTHON, config_with, migrate, on, wait_for
+from tests.labkit import (
+    NETAPPS,
+    PYTHON,
+    config_with,
+    failing_restore_config,
+    migrate,
+    on,
+    wait_for,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -40,8 +48,15 @@ def started(lab: labmod.Lab) -> Iterator[list[int]]:
 def plain(lab: labmod.Lab, script: str, marker: str) -> int:
     """A plain tree on host-a: `sh -c SCRIPT MARKER`; its root pid."""
     on(lab, "host-a", 'setsid sh -c "$1" "$2" </dev/null >/dev/null 2>&1 &', script, marker)
-    out = lambda: on(lab, "host-a", 'pgrep -f -x "sh -c .* $1"', marker, check=False)  # noqa: E731
-    return int(wait_for(lambda: out().strip(), what=marker).split()[0])
+
+    def root() -> int:
+        for line in on(lab, "host-a", "ps -ww -e -o pid=,args=").splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if args == f"sh -c {script} {marker}":
+                return int(pid)
+        return 0
+
+    return int(wait_for(root, what=marker))
 
 
 def container(lab: labmod.Lab, options: str, inner: str) -> int:
@@ -80,7 +95,7 @@ def userns_veth(lab: labmod.Lab, tmp: Path) -> tuple[int, str]:
 
 
 def tcp_outside(lab: labmod.Lab, tmp: Path) -> tuple[int, str]:
-    server = plain(lab, f'exec {PYTHON} "{NETAPPS}/echo_server.py" 7301', "wl-server")
+    server = plain(lab, f'{PYTHON} "{NETAPPS}/echo_server.py" 7301', "wl-server")
     wait_for(lambda: "7301" in on(lab, "host-a", "ss -Hltn"), what="the echo server")
     connect = "import socket,time; s=socket.create_connection(('127.0.0.1',7301)); time.sleep(999)"
     pid = plain(lab, f'{PYTHON} -c "{connect}"; :', "wl-tcp")
@@ -206,3 +221,28 @@ def test_a_plain_workload_will_move(lab: labmod.Lab, started: list[int]) -> None
     assert r.returncode == 2 and "is not running" in r.stdout, r.stdout + r.stderr
     r = migrate("check", f"pid:{pid}", "host-a", "host-z", config=lab.config_path)
     assert r.returncode == 2 and "unknown host 'host-z'" in r.stderr
+
+
+def test_connection_outside_rolls_back_open(
+    lab: labmod.Lab, started: list[int], tmp_path: Path
+) -> None:
+    """With tcp_outside close, a failed restore rolls the tree back from its images with its
+    connection as it was (not closed): the echoes go on."""
+    server = plain(lab, f'{PYTHON} "{NETAPPS}/echo_server.py" 7302', "wl-server2")
+    started.append(server)
+    wait_for(lambda: "7302" in on(lab, "host-a", "ss -Hltn"), what="the echo server")
+    count = lab.dir / "workloads" / "pinger.count"
+    count.parent.mkdir(exist_ok=True)
+    count.unlink(missing_ok=True)
+    pid = plain(lab, f'{PYTHON} "{NETAPPS}/pinger.py" 127.0.0.1 7302 "{count}"', "wl-ping")
+    started.append(pid)
+    echoes = lambda: count.read_text().strip() if count.exists() else ""  # noqa: E731
+    wait_for(lambda: echoes().isdigit() and int(echoes()) > 5, what="echoes")
+    r = migrate("run", f"pid:{pid}", "host-a", "host-b", "--tcp-outside", "close", "--json",
+                config=failing_restore_config(lab, tmp_path), timeout=120)  # fmt: skip
+    report = json.loads(r.stdout)
+    assert r.returncode == 3 and report["status"] == "rolled_back", r.stdout + r.stderr
+    before = int(echoes())
+    wait_for(lambda: echoes() == "broken" or int(echoes() or 0) > before + 10, what="echoes")
+    assert echoes() != "broken"
+    assert "0xc114" not in on(lab, "host-a", "iptables -w -S")
