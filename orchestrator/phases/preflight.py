@@ -59,7 +59,7 @@ class Preflight(Phase):
         verdict = workloadcheck.survey(ctx.src, ctx.dst, target, ctx.plan.policy, ctx.strategy.lazy,
                                        tree=ctx.runtime.inspects_tree)  # fmt: skip
         if verdict.refusals:  # what the workload is: bad input (exit 2), nothing frozen
-            raise ConfigError(verdict.refusals[0], details=verdict.refusals)
+            raise ConfigError(verdict.refusals[0], details=verdict.refusals[1:])
         refusals = ctx.runtime.preflight(ctx.src, ctx.dst, target)
         if refusals:
             raise MigrationError(refusals[0], details=refusals)
