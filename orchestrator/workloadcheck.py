@@ -150,11 +150,11 @@ class Verdict:
     outside: list[str] = field(default_factory=list)  # of those, peers that cannot follow
 
 
-def judge(facts: TreeFacts, pidns_init: bool, tcp_outside: str = "refuse") -> Verdict:
-    """The verdict on facts (pure). pidns_init: the workload is init of its own pid namespace."""
+def judge(facts: TreeFacts, tcp_outside: str = "refuse") -> Verdict:
+    """The verdict on facts (pure)."""
     v = Verdict()
     v.refusals.extend(_other_users(facts))
-    if pidns_init and facts.own_mntns:
+    if facts.own_mntns:  # CRIU dumps its mounts: each open file must be on one of them
         v.refusals.extend(_files_outside(facts))
     if facts.veths and any(t.userns != facts.userns for t in facts.tasks):
         v.refusals.append(
@@ -255,7 +255,7 @@ def survey(
     process tree too (the process runtime; container runtimes drive CRIU their own way)."""
     verdict = Verdict()
     if tree:
-        verdict = judge(read_facts(src, target), target.pidns_init, policy.tcp_outside)
+        verdict = judge(read_facts(src, target), policy.tcp_outside)
     target.locked_files = verdict.locked_files
     target.tcp_connections = verdict.connections
     target.tcp_close = bool(verdict.outside) and policy.tcp_outside == "close"
@@ -273,10 +273,15 @@ def survey(
 
 
 # On the source: CRIU's view of its CPU, from a private temp dir, printed as base64.
-_CPU_DUMP = (
-    'd=$(mktemp -d) || exit 1; "$1" cpuinfo dump -D "$d" -o cpu.log && base64 -w0 "$d/cpuinfo.img"'
-    '; rc=$?; [ $rc -eq 0 ] || grep -h Error "$d/cpu.log" >&2; rm -rf -- "$d"; exit $rc'
-)
+_CPU_DUMP = r"""
+d=$(mktemp -d) || exit 1
+if "$1" cpuinfo dump -D "$d" -o cpu.log; then
+  if [ -e "$d/cpuinfo.img" ]; then base64 -w0 "$d/cpuinfo.img"; else echo -; fi; rc=$?
+else
+  rc=$?; grep -h Error "$d/cpu.log" >&2
+fi
+rm -rf -- "$d"; exit $rc
+"""  # (no image: this architecture's CRIU has nothing to compare)
 # On the destination: that image, checked against this CPU (a private temp dir, removed).
 _CPU_CHECK = (
     'd=$(mktemp -d) || exit 1; printf %s "$2" | base64 -d > "$d/cpuinfo.img" && '
@@ -292,6 +297,8 @@ def cpu_refusal(src: Host, dst: Host) -> str | None:
     if not r.ok or not r.stdout.strip():
         return f"cannot read the CPU of {src.name} (criu cpuinfo dump): {r.error_line()}"
     image = r.stdout.strip()
+    if image == "-":
+        return None
     c = dst.run(["sh", "-c", _CPU_CHECK, "sh", dst.config.criu, image], mutates=False)
     if c.ok:
         return None

@@ -62,7 +62,7 @@ def test_plain_tree_locks_and_connections() -> None:
     assert [t.pid for t in facts.tasks] == [19920, 20070]
     assert not facts.own_mntns and not facts.own_netns
     assert not facts.cap_eff & (1 << wc.CAP_SYS_RESOURCE)  # root here lacks it
-    v = wc.judge(facts, pidns_init=False)
+    v = wc.judge(facts)
     assert v.locked_files == ["/tmp/lk/posix.lock", "/tmp/lk/ofd.lock"]
     # One connection to a listener outside the tree; one pair within it (both ends inside).
     assert v.outside == ["127.0.0.1:52020 -> 127.0.0.1:7001"]
@@ -73,7 +73,7 @@ def test_plain_tree_locks_and_connections() -> None:
     assert len(v.refusals) == 1
     assert "127.0.0.1:52020 -> 127.0.0.1:7001" in v.refusals[0]
     assert "tcp_outside: close" in v.refusals[0]
-    closing = wc.judge(facts, pidns_init=False, tcp_outside="close")
+    closing = wc.judge(facts, tcp_outside="close")
     assert closing.refusals == [] and closing.outside == v.outside
 
 
@@ -81,30 +81,31 @@ def test_other_user_without_cap_sys_resource() -> None:
     facts = wc.parse_facts(PLAIN)
     other = replace(facts.tasks[1], uids=(65534,) * 4, gids=(65534,) * 4)
     lacking = replace(facts, tasks=(facts.tasks[0], other), tcp=())
-    (why,) = wc.judge(lacking, pidns_init=False).refusals
+    (why,) = wc.judge(lacking).refusals
     assert "pid 20070" in why and "uid 65534" in why and "CAP_SYS_RESOURCE" in why
     having = replace(lacking, cap_eff=lacking.cap_eff | 1 << wc.CAP_SYS_RESOURCE)
-    assert wc.judge(having, pidns_init=False).refusals == []
+    assert wc.judge(having).refusals == []
 
 
-def test_pidns_with_nsfs_mounts_and_stdio_from_outside() -> None:
+def test_own_mounts_with_nsfs_mounts_and_stdio_from_outside() -> None:
     facts = wc.parse_facts(PIDNS)
     assert facts.own_mntns and not facts.own_netns
-    refusals = wc.judge(facts, pidns_init=True).refusals
+    refusals = wc.judge(facts).refusals
     assert any("/run/netns/rec-x" in r and "umount -l /run/netns" in r for r in refusals)
     outside = [r for r in refusals if "opened outside its own mount namespace" in r]
     assert any("fd 0 (/dev/null)" in r and "its stdio" in r for r in outside)
     assert any("fd 1 (/tmp/lk/outside.log)" in r for r in outside)
-    # The same facts for a workload without a pid namespace of its own: no stdio question.
-    assert not any("opened outside" in r for r in wc.judge(facts, pidns_init=False).refusals)
+    # The same tree in the host's own mount namespace: CRIU dumps no mounts, no question.
+    same = replace(facts, own_mntns=False)
+    assert not any("opened outside" in r for r in wc.judge(same).refusals)
 
 
 def test_user_namespace_with_veth() -> None:
     facts = wc.parse_facts(PLAIN)
     inner = tuple(replace(t, userns="user:[1]") for t in facts.tasks)
     nested = replace(facts, tasks=inner, veths=("veth-x",), own_netns=True)
-    assert any("veth-x" in r and "user namespace" in r for r in wc.judge(nested, False).refusals)
-    assert wc.judge(replace(nested, veths=()), False).refusals == []
+    assert any("veth-x" in r and "user namespace" in r for r in wc.judge(nested).refusals)
+    assert wc.judge(replace(nested, veths=())).refusals == []
 
 
 def test_veth_names_parsed() -> None:
