@@ -216,7 +216,7 @@ class ProcessRuntime(Runtime):
                 network_lock=target.network_lock,
                 veths=veths,
                 lazy_pages=lazy,
-                file_locks=bool(target.locked_files),
+                file_locks=True,  # whatever locks the images hold (also after `recover`)
                 extra=self.workload.criu_options,
             ),
         )
