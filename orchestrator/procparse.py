@@ -1,5 +1,5 @@
 """Pure parsers of /proc texts read from a host: file locks (/proc/locks and fdinfo `lock:`
-lines), TCP sockets (/proc/net/tcp, tcp6) and mountinfo. No I/O here."""
+lines), TCP sockets (/proc/net/tcp, tcp6), mountinfo; and `ip -o addr`. No I/O here."""
 
 from __future__ import annotations
 
@@ -99,3 +99,14 @@ def _unescape(path: str) -> str:
     if "\\" not in path:
         return path
     return path.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
+
+
+def parse_addresses(text: str) -> frozenset[str]:
+    """The addresses in `ip -o addr show` output (`... inet 198.18.0.2/24 ...`)."""
+    out = set()
+    for line in text.splitlines():
+        words = line.split()
+        for i, w in enumerate(words[:-1]):
+            if w in ("inet", "inet6"):
+                out.add(words[i + 1].split("/")[0])
+    return frozenset(out)

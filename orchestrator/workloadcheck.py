@@ -5,11 +5,21 @@ call `survey`; the facts are read in one remote command and judged by pure funct
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from orchestrator.config import Config, Policy
 from orchestrator.errors import MigrationError
-from orchestrator.procparse import Lock, Mount, TcpSocket, parse_locks, parse_mountinfo, parse_tcp
+from orchestrator.procparse import (
+    TCP_LISTEN,
+    Lock,
+    Mount,
+    TcpSocket,
+    parse_addresses,
+    parse_locks,
+    parse_mountinfo,
+    parse_tcp,
+)
 from orchestrator.runtimes.base import Target
 from orchestrator.transport.ssh import Host, HostError
 
@@ -150,8 +160,10 @@ class Verdict:
     outside: list[str] = field(default_factory=list)  # of those, peers that cannot follow
 
 
-def judge(facts: TreeFacts, tcp_outside: str = "refuse") -> Verdict:
-    """The verdict on facts (pure)."""
+def judge(
+    facts: TreeFacts, tcp_outside: str = "refuse", dst_addresses: frozenset[str] | None = None
+) -> Verdict:
+    """The verdict on facts (pure). dst_addresses: the destination's (None: not asked)."""
     v = Verdict()
     v.refusals.extend(_other_users(facts))
     if facts.own_mntns:  # CRIU dumps its mounts: each open file must be on one of them
@@ -171,11 +183,13 @@ def judge(facts: TreeFacts, tcp_outside: str = "refuse") -> Verdict:
         v.outside.extend(outside)
         if outside and tcp_outside != "close":
             v.refusals.extend(
-                f"TCP connection {c} goes to a peer outside the tree, on an address that stays "
-                "on the source: it cannot follow; stop it first, give the workload a network "
+                f"TCP connection {c} cannot follow (a peer outside the tree, or an address "
+                "that stays on the source): stop it first, give the workload a network "
                 "namespace of its own (see README), or set policy tcp_outside: close"
                 for c in outside
             )
+        if dst_addresses is not None:
+            v.refusals.extend(_listeners(facts, dst_addresses))
     return v
 
 
@@ -230,21 +244,51 @@ def _locked_files(facts: TreeFacts) -> list[str]:
     return files
 
 
-def _connections(facts: TreeFacts) -> tuple[list[str], list[str]]:
-    """The tree's TCP connections: (to a peer in the tree, to a peer outside it)."""
+def _sockets(facts: TreeFacts) -> list[TcpSocket]:
+    """The TCP sockets the tree holds (by the inodes of its fds)."""
     inodes = {
         int(fd.link[8:-1])
         for t in facts.tasks
         for fd in t.fds
         if fd.link.startswith("socket:[") and fd.link[8:-1].isdigit()
     }
-    mine = [s for s in facts.tcp if s.inode in inodes and s.connected]
+    return [s for s in facts.tcp if s.inode in inodes]
+
+
+def _connections(facts: TreeFacts) -> tuple[list[str], list[str]]:
+    """The tree's TCP connections: (those that follow it: both ends in the tree, on loopback;
+    those that cannot: a peer outside, or an address that stays on the source)."""
+    mine = [s for s in _sockets(facts) if s.connected]
     ends = {(s.local, s.remote) for s in mine}
     internal: list[str] = []
     outside: list[str] = []
     for s in mine:
-        (internal if (s.remote, s.local) in ends else outside).append(f"{s.local} -> {s.remote}")
+        follows = (s.remote, s.local) in ends and _loopback(s.local)
+        (internal if follows else outside).append(f"{s.local} -> {s.remote}")
     return internal, outside
+
+
+def _listeners(facts: TreeFacts, dst_addresses: frozenset[str]) -> list[str]:
+    """Listening sockets bound to an address the destination does not have."""
+    out = []
+    for s in _sockets(facts):
+        ip = _ip(s.local)
+        if s.state == TCP_LISTEN and not (_loopback(s.local) or ip in ("0.0.0.0", "::")):
+            if ip not in dst_addresses:
+                out.append(
+                    f"it listens on {s.local}, an address the destination does not have: CRIU "
+                    "could not bind it there; listen on 0.0.0.0, or give the workload a network "
+                    "namespace of its own (see README)"
+                )
+    return out
+
+
+def _ip(endpoint: str) -> str:
+    return endpoint.rpartition(":")[0].strip("[]")
+
+
+def _loopback(endpoint: str) -> bool:
+    return ipaddress.ip_address(_ip(endpoint)).is_loopback
 
 
 def survey(
@@ -255,7 +299,12 @@ def survey(
     process tree too (the process runtime; container runtimes drive CRIU their own way)."""
     verdict = Verdict()
     if tree:
-        verdict = judge(read_facts(src, target), policy.tcp_outside)
+        facts = read_facts(src, target)
+        dst_addresses = None
+        if not facts.own_netns:
+            r = dst.run(["ip", "-o", "addr", "show"], mutates=False)
+            dst_addresses = parse_addresses(r.stdout) if r.ok else None
+        verdict = judge(facts, policy.tcp_outside, dst_addresses)
     target.locked_files = verdict.locked_files
     target.tcp_connections = verdict.connections
     target.tcp_close = bool(verdict.outside) and policy.tcp_outside == "close"

@@ -101,7 +101,18 @@ def tcp_outside(lab: labmod.Lab, tmp: Path) -> tuple[int, str]:
     pid = plain(lab, f'{PYTHON} -c "{connect}"; :', "wl-tcp")
     wait_for(lambda: "7301" in on(lab, "host-a", "ss -Htn state established"), what="connected")
     _extra.append(server)
-    return pid, "-> 127.0.0.1:7301 goes to a peer outside the tree"
+    return pid, "-> 127.0.0.1:7301 cannot follow"
+
+
+def listener_address(lab: labmod.Lab, tmp: Path) -> tuple[int, str]:
+    # a server bound to host-a's own address, which host-b does not have
+    serve = (
+        "import socket,time; s=socket.socket(); s.bind(('198.18.0.1',7303)); s.listen(); "
+        "time.sleep(999)"
+    )
+    pid = plain(lab, f'{PYTHON} -c "{serve}"; :', "wl-listen")
+    wait_for(lambda: "198.18.0.1:7303" in on(lab, "host-a", "ss -Hltn"), what="listening")
+    return pid, "listens on 198.18.0.1:7303, an address the destination does not have"
 
 
 _extra: list[int] = []
@@ -149,6 +160,7 @@ Case = Callable[[labmod.Lab, Path], tuple[int, str]]
 CASES: dict[str, Case] = {
     "other-user": other_user, "stdio-outside": stdio_outside, "nsfs-mounts": nsfs_mounts,
     "userns-veth": userns_veth, "tcp-outside": tcp_outside, "cpu-mismatch": cpu_mismatch,
+    "listener-address": listener_address,
 }  # fmt: skip
 
 

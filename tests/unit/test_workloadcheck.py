@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from orchestrator import workloadcheck as wc
-from orchestrator.procparse import parse_locks, parse_mountinfo, parse_tcp
+from orchestrator.procparse import parse_addresses, parse_locks, parse_mountinfo, parse_tcp
 from orchestrator.runtimes.process import lock_rules
 
 FIXTURES = Path(__file__).parent / "fixtures" / "workloadcheck"
@@ -135,3 +135,36 @@ def test_lock_rules_are_only_those_of_our_connections() -> None:
         "--dport 6 -j DROP"
     )
     assert len(lock_rules(v6, ["[::1]:5 -> [::1]:6"])) == 1
+
+
+IP_ADDR = """\
+1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
+2: br0    inet 198.18.0.2/24 brd 198.18.0.255 scope global br0\\       valid_lft forever
+2: br0    inet6 fe80::1/64 scope link \\       valid_lft forever preferred_lft forever
+"""
+
+
+def test_listener_on_an_address_the_destination_lacks() -> None:
+    assert parse_addresses(IP_ADDR) == {"127.0.0.1", "198.18.0.2", "fe80::1"}
+    facts = wc.parse_facts(PLAIN)
+    # the tree's listener (inode 7096203) bound to host-a's address instead of loopback
+    tcp = tuple(replace(s, local="198.18.0.1:7002") if s.inode == 7096203 else s for s in facts.tcp)
+    bound = replace(facts, tcp=tcp)
+    why = [r for r in wc.judge(bound, "close", parse_addresses(IP_ADDR)).refusals]
+    assert len(why) == 1 and "listens on 198.18.0.1:7002" in why[0]
+    there = parse_addresses(IP_ADDR) | {"198.18.0.1"}
+    assert wc.judge(bound, "close", there).refusals == []
+    assert wc.judge(bound, "close", None).refusals == []  # not asked: not judged
+    assert wc.judge(facts, "close", parse_addresses(IP_ADDR)).refusals == []  # on loopback
+
+
+def test_a_pair_within_the_tree_on_the_hosts_address_cannot_follow() -> None:
+    facts = wc.parse_facts(PLAIN)
+    moved = {"127.0.0.1:44646": "198.18.0.1:44646", "127.0.0.1:7002": "198.18.0.1:7002"}
+    tcp = tuple(
+        replace(s, local=moved.get(s.local, s.local), remote=moved.get(s.remote, s.remote))
+        for s in facts.tcp
+    )
+    v = wc.judge(replace(facts, tcp=tcp))
+    assert "198.18.0.1:44646 -> 198.18.0.1:7002" in v.outside
+    assert any("198.18.0.1:7002 -> 198.18.0.1:44646 cannot follow" in r for r in v.refusals)
