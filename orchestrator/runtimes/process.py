@@ -249,6 +249,7 @@ class ProcessRuntime(Runtime):
         # and its own images bring it back here, connections and all. If that restore fails,
         # the images are the only copy: they are kept (see actions.wipe_images_if_safe).
         self._kill(host, target.root_pid)
+        self._wait_gone(host, target.root_pid)  # its pids, and locks, free for its images
         self._restore_here(host, target, images_dir)
 
     def checkpointed(self, host: Host, images_dir: str) -> bool:
