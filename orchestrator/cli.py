@@ -12,7 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator import __version__, evacuate, gc, journal, metrics, progress, render, strategies
+from orchestrator import (
+    __version__,
+    evacuate,
+    gc,
+    journal,
+    metrics,
+    progress,
+    render,
+    strategies,
+    workloadcheck,
+)
 from orchestrator.config import Config, ConfigError, config_path, load
 from orchestrator.errors import MigrationError
 from orchestrator.hostcheck import check_hosts
@@ -61,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--max-precopy-seconds", type=float, metavar="S",
                      help="freeze after S seconds of rounds")  # fmt: skip
     r.add_argument("--metrics-file", metavar="PATH", help="write Prometheus metrics (textfile)")
+    _policy_words(r)
 
     e = sub.add_parser("evacuate", help="migrate every workload on SRC to other hosts")
     e.add_argument("source")
@@ -75,10 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--metrics-file", metavar="PATH", help="write Prometheus metrics (textfile)")
 
-    c = sub.add_parser("check", help="the host half of pre-flight, as a table")
-    c.add_argument("hosts", nargs="+")
+    c = sub.add_parser(
+        "check",
+        help="HOST...: the host half of pre-flight, as a table; WORKLOAD SRC DST: will it move?",
+    )
+    c.add_argument("hosts", nargs="+", metavar="HOST | WORKLOAD SRC DST")
     c.add_argument("--config")
     c.add_argument("--json", action="store_true")
+    _policy_words(c)
 
     h = sub.add_parser("history", help="journaled migrations, oldest first")
     h.add_argument("--config")
@@ -122,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_fleet(sub, _Parser)
     return p
+
+
+def _policy_words(p: argparse.ArgumentParser) -> None:
+    """The workload check's policy settings, as options (override the config's)."""
+    p.add_argument("--tcp-outside", choices=("refuse", "close"),
+                   help="a TCP peer outside a plain tree: refuse or close")  # fmt: skip
+    p.add_argument("--cpu-check", choices=("strict", "off"),
+                   help="criu cpuinfo check of the source's CPU on the destination")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,7 +192,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args).with_policy(
-        bwlimit=args.bwlimit, compress=args.compress or None,
+        bwlimit=args.bwlimit, compress=args.compress or None, tcp_outside=args.tcp_outside,
+        cpu_check=args.cpu_check,
         **{k: getattr(args, k) for k in ("max_downtime_ms", "goal", "max_iterations",
                                           "max_precopy_seconds")},
     )  # fmt: skip
@@ -245,7 +269,12 @@ def _interrupt_on_sigterm() -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = _config(args).with_policy(tcp_outside=args.tcp_outside, cpu_check=args.cpu_check)
+    first = args.hosts[0]
+    if first not in config.hosts and len(args.hosts) == 3:  # WORKLOAD SRC DST
+        result = workloadcheck.check_workload(config, *args.hosts)
+        render.workload_check(result, args.json)
+        return 0 if result.moves else EXIT_USAGE
     hosts = [Host(config.host(name), config.policy) for name in args.hosts]
     results = check_hosts(hosts, features=True)
     for host in hosts:

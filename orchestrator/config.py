@@ -122,6 +122,11 @@ class Policy:
     # Run each host's commands through a small agent (python3, started over the connection;
     # nothing installed): no shell or ssh session per command. False: the old way, slower.
     agent: bool = True
+    # A TCP connection of a plain tree to a peer outside it, on an address that does not move
+    # with it: refuse (pre-flight names it) or close (restored closed, CRIU --tcp-close).
+    tcp_outside: str = "refuse"
+    # `criu cpuinfo check` of the source's CPU on the destination: strict refuses a mismatch.
+    cpu_check: str = "strict"
 
 
 # (key, lowest allowed, highest allowed) for the policy's numbers
@@ -133,9 +138,21 @@ POLICY_RANGES: tuple[tuple[str, float, float | None], ...] = (
 )
 
 
+# the policy's words: (key, allowed values)
+POLICY_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("tcp_outside", ("refuse", "close")),
+    ("cpu_check", ("strict", "off")),
+)
+
+
 def check_policy(policy: Policy, where: str, flags: bool = False) -> None:
     """ConfigError naming the key (or with `flags`, the command-line option) when a policy
-    number is out of range, or not a finite number at all (NaN, inf)."""
+    number is out of range, or not a finite number at all (NaN, inf), or a word is unknown."""
+    for key, allowed in POLICY_CHOICES:
+        value = getattr(policy, key)
+        if value not in allowed:
+            name = "--" + key.replace("_", "-") if flags else where + key
+            raise ConfigError(f"{name}: must be one of {', '.join(allowed)}, not {value!r}")
     for f in fields(policy):
         value = getattr(policy, f.name)
         if isinstance(value, float) and not math.isfinite(value):

@@ -17,6 +17,7 @@ from orchestrator.journal import Summary
 from orchestrator.plan import Plan
 from orchestrator.progress import human_bytes
 from orchestrator.report import PhaseResult, Report
+from orchestrator.workloadcheck import CheckResult as WorkloadCheck
 
 
 def _mib(kb: int | None) -> str:
@@ -193,6 +194,22 @@ def checks(results: list[HostFacts], as_json: bool = False) -> None:
             f"{'ok' if c.rsync else 'no':<6} {c.free_kb // 1024:>9}  "
             f"{' '.join(c.features or []) or '-':<62}  " + ("; ".join(c.problems()) or "-")
         )
+
+
+def workload_check(c: WorkloadCheck, as_json: bool = False) -> None:
+    """`migrate check WORKLOAD SRC DST`: will it move; each refusal one line."""
+    if as_json:
+        print(json.dumps({**asdict(c), "moves": c.moves}, indent=2))
+        return
+    where = f"pid {c.root_pid}, {c.pids} task(s)" if c.root_pid else "not found"
+    print(f"{c.workload} ({where}) {c.source} -> {c.destination}: "
+          + ("it will move" if c.moves else "it will NOT move"))  # fmt: skip
+    for line in c.refusals:
+        print(f"  refused: {line}")
+    for path in c.locked_files:
+        print(f"  lock: {path} (moves with it: the source copy ends at the dump)")
+    for conn in c.connections:
+        print(f"  tcp: {conn}")
 
 
 def history(rows: list[Summary], as_json: bool = False) -> None:

@@ -24,6 +24,7 @@ class DumpOptions:
     prev_images_dir: str | None = None  # relative to images_dir: pages already there are skipped
     # #14 page channel: pages over an already-connected Unix socket (pagechannel.dump_flags)
     channel_flags: Sequence[str] = ()
+    file_locks: bool = False  # dump the tree's file locks (POSIX, flock, OFD)
     extra: Sequence[str] = ()
 
 
@@ -38,6 +39,7 @@ class RestoreOptions:
     network_lock: str | None = None
     veths: Sequence[tuple[str, str, str]] = ()  # (inside name, host name, host bridge)
     lazy_pages: bool = False  # post-copy: pages come from a `criu lazy-pages` daemon
+    file_locks: bool = False  # take the dumped file locks back
     extra: Sequence[str] = ()
 
 
@@ -58,6 +60,8 @@ def dump(criu: str, o: DumpOptions) -> list[str]:
     argv += _net(o.tcp_established, o.network_lock)
     if o.skip_in_flight:
         argv.append("--skip-in-flight")
+    if o.file_locks:
+        argv.append("--file-locks")
     argv += list(o.channel_flags)  # #14
     return argv + _track(o) + list(o.extra)
 
@@ -94,6 +98,8 @@ def restore(criu: str, o: RestoreOptions) -> list[str]:
         argv += ["--external", f"veth[{inside}]:{outside}@{bridge}"]
     if o.lazy_pages:
         argv.append("--lazy-pages")
+    if o.file_locks:
+        argv.append("--file-locks")
     return argv + list(o.extra)
 
 

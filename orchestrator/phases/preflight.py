@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
+from orchestrator import workloadcheck
+from orchestrator.config import ConfigError
 from orchestrator.errors import MigrationError
 from orchestrator.hostcheck import IMAGE_OVERHEAD, IMAGE_SLACK_KB, check_hosts, unmet
 from orchestrator.journal import Stage
@@ -54,6 +56,10 @@ class Preflight(Phase):
                 f"not enough space on {ctx.dst.name} in {ctx.dst.config.workdir}: "
                 f"{checks[1].free_kb // 1024} MiB free, images need ~{need_kb // 1024} MiB"
             )
+        verdict = workloadcheck.survey(ctx.src, ctx.dst, target, ctx.plan.policy, ctx.strategy.lazy,
+                                       tree=ctx.runtime.inspects_tree)  # fmt: skip
+        if verdict.refusals:  # what the workload is: bad input (exit 2), nothing frozen
+            raise ConfigError(verdict.refusals[0], details=verdict.refusals[1:])
         refusals = ctx.runtime.preflight(ctx.src, ctx.dst, target)
         if refusals:
             raise MigrationError(refusals[0], details=refusals)

@@ -33,6 +33,18 @@ class Target:
     new_paths: list[str] = field(default_factory=list)  # of those, made on the destination by us
     # Tasks the workload itself had stopped (state T) when found: a rollback leaves them so.
     self_stopped: list[int] = field(default_factory=list)
+    # Found in pre-flight (workloadcheck): files it holds locks on, its TCP connections (a tree
+    # in the host's network: `local -> remote`), and whether the restore closes them (policy).
+    locked_files: list[str] = field(default_factory=list)
+    tcp_connections: list[str] = field(default_factory=list)
+    tcp_close: bool = False
+
+    @property
+    def ends_at_dump(self) -> bool:
+        """Whether its stopped source copy must go once dumped: it holds file locks the restore
+        takes, or TCP sockets the dump left in repair mode. A rollback restores it from its
+        images (as for a workload with its own network)."""
+        return bool(self.locked_files or self.tcp_connections)
 
     def to_continue(self, tree: list[int]) -> list[int]:
         """Of tree, the tasks a resume must SIGCONT: those the tool stopped, not the others."""
@@ -45,6 +57,9 @@ class Runtime(ABC):
     name: str
     #: What its checkpoint can do beyond one full dump (the strategy table matches these).
     capabilities: frozenset[Capability] = frozenset()
+    #: Pre-flight judges its process tree from /proc (workloadcheck) and it carries the file
+    #: locks and TCP connections found there (see Target.ends_at_dump).
+    inspects_tree: bool = False
 
     def __init__(self, workload: WorkloadConfig) -> None:
         self.workload = workload

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+import time
 
 from orchestrator.checkpoint import Capability, Checkpoint, Pages
-from orchestrator.config import ConfigError
+from orchestrator.config import ConfigError, WorkloadConfig
 from orchestrator.criu import background
 from orchestrator.criu import commands as criu
 from orchestrator.criu.logs import raise_on_failure
@@ -21,6 +22,12 @@ PIDFILE = "restored.pid"
 class ProcessRuntime(Runtime):
     name = "process"
     capabilities = frozenset(Capability)
+    inspects_tree = True
+
+    def __init__(self, workload: WorkloadConfig) -> None:
+        super().__init__(workload)
+        # host name -> connections whose network lock a dump left there (see remove())
+        self._lock_rules_left: dict[str, list[str]] = {}
 
     def locate(self, host: Host) -> Target:
         pid = self._root_pid(host)
@@ -136,12 +143,14 @@ class ProcessRuntime(Runtime):
             images_dir=cp.images_dir,
             leave_stopped=not cp.running,
             ext_mount_map_auto=target.own_mntns,
-            tcp_established=target.net is not None and not cp.running,
+            tcp_established=(target.net is not None or bool(target.tcp_connections))
+            and not cp.running,
             skip_in_flight=self.workload.network.skip_in_flight,
             network_lock=None if cp.running else target.network_lock,
             track_mem=cp.track_mem,
             prev_images_dir=cp.parent_dir,
             channel_flags=dump_flags(cp.channel) if cp.channel else (),
+            file_locks=bool(target.locked_files) and not cp.running,
             extra=self.workload.criu_options,
         )
         if cp.running:
@@ -157,16 +166,40 @@ class ProcessRuntime(Runtime):
             return
         r = host.run(call.argv, private=True, sockets=call.sockets)
         raise_on_failure(host, r, cp.images_dir, criu.DUMP_LOG, "dump")
+        if target.ends_at_dump:
+            # Its locks must be free for the restore to take them (and its sockets are in
+            # repair mode): the stopped copy goes now; a rollback restores it from the images.
+            self._kill(host, target.root_pid)
+            self._wait_gone(host, target.root_pid)
+            # CRIU's DROP rules for its connections stay (they keep the peers' packets from
+            # meeting no socket, which would reset them) until a copy runs: see remove().
+            self._lock_rules_left[host.name] = list(target.tcp_connections)
+
+    def _wait_gone(self, host: Host, pid: int, timeout: float = 10.0) -> None:
+        """Until pid has exited (and so let go of its locks); MigrationError after timeout."""
+        deadline = time.monotonic() + timeout
+        while procs.state(host, pid) != procs.GONE and not host.dry_run:
+            if time.monotonic() > deadline:
+                raise MigrationError(f"pid {pid} on {host} did not exit within {timeout:.0f}s")
+            time.sleep(0.05)
 
     def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
-        pid = self._restore(host, target, images_dir, host.config.bridge, lazy)
+        pid = self._restore(host, target, images_dir, host.config.bridge, lazy, moved=True)
         if target.net and pid:
             host.run(net.announce_argv(pid, target.net))
         return pid
 
     def _restore(
-        self, host: Host, target: Target, images_dir: str, bridge: str, lazy: bool = False
+        self,
+        host: Host,
+        target: Target,
+        images_dir: str,
+        bridge: str,
+        lazy: bool = False,
+        moved: bool = False,
     ) -> int:
+        """moved: on the destination (connections the policy closes are closed there; a
+        rollback restores them as they were)."""
         pidfile = f"{images_dir}/{PIDFILE}"
         veths = [(target.net.interface, target.net.veth, bridge)] if target.net else []
         argv = criu.restore(
@@ -176,11 +209,13 @@ class ProcessRuntime(Runtime):
                 pidfile=pidfile,
                 ext_mount_map_auto=target.own_mntns,
                 root="/" if target.own_mntns else None,
-                tcp_established=target.net is not None,
-                tcp_close=target.net is not None and self.workload.network.tcp == "close",
+                tcp_established=target.net is not None or bool(target.tcp_connections),
+                tcp_close=(target.net is not None and self.workload.network.tcp == "close")
+                or (moved and target.tcp_close),
                 network_lock=target.network_lock,
                 veths=veths,
                 lazy_pages=lazy,
+                file_locks=True,  # whatever locks the images hold (also after `recover`)
                 extra=self.workload.criu_options,
             ),
         )
@@ -199,7 +234,7 @@ class ProcessRuntime(Runtime):
             # An earlier resume killed it and its restore failed: its images are the copy.
             self._restore_here(host, target, images_dir)
             return
-        if target.net is None or state != procs.STOPPED:
+        if (target.net is None and not target.ends_at_dump) or state != procs.STOPPED:
             # Left stopped by a dump: continue it. (A dump that failed has already let it run
             # on, unlocked; a workload that is gone cannot be resumed.)
             procs.signal(host, "CONT", target.to_continue(procs.tree_of(host, target.root_pid)))
@@ -208,7 +243,8 @@ class ProcessRuntime(Runtime):
         # restore brings those back. The stopped copy goes silently (repair mode sends no RST)
         # and its own images bring it back here, connections and all. If that restore fails,
         # the images are the only copy: they are kept (see actions.wipe_images_if_safe).
-        self.remove(host, target.root_pid)
+        self._kill(host, target.root_pid)
+        self._wait_gone(host, target.root_pid)  # its pids, and locks, free for its images
         self._restore_here(host, target, images_dir)
 
     def checkpointed(self, host: Host, images_dir: str) -> bool:
@@ -218,6 +254,7 @@ class ProcessRuntime(Runtime):
     def _restore_here(self, host: Host, target: Target, images_dir: str) -> None:
         if target.net is None:
             target.root_pid = self._restore(host, target, images_dir, host.config.bridge)
+            self._drop_lock_rules(host)  # its restored sockets are back: nothing to guard
             return
         net.wait_veth_gone(host, target.net.veth, timeout=10)
         bridge = target.net.source_bridge or host.config.bridge
@@ -225,7 +262,52 @@ class ProcessRuntime(Runtime):
         host.run(net.announce_argv(target.root_pid, target.net))
 
     def remove(self, host: Host, root_pid: int) -> None:
+        self._kill(host, root_pid)
+        self._drop_lock_rules(host)  # the copy that ended at its dump is gone for good
+
+    def _kill(self, host: Host, root_pid: int) -> None:
         procs.signal(host, "KILL", procs.tree_of(host, root_pid))
+
+    def _drop_lock_rules(self, host: Host) -> None:
+        """Delete the network lock a dump of a tree in host's own network left for its
+        connections (CRIU's iptables DROP rules, one per direction), and only those."""
+        connections = self._lock_rules_left.pop(host.name, [])
+        for tool in ("iptables", "ip6tables") if connections else ():
+            listed = host.run([tool, "-w", "-S"], mutates=False)
+            for rule in lock_rules(listed.stdout, connections):
+                host.run([tool, "-w", "-D", *rule])
 
     def state(self, host: Host, root_pid: int) -> str:
         return procs.state(host, root_pid)
+
+
+# CRIU marks its own packets with this while it locks a connection of a tree in the host's
+# network (criu/netfilter.c: `-m mark ! --mark 0xc114 ... -j DROP`).
+_CRIU_MARK = "--mark 0xc114"
+
+
+def lock_rules(listing: str, connections: list[str]) -> list[list[str]]:
+    """Of `iptables -S` output, CRIU's DROP rules for connections (`L:lp -> R:rp`), as the
+    words after -A, to delete with -D."""
+    wanted = set()
+    for conn in connections:
+        local, _, remote = conn.partition(" -> ")
+        (lip, lport), (rip, rport) = _split(local), _split(remote)
+        wanted.add(("INPUT", rip, lip, rport, lport))
+        wanted.add(("OUTPUT", lip, rip, lport, rport))
+    out = []
+    for line in listing.splitlines():
+        words = line.split()
+        if words[:1] != ["-A"] or _CRIU_MARK not in line or "-j DROP" not in line:
+            continue
+        opt = {words[i]: words[i + 1] for i in range(2, len(words) - 1) if words[i][0] == "-"}
+        key = (words[1], opt.get("-s", "").split("/")[0], opt.get("-d", "").split("/")[0],
+               opt.get("--sport"), opt.get("--dport"))  # fmt: skip
+        if key in wanted:
+            out.append(words[1:])
+    return out
+
+
+def _split(endpoint: str) -> tuple[str, str]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), port

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator import facts, strategies
+from orchestrator import facts, strategies, workloadcheck
 from orchestrator.config import HostConfig, Policy, WorkloadConfig
 from orchestrator.criu import background, manifest
 from orchestrator.journal import Journal
@@ -101,6 +101,12 @@ class _FakeLock(RemoteLock):
 
 
 PS = "100 1 Ss 2048 /bin/sh /w.sh\n101 100 S 1024 sleep 1\n"
+# What workloadcheck._SCRIPT prints for pid 100's tree: root's, no locks, no TCP, one namespace.
+TREE = (
+    "task 100\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nuserns user:[1]\nfd 0 /dev/null\nmnt 24\n"
+    "CapEff:\t000001ffffffffff\nuserns-self user:[1]\nmntns mnt:[2] mnt:[2]\n"
+    "netns net:[3] net:[3]\n[mountinfo]\n[tcp]\n[veth]\n[end]\n"
+)
 
 
 def healthy_host(host: FakeHost, restored: list[bool]) -> None:
@@ -115,6 +121,8 @@ def healthy_host(host: FakeHost, restored: list[bool]) -> None:
     host.on(lambda a: a[:1] == ["base64"] and a[-1].endswith("restored.pid"), "MTAwCg==")
     host.on(lambda a: a[:1] == ["cat"] and a[-1].endswith(".log"),
             "(0.1) Error (criu/x.c:1): it broke\n")  # fmt: skip
+    host.on(script(workloadcheck._SCRIPT), TREE)
+    host.on(script(workloadcheck._CPU_DUMP), "Q1BVaW5mbw==\n")  # (its check answers 0: a match)
     host.on(script(background._START), "ready\n")  # CRIU in the background: ready at once
     host.on(script(background._WAIT), "0\n")  # ...and ended well when asked
     host.answer(lambda a: Result(host.name, a, 0, PS if source or restored else "1 0 Ss 100 sshd\n")
