@@ -49,7 +49,7 @@ def resume_source(ctx: Context) -> None:
         return
     if (
         ctx.strategy.pages is Pages.PAGE_SERVER
-        and target.net is not None
+        and (target.net is not None or target.tcp_connections)
         and ctx.runtime.state(ctx.src, target.root_pid) == procs.STOPPED
     ):
         # The source's images lack the pages (they streamed into the destination): the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from orchestrator.checkpoint import Pages
 from orchestrator.config import Config, Policy
 from orchestrator.errors import MigrationError
 from orchestrator.procparse import (
@@ -292,11 +293,17 @@ def _loopback(endpoint: str) -> bool:
 
 
 def survey(
-    src: Host, dst: Host, target: Target, policy: Policy, lazy: bool = False, tree: bool = True
+    src: Host,
+    dst: Host,
+    target: Target,
+    policy: Policy,
+    pages: Pages = Pages.FILES,
+    tree: bool = True,
 ) -> Verdict:
     """Read and judge the workload on src, and src's CPU on dst (unless the policy says off);
-    notes on target what the dump must carry. lazy: the strategy is post-copy. tree: judge its
-    process tree too (the process runtime; container runtimes drive CRIU their own way)."""
+    notes on target what the dump must carry. pages: how the strategy's final dump moves its
+    pages. tree: judge its process tree too (the process runtime; container runtimes drive
+    CRIU their own way)."""
     verdict = Verdict()
     if tree:
         facts = read_facts(src, target)
@@ -308,11 +315,18 @@ def survey(
     target.locked_files = verdict.locked_files
     target.tcp_connections = verdict.connections
     target.tcp_close = bool(verdict.outside) and policy.tcp_outside == "close"
-    if lazy and target.ends_at_dump:
+    if pages is Pages.LAZY and target.ends_at_dump:
         what = "file locks" if target.locked_files else "TCP connections in the host's network"
         verdict.refusals.append(
             f"it holds {what}: post-copy keeps the stopped source until every page is pulled, "
-            "so the restore could not take them; use another strategy"
+            "so the restore could not take them; use --strategy stopcopy"
+        )
+    elif pages is Pages.PAGE_SERVER and target.locked_files:
+        verdict.refusals.append(
+            f"it holds file locks ({', '.join(target.locked_files[:3])}): its source copy must "
+            "let go of them before the restore takes them, and come back from its own images "
+            "on a rollback, but stream sends the pages to the destination, not into those "
+            "images; use --strategy stopcopy"
         )
     if policy.cpu_check == "strict":
         cpu = cpu_refusal(src, dst)

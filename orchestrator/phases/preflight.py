@@ -56,8 +56,9 @@ class Preflight(Phase):
                 f"not enough space on {ctx.dst.name} in {ctx.dst.config.workdir}: "
                 f"{checks[1].free_kb // 1024} MiB free, images need ~{need_kb // 1024} MiB"
             )
-        verdict = workloadcheck.survey(ctx.src, ctx.dst, target, ctx.plan.policy, ctx.strategy.lazy,
-                                       tree=ctx.runtime.inspects_tree)  # fmt: skip
+        policy, inspects = ctx.plan.policy, ctx.runtime.inspects_tree
+        verdict = workloadcheck.survey(ctx.src, ctx.dst, target, policy, ctx.strategy.pages,
+                                       tree=inspects)  # fmt: skip
         if verdict.refusals:  # what the workload is: bad input (exit 2), nothing frozen
             raise ConfigError(verdict.refusals[0], details=verdict.refusals[1:])
         refusals = ctx.runtime.preflight(ctx.src, ctx.dst, target)

@@ -166,9 +166,11 @@ class ProcessRuntime(Runtime):
             return
         r = host.run(call.argv, private=True, sockets=call.sockets)
         raise_on_failure(host, r, cp.images_dir, criu.DUMP_LOG, "dump")
-        if target.ends_at_dump:
+        if target.ends_at_dump and cp.pages is Pages.FILES:
             # Its locks must be free for the restore to take them (and its sockets are in
             # repair mode): the stopped copy goes now; a rollback restores it from the images.
+            # (Stream's images lack the pages: file locks are refused there, and its rollback
+            # unlocks the stopped copy's sockets instead: actions.resume_source.)
             self._kill(host, target.root_pid)
             self._wait_gone(host, target.root_pid)
             # CRIU's DROP rules for its connections stay (they keep the peers' packets from
