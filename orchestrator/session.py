@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from orchestrator import journal, phases, runner, strategies
+from orchestrator import journal, phases, runner, strategies, workloadcheck
+from orchestrator.checkpoint import Pages
 from orchestrator.config import Config, Policy, WorkloadConfig
 from orchestrator.criu import commands as criu
 from orchestrator.errors import MigrationError
@@ -111,7 +112,28 @@ def settle_auto(policy: Policy, src: Host, dst: Host, runtime: Runtime) -> tuple
         src_f = [DIRTY_TRACKING] if _has_feature(src, DIRTY_TRACKING) else []
     # Each host's agent is python3 running there (transport/agent.py).
     python = ("python3",) if src.agent is not None and dst.agent is not None else ()
-    return strategies.choose(policy, src_f, dst_f, runtime.capabilities, python)
+    name, why = strategies.choose(policy, src_f, dst_f, runtime.capabilities, python)
+    if strategies.get(name).pages is not Pages.FILES:
+        traits = _holds(policy, src, runtime)  # what only stop-copy's own images can carry
+        if traits:
+            name, why = strategies.choose(policy, src_f, dst_f, runtime.capabilities, python,
+                                          traits)  # fmt: skip
+    return name, why
+
+
+def _holds(policy: Policy, src: Host, runtime: Runtime) -> frozenset[str]:
+    """What of strategies.TRAITS the workload has (read-only; nothing if it cannot be read:
+    pre-flight says why)."""
+    if not runtime.inspects_tree:
+        return frozenset()
+    try:
+        target = runtime.locate(src)
+        verdict = workloadcheck.judge(workloadcheck.read_facts(src, target), policy.tcp_outside)
+    except MigrationError:
+        return frozenset()
+    return frozenset({strategies.FILE_LOCKS} if verdict.locked_files else set()) | frozenset(
+        {strategies.HOST_TCP} if verdict.connections else set()
+    )
 
 
 def _has_feature(host: Host, feature: str) -> bool:

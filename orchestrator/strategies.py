@@ -140,6 +140,14 @@ def resolve(name: str) -> str:
     return name if name == "auto" else get(name).name
 
 
+#: What a workload may hold that only some strategies can carry: file locks (the source copy
+#: must let go of them, and come back from its own images on a rollback: not stream's, which
+#: lack the pages) and TCP connections in the host's network (locked at the dump: not for
+#: post-copy, which keeps the source frozen until every page is pulled).
+FILE_LOCKS = "file locks"
+HOST_TCP = "TCP connections in the host's network"
+
+
 def unmet_by(
     s: Strategy,
     policy: Policy,
@@ -147,10 +155,16 @@ def unmet_by(
     dst_features: Collection[str],
     runtime_can: Collection[Capability],
     commands: Collection[str] = (),
+    holds: Collection[str] = (),
 ) -> str | None:
-    """Why `auto` cannot pick s here (None: it can); `commands`: those both hosts have."""
+    """Why `auto` cannot pick s here (None: it can); `commands`: those both hosts have;
+    `holds`: what of FILE_LOCKS, HOST_TCP the workload holds."""
     if s.postcopy and not policy.allow_postcopy:
         return "post-copy is not allowed by policy (allow_postcopy)"
+    carried = {Pages.LAZY: (), Pages.PAGE_SERVER: (HOST_TCP,)}.get(s.pages, (FILE_LOCKS, HOST_TCP))
+    cannot = [h for h in holds if h not in carried]
+    if cannot:
+        return f"the workload holds {' and '.join(cannot)}"
     lacking = sorted({*s.needs.src_commands, *s.needs.dst_commands} - set(commands))
     if lacking:
         return f"it needs {', '.join(lacking)} on both hosts"
@@ -166,13 +180,13 @@ def unmet_by(
 
 
 def choose(policy: Policy, src_features: Collection[str], dst_features: Collection[str],
-           runtime_can: Collection[Capability],
-           commands: Collection[str] = ()) -> tuple[str, str]:  # fmt: skip
-    """What `auto` means for these hosts: (strategy name, why)."""
+           runtime_can: Collection[Capability], commands: Collection[str] = (),
+           holds: Collection[str] = ()) -> tuple[str, str]:  # fmt: skip
+    """What `auto` means for these hosts (and this workload): (strategy name, why)."""
     passed: list[str] = []
     for name in AUTO_ORDER:
         s = TABLE[name]
-        why_not = unmet_by(s, policy, src_features, dst_features, runtime_can, commands)
+        why_not = unmet_by(s, policy, src_features, dst_features, runtime_can, commands, holds)
         if why_not is None:
             said = f" ({'; '.join(passed)})" if passed else ""
             return name, f"auto: {s.title}{said}"

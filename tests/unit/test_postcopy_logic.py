@@ -100,3 +100,19 @@ def test_pages_pulled_sums_every_task() -> None:
         "(03.2) uffd: 8-12: UFFD transferred pages: (20/25)\n"
     )
     assert pages_pulled(log) == (120, 125)
+
+
+@pytest.mark.parametrize(
+    ("holds", "expected", "said"),
+    [
+        ((strategies.FILE_LOCKS,), "stopcopy", "not stream: the workload holds file locks"),
+        ((strategies.HOST_TCP,), "stream", "not post-copy: the workload holds TCP connections"),
+        ((), "postcopy", ""),
+    ],
+)
+def test_auto_picks_what_can_carry_what_the_workload_holds(
+    holds: tuple[str, ...], expected: str, said: str
+) -> None:
+    name, why = strategies.choose(Policy(allow_postcopy=True), [], ["uffd-noncoop"], ALL,
+                                  ["python3"], holds)  # fmt: skip
+    assert name == expected and said in why
