@@ -77,19 +77,49 @@ def survey(
     if not dests:
         raise ConfigError(f"no destination: the config has no host besides {source}")
     s = Survey(source, list(dict.fromkeys(dests)), select(config, source, only or []))
-    src = Host(config.host(source), config.policy)
-    try:
-        for name, wl in s.workloads.items():
-            try:
-                s.rss_kb[name] = for_workload(wl).locate(src).rss_kb
-            except (MigrationError, HostError) as e:
-                s.missing[name] = str(e)
-    finally:
-        src.close()
-    bins = [room(config, d) for d in s.destinations]
+    with ThreadPoolExecutor(max_workers=len(s.destinations)) as pool:
+        rooms = [pool.submit(room, config, d) for d in s.destinations]  # meanwhile, locate
+        for name, found in locate_all(config, source, s.workloads).items():
+            if isinstance(found, int):
+                s.rss_kb[name] = found
+            else:
+                s.missing[name] = found
+        bins = [b for b in (f.result() for f in rooms) if b is not None]
     items = [Item(n, kb) for n, kb in s.rss_kb.items()]
-    s.placement = place(items, [b for b in bins if b is not None])
+    s.placement = place(items, bins)
     return s
+
+
+# Connections to the source that locate its workloads at once (each runs a few round trips).
+SURVEY_CONNECTIONS = 4
+
+
+def locate_all(config: Config, source: str, workloads: dict[str, WorkloadConfig]
+               ) -> dict[str, int | str]:  # fmt: skip
+    """Each workload's RSS (kB) on source, or why it cannot be found there; a few connections
+    at once, each locating every n-th workload (in name order in the result)."""
+    names = list(workloads)
+    n = max(1, min(SURVEY_CONNECTIONS, len(names)))
+    hosts = [Host(config.host(source), config.policy) for _ in range(n)]
+
+    def part(i: int) -> dict[str, int | str]:
+        out: dict[str, int | str] = {}
+        for name in names[i::n]:
+            try:
+                out[name] = for_workload(workloads[name]).locate(hosts[i]).rss_kb
+            except (MigrationError, HostError) as e:
+                out[name] = str(e)
+        return out
+
+    found: dict[str, int | str] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            for got in pool.map(part, range(n)):
+                found |= got
+    finally:
+        for h in hosts:
+            h.close()
+    return {name: found[name] for name in names}
 
 
 def room(config: Config, name: str) -> Bin | None:

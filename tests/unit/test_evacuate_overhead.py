@@ -4,6 +4,7 @@ previous one's confirm (kill, wipe) is still running."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -145,3 +146,20 @@ def _logged_lock(fleet: Fleet):  # type: ignore[no-untyped-def]
         return got
 
     return lock
+
+
+def test_the_survey_locates_on_a_few_connections_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, fleet, _ = setup(tmp_path, 9, monkeypatch)
+    monkeypatch.setattr(evacuate, "Host", fleet)
+    fleet.on_new.append(lambda h: h.on(words("cat", "/proc/meminfo"), "MemAvailable: 8000000 kB\n"))
+    gone = WorkloadConfig("gone", pid=999, host="a")
+    cfg = dataclasses.replace(cfg, workloads={**cfg.workloads, "gone": gone})
+    s = evacuate.survey(cfg, "a", ["b"])
+    assert sorted(s.rss_kb) == [f"w{i}" for i in range(9)]
+    assert set(s.rss_kb.values()) == {3072}  # each tree: 2048 + 1024 kB
+    assert list(s.missing) == ["gone"] and "pid 999 is not running on a" in s.missing["gone"]
+    assert sorted(s.placement.assigned) == sorted(s.rss_kb)
+    used = [h.name for h in fleet.hosts]
+    assert used.count("a") == evacuate.SURVEY_CONNECTIONS and used.count("b") == 1
