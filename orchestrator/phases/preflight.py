@@ -6,13 +6,7 @@ import os
 import socket
 
 from orchestrator.errors import MigrationError
-from orchestrator.hostcheck import (
-    IMAGE_OVERHEAD,
-    IMAGE_SLACK_KB,
-    FactsCache,
-    check_hosts,
-    unmet,
-)
+from orchestrator.hostcheck import IMAGE_OVERHEAD, IMAGE_SLACK_KB, FactsCache, check_hosts, unmet
 from orchestrator.journal import Stage
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
