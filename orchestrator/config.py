@@ -124,7 +124,8 @@ class Policy:
     ciphers: tuple[str, ...] = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com")
 
 
-CIPHER_RE = re.compile(r"^[a-z0-9][a-z0-9@._-]{0,63}$")
+CIPHER_RE = re.compile(r"^[a-z0-9][a-z0-9@._-]{0,63}$")  # as `ssh -Q cipher` lists them
+
 # (key, lowest allowed, highest allowed) for the policy's numbers
 POLICY_RANGES: tuple[tuple[str, float, float | None], ...] = (
     ("max_downtime_ms", 1, None),
