@@ -127,7 +127,12 @@ class Policy:
     tcp_outside: str = "refuse"
     # `criu cpuinfo check` of the source's CPU on the destination: strict refuses a mismatch.
     cpu_check: str = "strict"
+    # The link's ssh ciphers, in order of preference (`ssh -c a,b`: the first both hosts offer
+    # wins); measured fastest first (docs/bench/ciphers.md). Empty: ssh's own default.
+    ciphers: tuple[str, ...] = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com")
 
+
+CIPHER_RE = re.compile(r"^[a-z0-9][a-z0-9@._-]{0,63}$")  # as `ssh -Q cipher` lists them
 
 # (key, lowest allowed, highest allowed) for the policy's numbers
 POLICY_RANGES: tuple[tuple[str, float, float | None], ...] = (
@@ -252,7 +257,7 @@ def parse(data: Any, path: Path) -> Config:
     hosts = {name: _host(v, name, raw) for name, raw in hosts_raw.items()}
     workloads_raw = v.mapping(top.get("workloads", {}) or {}, "workloads")
     workloads = {name: _workload(v, name, raw) for name, raw in workloads_raw.items()}
-    policy = _dataclass(v, Policy, top.get("policy", {}) or {}, "policy")
+    policy = _dataclass(v, Policy, _ciphers(v, top.get("policy", {}) or {}), "policy")
     check_policy(policy, f"{path}: policy.")
     state_dir = Path(v.typed(top.get("state_dir", "~/.local/state/migrate"), "state_dir", str))
     for wl in workloads.values():
@@ -263,6 +268,22 @@ def parse(data: Any, path: Path) -> Config:
             )
     temporal = _temporal(top.get("temporal"), path)
     return Config(path, hosts, workloads, policy, state_dir.expanduser(), temporal)
+
+
+def _ciphers(v: _Validator, raw: Any) -> Any:
+    """policy with its `ciphers` list (cipher names, as `ssh -Q cipher` lists them) a tuple."""
+    raw = dict(v.mapping(raw, "policy"))
+    if "ciphers" in raw:
+        names = raw["ciphers"]
+        if not isinstance(names, list) or not all(
+            isinstance(c, str) and CIPHER_RE.match(c) for c in names
+        ):
+            raise ConfigError(
+                f"{v.path}: policy.ciphers: must be a list of ssh cipher names "
+                "(e.g. aes128-gcm@openssh.com)"
+            )
+        raw["ciphers"] = tuple(names)
+    return raw
 
 
 def _temporal(raw: Any, path: Path) -> Any:

@@ -6,21 +6,30 @@ source (its RSS), the destinations are asked for their free memory (/proc/meminf
 MemAvailable), and placement (orchestrator.placement) picks a destination for each. Then each
 workload takes the ordinary single-migration path (orchestrator.session) in its own thread,
 with its own host connections, journal and lock. One failing workload never stops the others.
+
+Outside the freeze, the evacuation spares each migration what it can: the hosts' facts are
+asked once per host for all of them (orchestrator.hostcheck.FactsCache), and `--parallel N`
+bounds the migrations in flight up to their confirm: once a workload runs verified on its
+destination, the next one starts while the first one's source is killed and images wiped.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from orchestrator.config import Config, ConfigError, WorkloadConfig
 from orchestrator.errors import MigrationError
+from orchestrator.hostcheck import FactsCache
 from orchestrator.location import whereabouts, workloads_on
+from orchestrator.phases.confirm import Confirm
 from orchestrator.placement import Bin, Item, Placement, mem_available_kb, place
 from orchestrator.progress import Event, Sink, listener
-from orchestrator.report import Report
+from orchestrator.report import PhaseResult, Report
 from orchestrator.runtimes import for_workload
 from orchestrator.session import open_session
 from orchestrator.transport.ssh import Host, HostError
@@ -68,19 +77,49 @@ def survey(
     if not dests:
         raise ConfigError(f"no destination: the config has no host besides {source}")
     s = Survey(source, list(dict.fromkeys(dests)), select(config, source, only or []))
-    src = Host(config.host(source), config.policy)
-    try:
-        for name, wl in s.workloads.items():
-            try:
-                s.rss_kb[name] = for_workload(wl).locate(src).rss_kb
-            except (MigrationError, HostError) as e:
-                s.missing[name] = str(e)
-    finally:
-        src.close()
-    bins = [room(config, d) for d in s.destinations]
+    with ThreadPoolExecutor(max_workers=len(s.destinations)) as pool:
+        rooms = [pool.submit(room, config, d) for d in s.destinations]  # meanwhile, locate
+        for name, found in locate_all(config, source, s.workloads).items():
+            if isinstance(found, int):
+                s.rss_kb[name] = found
+            else:
+                s.missing[name] = found
+        bins = [b for b in (f.result() for f in rooms) if b is not None]
     items = [Item(n, kb) for n, kb in s.rss_kb.items()]
-    s.placement = place(items, [b for b in bins if b is not None])
+    s.placement = place(items, bins)
     return s
+
+
+# Connections to the source that locate its workloads at once (each runs a few round trips).
+SURVEY_CONNECTIONS = 4
+
+
+def locate_all(config: Config, source: str, workloads: dict[str, WorkloadConfig]
+               ) -> dict[str, int | str]:  # fmt: skip
+    """Each workload's RSS (kB) on source, or why it cannot be found there; a few connections
+    at once, each locating every n-th workload (in name order in the result)."""
+    names = list(workloads)
+    n = max(1, min(SURVEY_CONNECTIONS, len(names)))
+    hosts = [Host(config.host(source), config.policy) for _ in range(n)]
+
+    def part(i: int) -> dict[str, int | str]:
+        out: dict[str, int | str] = {}
+        for name in names[i::n]:
+            try:
+                out[name] = for_workload(workloads[name]).locate(hosts[i]).rss_kb
+            except (MigrationError, HostError) as e:
+                out[name] = str(e)
+        return out
+
+    found: dict[str, int | str] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            for got in pool.map(part, range(n)):
+                found |= got
+    finally:
+        for h in hosts:
+            h.close()
+    return {name: found[name] for name in names}
 
 
 def room(config: Config, name: str) -> Bin | None:
@@ -127,33 +166,42 @@ def evacuate(
     opts: Options,
     sink: Sink | None = None,
     stop: threading.Event | None = None,
+    facts: FactsCache | None = None,
 ) -> list[Report]:
-    """Migrate each placed workload (at most opts.parallel at once); one report per workload,
-    in name order. Workloads that could not be located or placed are reported as failed."""
+    """Migrate each placed workload (at most opts.parallel at once before their confirm); one
+    report per workload, in name order. Workloads that could not be located or placed are
+    reported as failed. `facts` (made here if not given): the hosts' facts, asked once."""
     reports: dict[str, Report] = {}
     for name, why in s.missing.items():
         reports[name] = failed(s, name, why)
     for name, why in s.placement.unplaced.items():
         reports[name] = failed(s, name, f"not placed: {why}")
     stop = stop or threading.Event()
+    facts = facts or FactsCache()
+    parallel = max(1, opts.parallel)
+    slots = threading.Semaphore(parallel)  # migrations in flight, until their confirm begins
 
     def one(name: str, dest: str) -> Report:
-        if stop.is_set():
-            report = failed(s, name, "not started: the evacuation was interrupted", dest)
-        else:
-            try:
-                session = open_session(
-                    config, name, s.source, dest, strategy=opts.strategy, dry_run=opts.dry_run,
-                    keep_images=opts.keep_images, workload_config=s.workloads[name],
-                )  # fmt: skip
-                report = session.run(listener(session.ctx, sink) if sink else None)
-            except (MigrationError, ConfigError) as e:
-                report = failed(s, name, str(e), dest)
+        with slots_until_confirm(slots) as slot:
+            if stop.is_set():
+                report = failed(s, name, "not started: the evacuation was interrupted", dest)
+            else:
+                try:
+                    session = open_session(
+                        config, name, s.source, dest, strategy=opts.strategy,
+                        dry_run=opts.dry_run, keep_images=opts.keep_images,
+                        workload_config=s.workloads[name], facts=facts,
+                    )  # fmt: skip
+                    inner = listener(session.ctx, sink) if sink else None
+                    report = session.run(slot.wrap(inner))
+                except (MigrationError, ConfigError) as e:
+                    report = failed(s, name, str(e), dest)
         if sink:
             sink(Event(name, dest, "end", report.status, report.bytes_transferred))
         return report
 
-    with ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
+    # Twice the threads: up to `parallel` confirms finish while as many migrations run.
+    with ThreadPoolExecutor(max_workers=2 * parallel) as pool:
         futures: dict[str, Future[Report]] = {
             name: pool.submit(one, name, dest) for name, dest in s.placement.assigned.items()
         }
@@ -167,6 +215,47 @@ def evacuate(
                 log.exception("evacuate %s: unexpected error (a bug)", name)
                 reports[name] = failed(s, name, f"unexpected error: {e}")
     return [reports[n] for n in sorted(reports)]
+
+
+Listen = Callable[[str, PhaseResult | None], None]
+
+
+class _Slot:
+    """One migration's place among the `--parallel` in flight, given back (once) when its
+    confirm begins, or when it ends without one."""
+
+    def __init__(self, slots: threading.Semaphore) -> None:
+        self._slots, self._held = slots, True
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._held:
+                self._held = False
+                self._slots.release()
+
+    def wrap(self, inner: Listen | None) -> Listen:
+        """A runner listener that gives the slot back as confirm begins, then calls inner."""
+
+        def listen(phase: str, result: PhaseResult | None) -> None:
+            if phase == Confirm.name and result is None:
+                self.release()
+            if inner is not None:
+                inner(phase, result)
+
+        return listen
+
+
+@contextmanager
+def slots_until_confirm(slots: threading.Semaphore) -> Iterator[_Slot]:
+    """Wait for a place among the migrations in flight; it is given back at confirm or at
+    the end, whichever comes first."""
+    slots.acquire()
+    slot = _Slot(slots)
+    try:
+        yield slot
+    finally:
+        slot.release()
 
 
 def exit_code(reports: list[Report]) -> int:

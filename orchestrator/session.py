@@ -14,9 +14,10 @@ from orchestrator.checkpoint import Pages
 from orchestrator.config import Config, Policy, WorkloadConfig
 from orchestrator.criu import commands as criu
 from orchestrator.errors import MigrationError
-from orchestrator.hostcheck import check_hosts
+from orchestrator.hostcheck import FactsCache, check_hosts
 from orchestrator.journal import Journal, NullJournal
 from orchestrator.location import whereabouts
+from orchestrator.phases.preflight import Preflight
 from orchestrator.plan import Context, Plan, new_id
 from orchestrator.report import Report
 from orchestrator.runtimes import for_workload
@@ -35,6 +36,7 @@ class Session:
 
     ctx: Context
     journal: Journal
+    facts: FactsCache | None = None  # an evacuation's host facts, shared by its migrations
 
     @property
     def plan(self) -> Plan:
@@ -43,7 +45,11 @@ class Session:
     def run(self, listen: runner.Listener | None = None) -> Report:
         """Run the strategy's phases; the host connections are closed whatever happens."""
         try:
-            return runner.run(self.ctx, phases.build(self.ctx.strategy), self.journal, listen)
+            built = phases.build(self.ctx.strategy)
+            for phase in built:
+                if isinstance(phase, Preflight):
+                    phase.facts = self.facts
+            return runner.run(self.ctx, built, self.journal, listen)
         finally:
             self.ctx.src.close()
             self.ctx.dst.close()
@@ -59,12 +65,14 @@ def open_session(
     keep_images: bool = False,
     dry_run: bool = False,
     workload_config: WorkloadConfig | None = None,
+    facts: FactsCache | None = None,
 ) -> Session:
     """Plan one migration (ConfigError on unknown names; Busy if one is unfinished).
 
     `workload_config` replaces the config's entry for the workload. Without it, a configured
     workload that an earlier migration moved to `source` is looked for under the pid it was
-    restored with there (orchestrator.location), not the config's stale one."""
+    restored with there (orchestrator.location), not the config's stale one. `facts`: host
+    facts already asked (by an evacuation), reused instead of asking again."""
     strategies.resolve(strategy)
     src_cfg, dst_cfg = config.route(source, destination)
     history = journal.summaries(config.state_dir)  # read once, for both questions below
@@ -90,22 +98,25 @@ def open_session(
     runtime = for_workload(plan.workload)
     auto_note = None
     if plan.strategy == "auto":
-        name, auto_note = settle_auto(plan.policy, src, dst, runtime)
+        name, auto_note = settle_auto(plan.policy, src, dst, runtime, facts)
         plan = dataclasses.replace(plan, strategy=name)
     ctx = Context.for_plan(plan, strategies.get(plan.strategy), src, dst, runtime)
     if auto_note:
         ctx.notes.append(auto_note)
     ctx.unfinished = tuple(j for j in history if j.status is None)
     record = NullJournal() if plan.dry_run else Journal(config.state_dir, plan.id)
-    return Session(ctx, record)
+    return Session(ctx, record, facts)
 
 
-def settle_auto(policy: Policy, src: Host, dst: Host, runtime: Runtime) -> tuple[str, str]:
-    """Pick the strategy `auto` stands for on these hosts (probing them only if it matters)."""
+def settle_auto(
+    policy: Policy, src: Host, dst: Host, runtime: Runtime, facts: FactsCache | None = None
+) -> tuple[str, str]:
+    """Pick the strategy `auto` stands for on these hosts (probing them only if it matters;
+    from `facts` if given)."""
     src_f: list[str] = []
     dst_f: list[str] = []
-    if policy.allow_postcopy:
-        checks = check_hosts([src, dst], features=True)
+    if policy.allow_postcopy or facts is not None:
+        checks = check_hosts([src, dst], features=True, cache=facts)
         src_f, dst_f = list(checks[0].features), list(checks[1].features)
     elif any(DIRTY_TRACKING in s.needs.src_features and s.needs.runtime <= runtime.capabilities
              for s in strategies.TABLE.values()):  # fmt: skip

@@ -8,7 +8,7 @@ import socket
 from orchestrator import workloadcheck
 from orchestrator.config import ConfigError
 from orchestrator.errors import MigrationError
-from orchestrator.hostcheck import IMAGE_OVERHEAD, IMAGE_SLACK_KB, check_hosts, unmet
+from orchestrator.hostcheck import IMAGE_OVERHEAD, IMAGE_SLACK_KB, FactsCache, check_hosts, unmet
 from orchestrator.journal import Stage
 from orchestrator.phases.base import Phase
 from orchestrator.plan import Context
@@ -17,10 +17,12 @@ from orchestrator.plan import Context
 class Preflight(Phase):
     name = "preflight"
     stage = Stage.PLANNED
+    #: The evacuation's host facts (asked once per host for all its migrations), if any.
+    facts: FactsCache | None = None
 
     def act(self, ctx: Context) -> None:
         needs = ctx.strategy.needs
-        checks = check_hosts([ctx.src, ctx.dst], needs.features, needs)
+        checks = check_hosts([ctx.src, ctx.dst], needs.features, needs, cache=self.facts)
         problems = [p for c in checks for p in c.problems()]
         if not problems:
             problems = unmet(needs, ctx.strategy.title, checks[0], checks[1])

@@ -49,7 +49,8 @@ class LinkSpec:
 
 
 def ssh_command(spec: LinkSpec, mux: bool = True) -> list[str]:
-    """The ssh command the source uses to reach the destination (strict host keys, no prompts).
+    """The ssh command the source uses to reach the destination (strict host keys, no prompts,
+    the policy's ciphers in its order of preference).
 
     With `mux` and a socket, it rides on the master connection there if one is open (opened
     before the freeze, so no ssh handshake happens inside it), else connects directly."""
@@ -60,6 +61,7 @@ def ssh_command(spec: LinkSpec, mux: bool = True) -> list[str]:
     return [
         "ssh",
         *(mux_opts if mux and spec.socket else []),
+        *(["-c", ",".join(policy.ciphers)] if policy.ciphers else []),
         "-i", key,
         "-o", "IdentitiesOnly=yes",
         "-o", f"UserKnownHostsFile={known}",

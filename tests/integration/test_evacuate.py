@@ -76,12 +76,15 @@ def evac_config(lab: labmod.Lab, path: Path, holders: list[Holder], **hosts: dic
 
 
 def overlap(lab: labmod.Lab, ids: list[str]) -> int:
-    """The most migrations that were running at once, from their journals."""
+    """The most migrations that were in flight at once, from their journals: from start to
+    their confirm (--parallel bounds those; a confirm may finish while the next one runs)."""
     edges = []
     for mid in ids:
         events = [json.loads(ln) for ln in (lab.state_dir / "journal" / f"{mid}.jsonl")
                   .read_text().splitlines()]  # fmt: skip
-        edges += [(events[0]["t"], 1), (events[-1]["t"], -1)]
+        confirm = next((e for e in events if e.get("name") == "confirm"
+                        and e.get("state") == "begin"), events[-1])  # fmt: skip
+        edges += [(events[0]["t"], 1), (confirm["t"], -1)]
     running = peak = 0
     for _, step in sorted(edges, key=lambda e: (e[0], e[1])):
         running += step
