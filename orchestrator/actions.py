@@ -44,6 +44,8 @@ def resume_source(ctx: Context) -> None:
     """Undo the final dump: the stopped source runs on (restored from its images if need be)."""
     settle(ctx.src, ctx.src_images.root, ctx.plan.policy.command_timeout)
     if ctx.target is not None:
+        if locks_host_network(ctx):  # its sockets are in repair mode: out before it runs
+            unlock_network(ctx)
         ctx.runtime.resume(ctx.src, ctx.target, ctx.src_images.final)
 
 
@@ -130,15 +132,35 @@ def _lazy_dump_running(ctx: Context) -> bool:
 
 
 def unlock_network(ctx: Context) -> None:
-    """Take the workload's sockets out of TCP repair mode and drop CRIU's network lock."""
-    if ctx.target is None or ctx.target.net is None:
+    """Take the workload's sockets out of TCP repair mode and drop CRIU's network lock: a
+    workload with its own network, or a plain tree dumped with --tcp-established (its
+    criu_options), whose lock rules are in the host's namespace."""
+    if ctx.target is None or not (ctx.target.net is not None or locks_host_network(ctx)):
         return
     pids = procs.tree_of(ctx.src, ctx.target.root_pid)
-    r = ctx.src.run(net.unlock_argv(ctx.target.root_pid, pids))
+    own = ctx.target.net is not None
+    r = ctx.src.run(net.unlock_argv(ctx.target.root_pid, pids, own_netns=own))
     if not r.ok:
         raise MigrationError(
             f"cannot unlock the workload's network on {ctx.src.name}: {r.error_line()}"
         )
+
+
+def locks_host_network(ctx: Context) -> bool:
+    """A plain process tree (no network namespace of its own) whose dump locks its TCP
+    connections in the host's namespace (--tcp-established among its criu_options)."""
+    t = ctx.target
+    return (t is not None and t.net is None and not t.own_netns and ctx.runtime.name == "process"
+            and "--tcp-established" in ctx.runtime.workload.criu_options)  # fmt: skip
+
+
+def remove_source(ctx: Context) -> None:
+    """Confirm: kill the stopped source; a plain tree's lock rules in the host's namespace go
+    with it (its sockets die silently, in repair mode, before the rules are dropped)."""
+    assert ctx.target is not None
+    if locks_host_network(ctx):
+        ctx.src.run(net.kill_then_unlock_argv(procs.tree_of(ctx.src, ctx.target.root_pid)))
+    ctx.runtime.remove(ctx.src, ctx.target.root_pid)
 
 
 def remove_restored(ctx: Context) -> None:
