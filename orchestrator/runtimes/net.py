@@ -106,6 +106,22 @@ def announce_argv(pid: int, info: NetInfo) -> list[str]:
     return ["sh", "-c", script, "sh", str(pid), info.interface, *info.ips]
 
 
+# Each global IPv4 address in pid's network namespace: "DEV CIDR" (ip -o: "N: DEV inet CIDR ...").
+_ANNOUNCE_ALL = (
+    'pid=$1; nsenter -t "$pid" -n ip -o -4 addr show scope global | '
+    "while read -r _ dev _ cidr _; do "
+    'nsenter -t "$pid" -n arping -q -U -c 2 -I "${dev%@*}" "${cidr%/*}" '
+    "</dev/null >/dev/null 2>&1 & "
+    "done; true"
+)
+
+
+def announce_all_argv(pid: int) -> list[str]:
+    """As announce_argv, for every address a container's network namespace holds (none: a
+    no-op), found there: a container runtime's restore gives no NetInfo."""
+    return ["sh", "-c", _ANNOUNCE_ALL, "sh", str(pid)]
+
+
 def wait_veth_gone(host: Host, veth: str, timeout: float) -> None:
     """A namespace goes away asynchronously: wait until its veth's host end is gone too."""
     deadline = time.monotonic() + timeout
