@@ -54,8 +54,8 @@ _NETS = (
     "done; echo; i=$((i+1)); done"
 )
 _NO_TTYS = (
-    'conf=$1 rc=$2; shift 2; { grep -v "^[[:space:]]*lxc.tty.max" "$conf"; '
-    'echo "lxc.tty.max = 0"; } > "$rc" && exec "$@"'
+    'conf=$1 rc=$2; shift 2; { grep -v "^[[:space:]]*lxc.\\(tty\\|pty\\).max" "$conf"; '
+    'printf "lxc.tty.max = 0\\nlxc.pty.max = 1\\n"; } > "$rc" && exec "$@"'
 )
 # The init CRIU restored (its pidfile, written by lxc_criu's wrapper), if it still runs: its
 # freezer thawed (a frozen task cannot die), then killed with its whole pid namespace.
