@@ -28,7 +28,7 @@ from __future__ import annotations
 from orchestrator.checkpoint import Checkpoint
 from orchestrator.criu import commands as criu
 from orchestrator.errors import MigrationError
-from orchestrator.runtimes import procs
+from orchestrator.runtimes import net, procs
 from orchestrator.runtimes.base import Target
 from orchestrator.runtimes.container import ContainerRuntime, criu_failed, detached
 from orchestrator.runtimes.lxc_criu import RCFILE, RESTORED, WRAPPER
@@ -57,10 +57,11 @@ _NO_TTYS = (
     'conf=$1 rc=$2; shift 2; { grep -v "^[[:space:]]*lxc.\\(tty\\|pty\\).max" "$conf"; '
     'printf "lxc.tty.max = 0\\nlxc.pty.max = 1\\n"; } > "$rc" && exec "$@"'
 )
-# The init CRIU restored (its pidfile, written by lxc_criu's wrapper), if it still runs: its
-# freezer thawed (a frozen task cannot die), then killed with its whole pid namespace.
+# The init CRIU restored (its pidfile, written by lxc_criu's wrapper) if it still runs in an LXC
+# payload cgroup (not a reused pid): its freezer thawed (a frozen task cannot die), then killed
+# with its whole pid namespace.
 _KILL_RESTORED = (
-    'pid=$(cat -- "$1" 2>/dev/null) && [ -d "/proc/$pid" ] || exit 0; '
+    'pid=$(cat -- "$1" 2>/dev/null) && grep -q lxc.payload "/proc/$pid/cgroup" || exit 0; '
     'for f in $(sed -n "s/^[0-9]*:freezer:/\\/sys\\/fs\\/cgroup\\/freezer/p" "/proc/$pid/cgroup"); '
     'do echo THAWED > "$f/freezer.state"; done; '
     'f=$(sed -n "s/^0:://p" "/proc/$pid/cgroup"); '
@@ -155,7 +156,9 @@ class LxcRuntime(ContainerRuntime):
         if self.status(host)[0] == procs.STOPPED:
             host.run(self.lxc("lxc-unfreeze"), check=True)
             # A destination copy undone after its restore announced the address there.
-            self.running_pid(host, "lxc-unfreeze")
+            pid = self.status(host)[1]
+            if pid:
+                host.run(net.announce_all_argv(pid))
 
     def remove(self, host: Host, root_pid: int) -> None:
         if self.status(host)[0] != procs.GONE:
