@@ -25,7 +25,7 @@ RCFILE = "config"  # in the wrapper's directory: the config LXC's restore reads
 RESTORED = "restored.pid"  # in the wrapper's directory: the init CRIU restored
 
 WRAPPER = r'''#!/usr/bin/env python3
-import fcntl, json, os, pty, select, signal, sys, termios, time
+import json, os, pty, select, signal, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "real")) as f:
@@ -87,16 +87,6 @@ def started(pid):
         return None
 
 
-def slave_open(master):
-    """Whether anyone has master's slave open (reading a master with none gives EIO)."""
-    try:
-        fcntl.ioctl(master, termios.TIOCOUTQ, b"    ")
-        os.read(master, 0)
-        return True
-    except OSError:
-        return False
-
-
 def hold(masters):
     """A process of its own (reaped child in between: CRIU gets no stray child) keeps the
     masters open and drained while the monitor (our parent) lives (unknown: while a slave
@@ -126,14 +116,16 @@ def hold(masters):
                 pass
     while since is None or started(monitor) == since:
         ready = select.select(masters, [], [], 1.0)[0]
+        closed = 0  # masters whose slave nobody has open (a read gives EIO)
         for m in ready:
             try:
                 os.read(m, 65536)
-            except OSError:  # no slave open now
-                pass
-        if since is None and ready and not any(slave_open(m) for m in masters):
+            except OSError:
+                closed += 1
+        if since is None and closed == len(masters):
             break
-        time.sleep(0.2 if ready else 0)
+        if ready and closed == len(ready):
+            time.sleep(1.0)  # only EIO: nothing to drain, look again in a second
     os._exit(0)
 
 
