@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator import lab as labmod
 from tests.containerkit import STOCK_ADDRESS, Container, workload_config
-from tests.labkit import migrate, on, wait_for
+from tests.labkit import failing_restore_config, migrate, on, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -89,3 +89,27 @@ def test_stock_lxc_container_moves_there_and_back(
         assert seen["tty1"] == seen["getty"] and "console" in seen, seen
         freezes.append(report["downtime_ms"])
     record_property("measured", f"stock lxc ({ctr.name}): freezes {freezes} ms")
+
+
+@pytest.mark.parametrize("stock_lxc", ["template"], indirect=True)
+def test_failed_stock_lxc_restore_names_the_cause_and_keeps_the_source(
+    lab: labmod.Lab, stock_lxc: Container, tmp_path: Path
+) -> None:
+    """host-b's criu refuses the restore (as a real CRIU error, printed through LXC's stderr):
+    the report's error is that line, not LXC's summaries; the container runs on host-a, with
+    its ttys, and nothing of it is on host-b."""
+    ctr = stock_lxc
+    cfg = workload_config(lab, tmp_path / "migrate.yaml", ctr,
+                          base=failing_restore_config(lab, tmp_path))  # fmt: skip
+    before = ctr.count("host-a")
+    r = migrate("run", ctr.name, "host-a", "host-b", "--json", config=cfg)
+    report = json.loads(r.stdout)
+    assert report["status"] == "rolled_back", r.stdout + r.stderr
+    assert report["error"].endswith(
+        "Error (criu/cr-restore.c:1): restore refused (injected by the test)"
+    ), report["error"]
+    assert ctr.pid("host-a") and ctr.count("host-a") >= before
+    seen = ttys(lab, "host-a", ctr)
+    assert seen["tty1"] == seen["getty"], seen
+    assert ctr.pid("host-b") == 0 and not ctr.exists("host-b")
+    assert not on(lab, "host-b", "pgrep -x getty || true").strip()
