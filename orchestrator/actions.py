@@ -47,11 +47,8 @@ def resume_source(ctx: Context) -> None:
     target = ctx.target
     if target is None:
         return
-    if (
-        ctx.strategy.pages is Pages.PAGE_SERVER
-        and (target.net is not None or target.tcp_connections)
-        and ctx.runtime.state(ctx.src, target.root_pid) == procs.STOPPED
-    ):
+    stopped = ctx.runtime.state(ctx.src, target.root_pid) == procs.STOPPED
+    if ctx.strategy.pages is Pages.PAGE_SERVER and target.net is not None and stopped:
         # The source's images lack the pages (they streamed into the destination): the
         # stopped copy is the only one with its memory. Never kill it to restore from those
         # images: unlock its network (sockets out of repair mode) and let it run on, as CRIU
@@ -59,6 +56,8 @@ def resume_source(ctx: Context) -> None:
         unlock_network(ctx)
         procs.signal(ctx.src, "CONT", target.to_continue(procs.tree_of(ctx.src, target.root_pid)))
         return
+    if stopped and locks_host_network(ctx):  # its sockets are in repair mode: out first
+        unlock_network(ctx)
     ctx.runtime.resume(ctx.src, target, ctx.src_images.final)
 
 
@@ -145,15 +144,37 @@ def _lazy_dump_running(ctx: Context) -> bool:
 
 
 def unlock_network(ctx: Context) -> None:
-    """Take the workload's sockets out of TCP repair mode and drop CRIU's network lock."""
-    if ctx.target is None or ctx.target.net is None:
+    """Take the workload's sockets out of TCP repair mode and drop CRIU's network lock: a
+    workload with its own network, or a plain tree dumped with --tcp-established (its
+    criu_options), whose lock rules are in the host's namespace."""
+    if ctx.target is None or not (ctx.target.net is not None or locks_host_network(ctx)):
         return
     pids = procs.tree_of(ctx.src, ctx.target.root_pid)
-    r = ctx.src.run(net.unlock_argv(ctx.target.root_pid, pids))
+    own = ctx.target.net is not None
+    r = ctx.src.run(net.unlock_argv(ctx.target.root_pid, pids, own_netns=own))
     if not r.ok:
         raise MigrationError(
             f"cannot unlock the workload's network on {ctx.src.name}: {r.error_line()}"
         )
+
+
+def locks_host_network(ctx: Context) -> bool:
+    """A plain process tree (no network namespace of its own) whose dump locks its TCP
+    connections in the host's namespace: pre-flight found some (workloadcheck), or
+    --tcp-established is among its criu_options."""
+    t = ctx.target
+    return (t is not None and t.net is None and not t.own_netns and ctx.runtime.name == "process"
+            and (bool(t.tcp_connections)
+                 or "--tcp-established" in ctx.runtime.workload.criu_options))  # fmt: skip
+
+
+def remove_source(ctx: Context) -> None:
+    """Confirm: kill the stopped source; a plain tree's lock rules in the host's namespace go
+    with it (its sockets die silently, in repair mode, before the rules are dropped)."""
+    assert ctx.target is not None
+    if locks_host_network(ctx):
+        ctx.src.run(net.kill_then_unlock_argv(procs.tree_of(ctx.src, ctx.target.root_pid)))
+    ctx.runtime.remove(ctx.src, ctx.target.root_pid)
 
 
 def remove_restored(ctx: Context) -> None:

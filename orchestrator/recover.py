@@ -283,7 +283,7 @@ def apply(ctx: Context, decision: Decision, seen: Seen, report: Report) -> str:
     assert ctx.target is not None
     if action is Action.CONFIRM:
         if seen.source in (RUNNING, STOPPED):
-            ctx.runtime.remove(ctx.src, ctx.target.root_pid)
+            actions.remove_source(ctx)
         report.restored_pid = ctx.restored_pid or None
         report.notes.append(f"confirmed: the workload runs on {plan.destination.name}")
         _wipe(ctx, report)

@@ -315,7 +315,7 @@ def survey(
     target.locked_files = verdict.locked_files
     target.tcp_connections = verdict.connections
     target.tcp_close = bool(verdict.outside) and policy.tcp_outside == "close"
-    if pages is Pages.LAZY and target.ends_at_dump:
+    if pages is Pages.LAZY and (target.locked_files or target.tcp_connections):
         what = "file locks" if target.locked_files else "TCP connections in the host's network"
         verdict.refusals.append(
             f"it holds {what}: post-copy keeps the stopped source until every page is pulled, "

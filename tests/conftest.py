@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import lab as labmod
-from tests.containerkit import container, podman_image, rootfs  # noqa: F401 (fixtures)
+from tests.containerkit import container, podman_image, rootfs, stock_lxc  # noqa: F401 (fixtures)
 from tests.labkit import counter_pids, on
 
 

@@ -189,3 +189,51 @@ def workload_config(lab: labmod.Lab, path: Path, ctr: Container, base: Path | No
 
 
 RUNTIMES = ["lxc", "runc", "podman"]
+
+
+# A container exactly as `lxc-create -t busybox` makes it from a config that includes the
+# distribution's common.conf (ttys, lxc.tty.dir = lxc, console, pty.max) and a veth: nothing
+# of its config is changed. Its rcS only runs the counter instead of a DHCP client (there is no
+# DHCP server here; the client would drop the configured address). With `common` the
+# template's `lxc.pty.max = 1` goes, so common.conf's 1024 holds.
+_LXC_STOCK = r"""
+name=$1 conf=$2 pty=$3 counter=$4
+lxc-create -n "$name" -f "$conf" -t busybox >/dev/null
+d=/var/lib/lxc/$name
+[ "$pty" = common ] && sed -i '/^lxc.pty.max = 1$/d' "$d/config"
+sed -i "s|^/bin/udhcpc|/bin/sh /counter.sh /dev/shm \&|" "$d/rootfs/etc/init.d/rcS"
+cp "$counter" "$d/rootfs/counter.sh"
+lxc-start -n "$name" </dev/null >/dev/null 2>&1
+"""
+STOCK_ADDRESS, STOCK_MAC, STOCK_VETH = "198.18.0.73", "02:6d:67:00:07:03", "vlxcstock"
+_STOCK_NET = LXC_NET.replace(LXC_MAC, STOCK_MAC).replace(LXC_VETH, STOCK_VETH)
+STOCK_CONF = "lxc.include = /usr/share/lxc/config/common.conf\n" + _STOCK_NET.replace(
+    LXC_ADDRESS, STOCK_ADDRESS
+)
+
+
+@pytest.fixture
+def stock_lxc(
+    request: pytest.FixtureRequest, lab: labmod.Lab, rootfs: Path, tmp_path: Path
+) -> Iterator[Container]:
+    """A template-made LXC container (request.param: "template" or "common" pty.max) on
+    host-a, counting; removed from every host (its veth gone) at the end."""
+    ctr = Container(lab, "lxc", f"stock-{request.param}", "/dev/shm")
+    for host in lab.names:
+        ctr.remove(host)
+    conf = tmp_path / "lxc.conf"
+    conf.write_text(STOCK_CONF)
+    try:
+        on(lab, "host-a", _LXC_STOCK, ctr.name, str(conf), request.param,
+           str(rootfs / "rootfs" / "counter.sh"))  # fmt: skip
+        wait_for(lambda: ctr.pid("host-a") and ctr.count("host-a") >= 20, timeout=20,
+                 what="the stock container to count")  # fmt: skip
+        yield ctr
+    finally:
+        for host in lab.names:
+            if lab.host(host).sshd_pid:
+                ctr.remove(host)
+        for host in lab.names:
+            if lab.host(host).sshd_pid:
+                wait_for(lambda h=host: STOCK_VETH not in on(lab, h, "ip -o link show"),
+                         what=f"{STOCK_VETH} gone from {host}")  # fmt: skip

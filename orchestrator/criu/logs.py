@@ -10,8 +10,12 @@ from orchestrator.transport.ssh import Host, Result
 # Printed on every run where root lacks CAP_SYS_RESOURCE; not an error.
 NOISE = (
     re.compile(r"rlimit: Can't setup RLIMIT_NOFILE"),
-    re.compile(r"Error: ipv4: Address already assigned"),
+    re.compile(r"Error: ipv[46]: [Aa]ddress already assigned"),
+    # LXC's tools, on every restore: their first command reaches a monitor not up yet.
+    re.compile(r"Failed to receive (response|file descriptors for command)"),
 )
+# LXC's tools (lxc-checkpoint's stderr): "lxc-TOOL: NAME: ../src/lxc/FILE.c: FUNC: LINE MESSAGE".
+_LXC = re.compile(r"^lxc-[\w-]+: .*?(?:\.\./)?src/lxc/(\S+: \w+: \d+ .*)$")
 _ERROR = re.compile(r"\b(Error|BUG)\b|^Error|Can't |Unable to", re.IGNORECASE)
 _PREFIX = re.compile(r"^\(\s*[\d.]+\)\s*")
 _PULLED = re.compile(r"UFFD transferred pages: \((\d+)/(\d+)\)")
@@ -21,7 +25,9 @@ PAGE_SIZE = 4096
 # Lines that only say that something failed, not why (CRIU's summaries of a failure).
 _SUMMARY = re.compile(
     r"(Dumping|Restoring|Pre-dumping|Dump|Restore) (FAILED|failed)|exited, status=|"
-    r"killed by signal|Failed to (dump|restore|checkpoint)",
+    r"killed by signal|Failed to (dump|restore|checkpoint)|"
+    r"Restoring \S+ failed|restore process died|Failed to execute criu|criu process exited|"
+    r"dump failed with|criu output:",
     re.IGNORECASE,
 )
 
@@ -40,7 +46,10 @@ def error_lines(log: str, limit: int | None = 6) -> list[str]:
         line = _PREFIX.sub("", raw.strip())
         if not line or any(n.search(line) for n in NOISE):
             continue
-        if _ERROR.search(line) and not line.lower().startswith("warn"):
+        lxc = _LXC.match(line)
+        if lxc:  # every line LXC's tools print on stderr is an error
+            found.append(lxc.group(1))
+        elif _ERROR.search(line) and not line.lower().startswith("warn"):
             found.append(line)
     return found if limit is None else found[-limit:]
 

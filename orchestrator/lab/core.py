@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from . import netns, proc, sshd
+from . import cgroups, netns, proc, sshd
 from .state import (
     BRIDGE,
     CLIENT,
@@ -283,6 +284,17 @@ def start_sshd(lab: Lab, h: LabHost) -> None:
     sshd.find_pid1(h, launcher)
     lab.made.append(["proc", h.sshd_pid, h.sshd_start, f"sshd {h.name}"])
     save(lab)
+    # Its own cgroups: what its container runtimes make nests inside, and `down` removes it.
+    tag = hashlib.sha1(str(lab.dir).encode()).hexdigest()[:8]
+    try:
+        for path in cgroups.paths(f"migrate-lab-{tag}-{h.name}"):
+            if ["cgroup", path] not in lab.made:
+                lab.made.append(["cgroup", path])
+                save(lab)
+            cgroups.make_and_enter(path, h.sshd_pid)
+    except (LabError, OSError) as e:
+        log.warning("%s keeps this machine's cgroups (%s): lab down cannot remove what its "
+                    "runtimes make there", h.name, e)  # fmt: skip
 
 
 def _check_ssh(lab: Lab) -> None:
@@ -352,7 +364,11 @@ def _teardown(lab: Lab) -> None:
     """Undo lab.made: processes, then netns, links, route (after the bridge), then files."""
     errors: list[str] = []
     made = list(reversed(lab.made))
-    order = ("proc", "netns", "link", "route", "file", "dir")
+    # A frozen task (a container frozen in a host's cgroups) cannot die: thaw them first.
+    for entry in made:
+        if entry[0] == "cgroup":
+            cgroups.thaw(entry[1])
+    order = ("proc", "cgroup", "netns", "link", "route", "file", "dir")
     for kind in order:
         for entry in made:
             if entry[0] != kind:
@@ -376,6 +392,8 @@ def _undo(entry: list[Any]) -> None:
     kind = entry[0]
     if kind == "proc":
         proc.kill(int(entry[1]), int(entry[2]))
+    elif kind == "cgroup":
+        cgroups.remove(entry[1])
     elif kind == "netns":
         netns.del_netns(entry[1])
     elif kind == "link":

@@ -16,5 +16,5 @@ class Confirm(Phase):
 
     def act(self, ctx: Context) -> None:
         assert ctx.target is not None
-        ctx.runtime.remove(ctx.src, ctx.target.root_pid)
+        actions.remove_source(ctx)
         actions.wipe_images(ctx)

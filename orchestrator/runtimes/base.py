@@ -42,9 +42,10 @@ class Target:
     @property
     def ends_at_dump(self) -> bool:
         """Whether its stopped source copy must go once dumped: it holds file locks the restore
-        takes, or TCP sockets the dump left in repair mode. A rollback restores it from its
-        images (as for a workload with its own network)."""
-        return bool(self.locked_files or self.tcp_connections)
+        takes. A rollback restores it from its images (as for a workload with its own
+        network). (TCP sockets the dump left in repair mode are unlocked by a rollback
+        instead: actions.resume_source.)"""
+        return bool(self.locked_files)
 
     def to_continue(self, tree: list[int]) -> list[int]:
         """Of tree, the tasks a resume must SIGCONT: those the tool stopped, not the others."""

@@ -7,7 +7,7 @@ from abc import abstractmethod
 
 from orchestrator.criu.logs import raise_on_failure
 from orchestrator.errors import MigrationError
-from orchestrator.runtimes import procs
+from orchestrator.runtimes import net, procs
 from orchestrator.runtimes.base import Runtime, Target
 from orchestrator.transport.ssh import Host, Result
 
@@ -92,12 +92,14 @@ class ContainerRuntime(Runtime):
         return state
 
     def running_pid(self, host: Host, what: str) -> int:
-        """The init pid of the container just restored on host (MigrationError if none)."""
+        """The init pid of the container just restored on host (MigrationError if none), its
+        addresses announced (unsolicited ARP: peers and switches move on at once)."""
         if host.dry_run:
             return 0
         state, pid = self.status(host)
         if state != procs.RUNNING or not pid:
             raise MigrationError(f"{what} on {host}: container {self.container} is {state}")
+        host.run(net.announce_all_argv(pid))
         return pid
 
 

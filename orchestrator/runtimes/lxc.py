@@ -28,19 +28,22 @@ from __future__ import annotations
 from orchestrator.checkpoint import Checkpoint
 from orchestrator.criu import commands as criu
 from orchestrator.errors import MigrationError
-from orchestrator.runtimes import procs
+from orchestrator.runtimes import net, procs
 from orchestrator.runtimes.base import Target
 from orchestrator.runtimes.container import ContainerRuntime, criu_failed, detached
+from orchestrator.runtimes.lxc_criu import RCFILE, RESTORED, WRAPPER
 from orchestrator.transport.ssh import Host
 
 LXCPATH = "/var/lib/lxc"
 ERR = "lxc.err"
 _STATES = {"RUNNING": procs.RUNNING, "FROZEN": procs.STOPPED, "FREEZING": procs.STOPPED,
            "THAWED": procs.RUNNING, "STOPPED": procs.GONE}  # fmt: skip
-# lxc-checkpoint runs `criu` from PATH: a configured criu is put first on it.
+# lxc-checkpoint runs `criu` from PATH: lxc_criu.WRAPPER goes first on it, over the real one
+# (the configured criu, found on the host's PATH).
 _WITH_CRIU = (
-    'criu=$1 bin=$2; shift 2; if [ "$criu" != criu ]; then c=$(command -v "$criu") || exit 127; '
-    'mkdir -p "$bin" && ln -sf "$c" "$bin/criu" && PATH="$bin:$PATH"; fi; exec "$@"'
+    'criu=$1 bin=$2 wrapper=$3; shift 3; c=$(command -v "$criu") || exit 127; '
+    'mkdir -p "$bin" && printf "%s\\n" "$c" > "$bin/real" && printf "%s" "$wrapper" > "$bin/criu" '
+    '&& chmod 700 "$bin/criu" && PATH="$bin:$PATH" && exec "$@"'
 )
 
 # Each network of the container: "TYPE LINK PAIR" a line (until LXC says the index is invalid).
@@ -49,6 +52,21 @@ _NETS = (
     '&& [ -n "$t" ]; do for k in type link veth.pair; do '
     'printf "%s " "$(lxc-info -P "$p" -n "$n" -c "lxc.net.$i.$k" | sed "s/^[^=]*= *//")"; '
     "done; echo; i=$((i+1)); done"
+)
+_NO_TTYS = (
+    'conf=$1 rc=$2; shift 2; { grep -v "^[[:space:]]*lxc.\\(tty\\|pty\\).max" "$conf"; '
+    'printf "lxc.tty.max = 0\\nlxc.pty.max = 1\\n"; } > "$rc" && exec "$@"'
+)
+# The init CRIU restored (its pidfile, written by lxc_criu's wrapper) if it still runs in an LXC
+# payload cgroup (not a reused pid): its freezer thawed (a frozen task cannot die), then killed
+# with its whole pid namespace.
+_KILL_RESTORED = (
+    'pid=$(cat -- "$1" 2>/dev/null) && grep -q lxc.payload "/proc/$pid/cgroup" || exit 0; '
+    'for f in $(sed -n "s/^[0-9]*:freezer:/\\/sys\\/fs\\/cgroup\\/freezer/p" "/proc/$pid/cgroup"); '
+    'do echo THAWED > "$f/freezer.state"; done; '
+    'f=$(sed -n "s/^0:://p" "/proc/$pid/cgroup"); '
+    '[ -e "/sys/fs/cgroup$f/cgroup.freeze" ] && echo 0 > "/sys/fs/cgroup$f/cgroup.freeze"; '
+    'kill -KILL "$pid"'
 )
 _FREEZE_THEN = 'lxc-freeze -P "$1" -n "$2" && shift 2 && exec "$@"'
 _THEN_THAW = (
@@ -103,7 +121,8 @@ class LxcRuntime(ContainerRuntime):
         return problems
 
     def _with_criu(self, host: Host, images_dir: str, argv: list[str]) -> list[str]:
-        return ["sh", "-c", _WITH_CRIU, "sh", host.config.criu, f"{images_dir}/.criu", *argv]
+        bin_dir = f"{images_dir}/.criu"
+        return ["sh", "-c", _WITH_CRIU, "sh", host.config.criu, bin_dir, WRAPPER, *argv]
 
     def _checkpoint(self, host: Host, target: Target, cp: Checkpoint) -> None:
         images_dir = cp.images_dir
@@ -117,17 +136,29 @@ class LxcRuntime(ContainerRuntime):
     def restore(self, host: Host, target: Target, images_dir: str, lazy: bool = False) -> int:
         # Restore, then thaw (one round trip): CRIU restored the freezer as dumped (FROZEN)
         # while LXC believes the container runs, so a bare lxc-unfreeze would do nothing.
+        # LXC's restore reads the container's config with no ttys (lxc.tty.max = 0): its
+        # monitor has none to serve after a restore (it would end at once, leaving the
+        # container without one); the ttys come back as the wrapper's ptys (lxc_criu).
+        rcfile = f"{images_dir}/.criu/{RCFILE}"
+        restore = self.lxc("lxc-checkpoint", "-r", "-D", images_dir, "--rcfile", rcfile)
         argv = ["sh", "-c", _THEN_THAW, "sh", self.lxcpath, self.container,
-                *self.lxc("lxc-checkpoint", "-r", "-D", images_dir)]  # fmt: skip
+                "sh", "-c", _NO_TTYS, "sh", f"{self.lxcpath}/{self.container}/config", rcfile,
+                *restore]  # fmt: skip
         r = detached(host, self._with_criu(host, images_dir, argv), f"{images_dir}/{ERR}")
         if not r.ok:
             host.run(self.lxc("lxc-stop", "-k"))
+            # A tree CRIU restored that LXC then lost (no monitor): frozen, unknown to LXC.
+            host.run(["sh", "-c", _KILL_RESTORED, "sh", f"{images_dir}/.criu/{RESTORED}"])
         criu_failed(host, r, images_dir, criu.RESTORE_LOG, "restore (lxc-checkpoint -r)")
         return self.running_pid(host, "lxc-checkpoint -r")
 
     def resume(self, host: Host, target: Target, images_dir: str) -> None:
         if self.status(host)[0] == procs.STOPPED:
             host.run(self.lxc("lxc-unfreeze"), check=True)
+            # A destination copy undone after its restore announced the address there.
+            pid = self.status(host)[1]
+            if pid:
+                host.run(net.announce_all_argv(pid))
 
     def remove(self, host: Host, root_pid: int) -> None:
         if self.status(host)[0] != procs.GONE:

@@ -106,6 +106,22 @@ def announce_argv(pid: int, info: NetInfo) -> list[str]:
     return ["sh", "-c", script, "sh", str(pid), info.interface, *info.ips]
 
 
+# Each global IPv4 address in pid's network namespace: "DEV CIDR" (ip -o: "N: DEV inet CIDR ...").
+_ANNOUNCE_ALL = (
+    'pid=$1; nsenter -t "$pid" -n ip -o -4 addr show scope global | '
+    "while read -r _ dev _ cidr _; do "
+    'nsenter -t "$pid" -n arping -q -U -c 2 -I "${dev%@*}" "${cidr%/*}" '
+    "</dev/null >/dev/null 2>&1 & "
+    "done; true"
+)
+
+
+def announce_all_argv(pid: int) -> list[str]:
+    """As announce_argv, for every address a container's network namespace holds (none: a
+    no-op), found there: a container runtime's restore gives no NetInfo."""
+    return ["sh", "-c", _ANNOUNCE_ALL, "sh", str(pid)]
+
+
 def wait_veth_gone(host: Host, veth: str, timeout: float) -> None:
     """A namespace goes away asynchronously: wait until its veth's host end is gone too."""
     deadline = time.monotonic() + timeout
@@ -141,16 +157,91 @@ for pid in map(int, sys.argv[1:]):
         finally:
             s.close()
 """
-# Then drop the network lock CRIU left in the workload's namespace (its nftables table).
+# The local ports of the tree's TCP sockets (read-only), one a line: what CRIU's per-connection
+# lock rules (a tree without its own network namespace) name.
+_PORTS = r"""
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+ports = set()
+for pid in map(int, sys.argv[1:]):
+    try:
+        pidfd, fds = os.pidfd_open(pid), os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        continue
+    for fd in fds:
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                continue
+        except OSError:
+            continue
+        n = libc.syscall(438, pidfd, int(fd), 0)
+        if n < 0:
+            continue
+        s = socket.socket(fileno=n)
+        try:
+            if s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6):
+                ports.add(s.getsockname()[1])
+        except OSError:
+            pass
+        finally:
+            s.close()
+print(*sorted(ports), sep="\n")
+"""
+# In the namespace it runs in: delete CRIU's network-lock rules (iptables, the ones that let
+# only CRIU's own marked packets through: mark 0xc114), those naming one of the ports given
+# (argv), or all of them with `all` (a workload's own namespace: every lock there is its own),
+# and CRIU's nftables tables there (CRIU-*) with `all`.
+_DROP_LOCK = r"""
+import re, subprocess, sys
+ports = set(sys.argv[2:])
+for tool in ("iptables", "ip6tables"):
+    r = subprocess.run([tool + "-save", "-t", "filter"], capture_output=True, text=True)
+    if r.returncode:
+        continue
+    rules = [ln for ln in r.stdout.splitlines() if ln.startswith("-A ")]
+    for rule in rules:
+        words = rule.split()
+        named = {w for k, w in zip(words, words[1:]) if k in ("--sport", "--dport")}
+        criu = "0xc114" in rule and "DROP" in words
+        if sys.argv[1] == "all" and (criu or words[-1] == "CRIU" or words[1] == "CRIU"):
+            subprocess.run([tool, "-t", "filter", "-D", *words[1:]], check=False)
+        elif criu and named & ports:
+            subprocess.run([tool, "-t", "filter", "-D", *words[1:]], check=False)
+    if sys.argv[1] == "all" and re.search(r"^:CRIU ", r.stdout, re.M):
+        subprocess.run([tool, "-t", "filter", "-X", "CRIU"], check=False)
+if sys.argv[1] == "all":
+    r = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[2].startswith("CRIU-"):
+            subprocess.run(["nft", "delete", "table", words[1], words[2]], check=True)
+"""
+# Repair mode off on the tree's sockets, then the lock rules off in the root pid's namespace:
+# all of them in its own namespace, those of its ports in the host's.
 _UNLOCK = (
-    'pid=$1 awk=$2; shift 2; python3 -c "$0" "$@" || exit 1; '
-    'for t in $(nsenter -t "$pid" -n nft list tables 2>/dev/null | awk "$awk"); '
-    'do nsenter -t "$pid" -n nft delete table inet "$t" || exit 1; done'
+    'pid=$1 scope=$2 drop=$3 ports=$4; shift 4; python3 -c "$0" "$@" || exit 1; '
+    'set -- $(python3 -c "$ports" "$@"); '
+    'nsenter -t "$pid" -n python3 -c "$drop" "$scope" "$@"'
 )
-_CRIU_TABLES = "$3 ~ /^CRIU-/ {print $3}"
+# After the stopped tree is killed (its sockets silently, in repair mode): the rules of the
+# ports it had, read before the kill.
+_KILL_THEN_DROP = (
+    'drop=$1 ports=$2; shift 2; p=$(python3 -c "$ports" "$@"); '
+    'kill -KILL "$@" 2>/dev/null; python3 -c "$drop" ports $p'
+)
 
 
-def unlock_argv(root_pid: int, pids: list[int]) -> list[str]:
+def unlock_argv(root_pid: int, pids: list[int], own_netns: bool = True) -> list[str]:
     """Run on the host: undo what a dump left on a workload it let run on, without unlocking
-    it (CRIU's failed lazy dump): TCP repair mode on its sockets, then its network lock."""
-    return ["sh", "-c", _UNLOCK, _REPAIR_OFF, str(root_pid), _CRIU_TABLES, *map(str, pids)]
+    it (CRIU's failed lazy dump, a rollback of a plain tree dumped with --tcp-established):
+    TCP repair mode on its sockets, then CRIU's network lock (in its own namespace, all of it;
+    in the host's, the rules naming its ports)."""
+    scope = "all" if own_netns else "ports"
+    return ["sh", "-c", _UNLOCK, _REPAIR_OFF, str(root_pid), scope, _DROP_LOCK, _PORTS,
+            *map(str, pids)]  # fmt: skip
+
+
+def kill_then_unlock_argv(pids: list[int]) -> list[str]:
+    """Run on the host: SIGKILL a stopped tree without its own network namespace, then drop
+    the lock rules CRIU left in the host's namespace for its connections."""
+    return ["sh", "-c", _KILL_THEN_DROP, "sh", _DROP_LOCK, _PORTS, *map(str, pids)]
