@@ -197,12 +197,13 @@ def judge(
 def _other_users(facts: TreeFacts) -> list[str]:
     if facts.cap_eff & (1 << CAP_SYS_RESOURCE):
         return []
-    others = [t for t in facts.tasks if set(t.uids) | set(t.gids) != {0}]
+    # (a task that ended while it was read has no ids: it is not another user's)
+    others = [t for t in facts.tasks if t.uids and set(t.uids) | set(t.gids) != {0}]
     if not others:
         return []
     t = others[0]
     return [
-        f"pid {t.pid} of the tree runs as another user (uid {t.uids[0] if t.uids else '?'}) "
+        f"pid {t.pid} of the tree runs as another user (uid {t.uids[0]}) "
         f"and root on the source lacks CAP_SYS_RESOURCE: CRIU cannot read its limits "
         f'("Can\'t get rlimit"); give root CAP_SYS_RESOURCE or run the tree as one user'
     ]

@@ -71,6 +71,13 @@ def failing_restore_config(lab: labmod.Lab, tmp: Path, host: str = "host-b") -> 
     return config_with(lab, tmp / "failing-restore.yaml", **{host: {"criu": str(broken)}})
 
 
+def other_lab_up() -> bool:
+    """Whether a lab's bridge exists in this network namespace (lab names are machine-wide;
+    /sys/class/net would show the namespace sysfs was mounted in, not this one)."""
+    r = subprocess.run(["ip", "link", "show", "dev", "migbr0"], capture_output=True)
+    return r.returncode == 0
+
+
 def config_with(lab: labmod.Lab, path: Path, **hosts: dict[str, Any]) -> Path:
     """A copy of the lab's config with some host keys changed, e.g. host_b={"criu": "/x"}."""
     config = yaml.safe_load(lab.config_path.read_text())

@@ -19,6 +19,7 @@ from orchestrator import lab as labmod
 from orchestrator.lab import Lab, LabError
 from orchestrator.lab.proc import start_time
 from orchestrator.lab.state import PID_STRIDE
+from tests.labkit import other_lab_up
 
 pytestmark = [
     pytest.mark.lab,
@@ -41,7 +42,7 @@ def lab_dir() -> Iterator[Path]:
 def _no_other_lab() -> None:
     # Lab names and addresses are machine-wide: e.g. conftest's session lab, if a test that
     # uses it ran first, is still up. Say so rather than fail on the clash.
-    if os.path.exists("/sys/class/net/migbr0"):
+    if other_lab_up():
         pytest.skip("another lab is up on this machine (migbr0 exists): run this module alone")
 
 

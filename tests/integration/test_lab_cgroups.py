@@ -14,7 +14,7 @@ import pytest
 
 from orchestrator import lab as labmod
 from tests.containerkit import _LXC_CREATE
-from tests.labkit import on, wait_for
+from tests.labkit import on, other_lab_up, wait_for
 
 pytestmark = [
     pytest.mark.lab,
@@ -24,7 +24,7 @@ pytestmark = [
 
 @pytest.fixture
 def own_lab() -> Iterator[labmod.Lab]:
-    if os.path.exists("/sys/class/net/migbr0"):
+    if other_lab_up():
         pytest.skip("another lab is up on this machine (migbr0 exists): run this module alone")
     base = Path(tempfile.mkdtemp(prefix="migrate-lab-cg-", dir="/run"))
     try:

@@ -87,6 +87,14 @@ def test_other_user_without_cap_sys_resource() -> None:
     assert wc.judge(having).refusals == []
 
 
+def test_a_task_that_ended_while_read_is_no_other_user() -> None:
+    """A short-lived child (a shell's `sleep`) gone between the pid list and its status: no
+    ids read, and no refusal for it (seen flaky in the lab before)."""
+    facts = wc.parse_facts(PLAIN)
+    gone = replace(facts.tasks[1], uids=(), gids=())
+    assert wc.judge(replace(facts, tasks=(facts.tasks[0], gone), tcp=())).refusals == []
+
+
 def test_own_mounts_with_nsfs_mounts_and_stdio_from_outside() -> None:
     facts = wc.parse_facts(PIDNS)
     assert facts.own_mntns and not facts.own_netns
