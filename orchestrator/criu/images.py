@@ -130,18 +130,18 @@ _DUMP_FIELDS = {
 
 def dump_stats(data: bytes) -> DumpStats:
     """Decode a stats-dump image (stats_entry { dump_stats_entry dump = 1; ... })."""
+    return DumpStats(**_stats(data, 1, _DUMP_FIELDS, "stats-dump", "dump statistics (a restore's"))
+
+
+def _stats(data: bytes, entry: int, names: dict[int, str], image: str, what: str) -> dict[str, int]:
+    """The numbers of one part (`entry`) of a stats image's stats_entry, by field name."""
     msgs = entries(data, STATS_MAGIC)
     if len(msgs) != 1:
-        raise ImageError(f"stats-dump holds {len(msgs)} entries, expected 1")
-    dump = fields(msgs[0]).get(1)
-    if not isinstance(dump, bytes):
-        raise ImageError("stats-dump holds no dump statistics (a restore's stats?)")
-    values = {
-        _DUMP_FIELDS[n]: v
-        for n, v in fields(dump).items()
-        if n in _DUMP_FIELDS and isinstance(v, int)
-    }
-    return DumpStats(**values)
+        raise ImageError(f"{image} holds {len(msgs)} entries, expected 1")
+    part = fields(msgs[0]).get(entry)
+    if not isinstance(part, bytes):
+        raise ImageError(f"{image} holds no {what} stats?)")
+    return {names[n]: v for n, v in fields(part).items() if n in names and isinstance(v, int)}
 
 
 STATS_RESTORE = "stats-restore"  # written by a restore into its images dir
@@ -164,15 +164,5 @@ _RESTORE_FIELDS = {1: "pages_compared", 2: "pages_skipped_cow", 3: "forking_time
 
 def restore_stats(data: bytes) -> RestoreStats:
     """Decode a stats-restore image (stats_entry { ...; restore_stats_entry restore = 2; })."""
-    msgs = entries(data, STATS_MAGIC)
-    if len(msgs) != 1:
-        raise ImageError(f"stats-restore holds {len(msgs)} entries, expected 1")
-    restore = fields(msgs[0]).get(2)
-    if not isinstance(restore, bytes):
-        raise ImageError("stats-restore holds no restore statistics (a dump's stats?)")
-    values = {
-        _RESTORE_FIELDS[n]: v
-        for n, v in fields(restore).items()
-        if n in _RESTORE_FIELDS and isinstance(v, int)
-    }
-    return RestoreStats(**values)
+    fields_ = _stats(data, 2, _RESTORE_FIELDS, "stats-restore", "restore statistics (a dump's")
+    return RestoreStats(**fields_)
