@@ -13,6 +13,8 @@ FINAL = "final"  # after pre-copy rounds 1..N, the final dump's subdir
 ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{6}$")
 # sun_path holds 108 bytes; ssh appends ".XXXXXXXXXXXXXXXX" to a control path while binding it.
 SOCKET_MAX = 108 - 1 - 17
+#: A Unix socket's path (sun_path), less the terminating NUL.
+SUN_PATH_MAX = 107
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class ImageLayout:
     def pipe_socket(self) -> str | None:
         """The image pipe's root-only socket (phases/imagepipe.py; None: path too long)."""
         path = f"{self.root}/images.sock"
-        return path if len(path.encode()) <= SOCKET_MAX else None
+        return path if len(path.encode()) <= SUN_PATH_MAX else None
 
     def contains(self, path: str) -> bool:
         return path == self.root or path.startswith(self.root + "/")

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from orchestrator.layout import SUN_PATH_MAX
+
 #: The fd number CRIU gets the connected socket on (3 is background.py's --status-fd).
 FD = 5
 SOCK = "pages.sock"
@@ -35,7 +37,6 @@ HAND = "pages-hand.sock"
 WAIT_S = 3600
 TAKE_WAIT_S = 30  # the dump connected before the images were sent: it is there or never comes
 ABORT_WAIT_S = 5
-_SUN_PATH_MAX = 107  # bytes, less the terminating NUL
 
 # One small helper, run with python3 on a host. Modes:
 #   serve SOCK FD WAIT -- ARGV   listen on SOCK, detach (prints "listening" first), accept one
@@ -188,7 +189,7 @@ class PageChannel:
     def too_long(self) -> str | None:
         """A path the kernel cannot bind (sun_path), if any: use a shorter workdir."""
         for p in (self.src_sock, self.dst_sock, self.dst_hand):
-            if len(p.encode()) > _SUN_PATH_MAX:
+            if len(p.encode()) > SUN_PATH_MAX:
                 return p
         return None
 

@@ -26,7 +26,11 @@ class ImagePipe(Phase):
     def act(self, ctx: Context) -> None:
         _check_rounds(ctx)
         src_sock, dst_sock = ctx.src_images.pipe_socket, ctx.dst_images.pipe_socket
-        if ctx.plan.dry_run or not (src_sock and dst_sock and ctx.link.spec.socket):
+        if ctx.plan.dry_run:
+            return
+        if not (src_sock and dst_sock and ctx.link.spec.socket):
+            ctx.notes.append("the image pipe's socket paths are too long for a Unix socket "
+                             "(a shorter workdir): the images go by rsync")  # fmt: skip
             return
         src_agent, dst_agent = ctx.src.agent, ctx.dst.agent
         if src_agent is None or dst_agent is None:
