@@ -216,8 +216,11 @@ def observe(ctx: Context, summary: Summary) -> Seen:
     if summary.stage == Stage.PLANNED or ctx.target is None:
         return Seen(source=_located(ctx), destination=GONE)
     policy, lazy = ctx.plan.policy, ctx.strategy.lazy
-    if ctx.strategy.pages is Pages.PAGE_SERVER:  # a page channel helper still waiting
-        _safe(lambda: actions.end_channel(ctx))  # would hold the images dir for ever
+    # A page channel helper still waiting would hold the images dir for ever. (Post-copy's,
+    # once its lazy dump began, holds the dump's connection: abort_lazy_dump needs it.)
+    waiting = ctx.strategy.pages is Pages.PAGE_SERVER or summary.stage < Stage.FROZEN
+    if ctx.strategy.pages is not Pages.FILES and waiting:
+        _safe(lambda: actions.end_channel(ctx))
     if not lazy:  # (a lazy dump serves pages until they are pulled: it is not waited for)
         for host, root in ((ctx.src, ctx.src_images.root), (ctx.dst, ctx.dst_images.root)):
             _safe(lambda h=host, r=root: actions.settle(h, r, policy.command_timeout))
