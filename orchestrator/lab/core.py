@@ -285,6 +285,10 @@ def start_sshd(lab: Lab, h: LabHost) -> None:
     lab.made.append(["proc", h.sshd_pid, h.sshd_start, f"sshd {h.name}"])
     save(lab)
     # Its own cgroups: what its container runtimes make nests inside, and `down` removes it.
+    before = lab.dir / LXC_V2_BEFORE
+    if not before.exists():
+        before.write_text("".join(f"{p}\n" for p in cgroups.lxc_v2()))
+        lab.made.append(["file", str(before)])
     tag = hashlib.sha1(str(lab.dir).encode()).hexdigest()[:8]
     try:
         for path in cgroups.paths(f"migrate-lab-{tag}-{h.name}"):
@@ -370,6 +374,8 @@ def _teardown(lab: Lab) -> None:
             cgroups.thaw(entry[1])
     order = ("proc", "cgroup", "netns", "link", "route", "file", "dir")
     for kind in order:
+        if kind == "netns":  # the hosts' processes are gone: so are LXC's v2 cgroups' tasks
+            _remove_lxc_v2_cgroups(lab)
         for entry in made:
             if entry[0] != kind:
                 continue
@@ -386,6 +392,28 @@ def _teardown(lab: Lab) -> None:
         )
     state_path(lab.dir).unlink(missing_ok=True)
     _remove_dir_if_ours(lab.dir)
+
+
+LXC_V2_BEFORE = "lxc-v2-cgroups-before"
+
+
+def _remove_lxc_v2_cgroups(lab: Lab) -> None:
+    """LXC's cgroups in a hybrid host's v2 hierarchy made while the lab was up (the hosts' own
+    cgroups cover the v1 ones), once empty: the lab's containers died with their hosts.
+    Another lab's, or this machine's, still hold tasks and stay; best effort."""
+    try:
+        before = set((lab.dir / LXC_V2_BEFORE).read_text().split())
+    except OSError:
+        return
+    for path in sorted(set(cgroups.lxc_v2()) - before):
+        below = [os.path.join(top, d) for top, dirs, _ in os.walk(path, topdown=False)
+                 for d in dirs]  # fmt: skip
+        for cg in [*below, path]:
+            try:
+                os.rmdir(cg)  # (refused while a task is in it: not ours, or not dead yet)
+            except OSError as e:
+                log.warning("lab down: cannot remove cgroup %s: %s", cg, e.strerror)
+                break
 
 
 def _undo(entry: list[Any]) -> None:

@@ -67,6 +67,11 @@ def test_down_removes_the_cgroups_runtimes_made(
     assert made and len(made) == len(host_cgroups), host_cgroups
     lxc_dirs = [p for d in made for p in d.glob("lxc.*") if p.is_dir()]
     assert {p.name for p in lxc_dirs} >= {f"lxc.payload.{name}", f"lxc.monitor.{name}"}
+    # On a hybrid host, LXC's cgroups in the v2 hierarchy are at its root, not in the host's.
+    v2 = [Path(ln.split()[4]) for ln in Path("/proc/self/mountinfo").read_text().splitlines()
+          if ln.split()[ln.split().index("-") + 1] == "cgroup2"]  # fmt: skip
+    v2_dirs = [p for root in v2 for p in root.glob(f"lxc.*.{name}*") if p.is_dir()]
     labmod.down(lab.dir)
     assert not [d for d in made if d.exists()], made
     assert not [d for d in lxc_dirs if d.exists()], lxc_dirs
+    assert not [d for d in v2_dirs if d.exists()], v2_dirs
