@@ -13,8 +13,8 @@ test: setup test-deps
 
 # What only the tests use: nginx (a real multi-process server to migrate), Debian's python3,
 # tcpdump (to show page traffic never crosses in clear), the container runtimes and a static
-# busybox to build their containers offline.
-TEST_PACKAGES = nginx-light python3 tcpdump runc lxc podman busybox-static
+# busybox to build their containers offline, iptables (tests read CRIU's network-lock rules).
+TEST_PACKAGES = nginx-light python3 tcpdump runc lxc podman busybox-static iptables
 test-deps:
 	@dpkg -s $(TEST_PACKAGES) >/dev/null 2>&1 || \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \

@@ -52,6 +52,10 @@ def test_migrates_and_keeps_state(lab: labmod.Lab, cleanup: list[Path], containe
     assert parts <= f["downtime_ms"] + 3  # (two hosts' clocks, each offset known to ~1 ms)
     assert f["overhead_ms"] == max(0.0, round(f["downtime_ms"] - parts, 1))
     assert report["bytes_transferred"] >= f["page_bytes"] + f["transfer_bytes"]
+    # ...and the images went through the image pipe, not the rsync fallback (which would pass
+    # every check above: lab paths once fell back silently)
+    assert report["transfer"]["rsync_bytes"] == 0, report["notes"]
+    assert not any("go by rsync" in n for n in report["notes"]), report["notes"]
 
     # It runs on host-b, in host-b's network namespace, and is gone from host-a.
     pid_b = report["restored_pid"]
