@@ -142,9 +142,8 @@ def _holds(policy: Policy, src: Host, runtime: Runtime) -> frozenset[str]:
         verdict = workloadcheck.judge(workloadcheck.read_facts(src, target), policy.tcp_outside)
     except MigrationError:
         return frozenset()
-    return frozenset({strategies.FILE_LOCKS} if verdict.locked_files else set()) | frozenset(
-        {strategies.HOST_TCP} if verdict.connections else set()
-    )
+    held = {strategies.FILE_LOCKS: verdict.locked_files, strategies.HOST_TCP: verdict.connections}
+    return frozenset(trait for trait, found in held.items() if found)
 
 
 def _has_feature(host: Host, feature: str) -> bool:
