@@ -2,8 +2,10 @@
 source, the lazy-pages daemon on the destination).
 
 Each is started detached in one round trip that returns when CRIU reports ready on its
-`--status-fd` (a FIFO), never after a sleep; its exit code lands in NAME.rc in the images dir,
-so that completion can be awaited later, from any connection, even by `migrate recover`.
+`--status-fd`, never after a sleep; its exit code lands in NAME.rc in the images dir, so that
+completion can be awaited later, from any connection, even by `migrate recover`. The host's
+agent does this itself (transport/agent_main.py: no shell inside the freeze); a host without
+one runs the sh wrapper below (a FIFO as the status fd), which keeps the same contract.
 """
 
 from __future__ import annotations
@@ -84,8 +86,13 @@ def parse_wait(stdout: str) -> int | None:
 def start(host: Host, images_dir: str, name: str, call: Call, log: str, what: str) -> None:
     """Start call's argv detached as NAME on host (with the sockets it is handed); raise with
     CRIU's own error lines if it ends before it is ready."""
-    argv = start_argv(images_dir, name, host.policy.command_timeout, call.argv)
-    r = host.run(argv, sockets=call.sockets, handed=call.handed)
+    wait = host.policy.command_timeout
+    if host.agent is not None:
+        r = host.run(call.argv, timeout=wait, sockets=call.sockets, handed=call.handed,
+                     detach=(images_dir, name))  # fmt: skip
+    else:
+        r = host.run(start_argv(images_dir, name, wait, call.argv), sockets=call.sockets,
+                     handed=call.handed)  # fmt: skip
     if r.dry:
         return
     started = parse_start(r.stdout) if r.ok else Started(False, "")

@@ -49,16 +49,22 @@ class ImagePipe(Phase):
             raise MigrationError(
                 f"cannot forward the image pipe from {ctx.src.name}: {fwd.error_line()}"
             )
+        # connected now: through the forward, a connection opens an ssh channel (not while frozen)
+        c = ctx.src.call(src_agent, "connect", ctx.plan.policy.command_timeout,
+                         f"connect to {src_sock}", sock=src_sock)  # fmt: skip
+        if "error" in c:
+            raise MigrationError(f"cannot connect the image pipe on {ctx.src.name}: {c['error']}")
 
     def undo(self, ctx: Context) -> None:
         if ctx.image_pipe is None:
             return
         src_sock, dst_sock = ctx.image_pipe.split(":")
         ctx.link.cancel(ctx.image_pipe)
-        agent = ctx.dst.agent
-        if agent is not None:
-            ctx.dst.call(agent, "cancel", ctx.plan.policy.command_timeout,
-                         f"cancel {dst_sock}", sock=dst_sock)  # fmt: skip
+        for host, sock in ((ctx.src, src_sock), (ctx.dst, dst_sock)):
+            agent = host.agent
+            if agent is not None:
+                host.call(agent, "cancel", ctx.plan.policy.command_timeout, f"cancel {sock}",
+                          sock=sock)  # fmt: skip
         ctx.src.run(["rm", "-f", "--", src_sock])
         ctx.dst.run(["rm", "-f", "--", dst_sock])
         ctx.image_pipe = None

@@ -11,13 +11,18 @@ before (~0.2 s each). Ops:
 - run: argv, with a timeout (past it the command's process group is killed: it never goes on
   later), a umask, and Unix sockets to connect and hand the command as file descriptors (the
   page channel: no helper process in between). Answers exit code, output, and when it started
-  and ended on the host's clock.
+  and ended on the host's clock. With `detach` (a dir and a NAME), the command is CRIU to run
+  on after the answer (post-copy's lazy dump and lazy-pages daemon): started under a forked
+  copy of this agent that records its exit code in DIR/NAME.rc, and answered "ready" once it
+  says so on its --status-fd, or "exited RC" (the contract of criu/background.py's sh
+  wrapper, without a shell or a new interpreter inside the freeze).
 - read: a small file's bytes (CRIU's stats, a pidfile), no process started.
 - listen / collect / cancel: receive one image dir on a root-only Unix socket (one connection,
   from uid 0) into a dir, before the freeze; collect waits for it to have arrived and says what
   arrived, each file's CRC-32 and size read back from the disk.
-- send: send an image dir to such a socket (through the ssh link's forward), CRC-32 and size of
-  each file as read.
+- connect / send: connect to such a socket (through the ssh link's forward, before the freeze:
+  a connection there opens an ssh channel), then send an image dir on that connection, CRC-32
+  and size of each file as read.
 
 When stdin closes (the controller or its connection went) it exits; commands it started run on.
 """
@@ -26,6 +31,7 @@ import base64
 import fcntl
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -33,7 +39,11 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import zlib
+
+# _detach forks this (threaded) agent on purpose: the copy only closes, spawns and waits.
+warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 CHUNK = 1 << 20
 #: What an image dir holds that is not an image: logs, exit codes, FIFOs, sockets.
@@ -42,6 +52,7 @@ READ_MAX = 64 << 20
 
 _out_lock = threading.Lock()
 _receivers: dict = {}  # socket path -> Receiver
+_held: dict = {}  # socket path -> the connection op_connect made, for op_send
 
 
 def reply(msg):
@@ -87,6 +98,9 @@ def op_run(req):
                 fd = _connect(path, handed)
                 fds.append(fd)
                 argv = [str(fd) if a == token else a for a in argv]
+        if req.get("detach"):
+            top, name = req["detach"]
+            return _detach(argv, fds, top, name, float(req.get("timeout") or 60))
         umask = req.get("umask")
         started = time.time()
         try:
@@ -132,6 +146,78 @@ def op_run(req):
             os.close(fd)
 
 
+def _detach(argv, fds, top, name, wait):
+    """Start CRIU's argv (plus --status-fd) to outlive this agent; answer once it is ready."""
+    rc = os.path.join(top, name + ".rc")
+    for stale in (rc, rc + ".tmp"):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
+    ready_r, ready_w = os.pipe()
+    keep = [ready_w, *fds]
+    for fd in keep:
+        os.set_inheritable(fd, True)
+    argv = [*argv, "--status-fd", str(ready_w)]
+    started = time.time()
+    pid = os.fork()
+    if pid == 0:
+        _supervise(argv, keep, os.path.join(top, name + ".err"), rc)
+    threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True).start()
+    for fd in keep:
+        os.close(fd)
+    fds.clear()
+    try:
+        ready = bool(select.select([ready_r], [], [], wait)[0]) and os.read(ready_r, 1) != b""
+    finally:
+        os.close(ready_r)
+    out = "ready\n"
+    if not ready:  # ended (or silent past the wait): its exit code, once recorded
+        deadline = time.monotonic() + 5
+        while not os.path.exists(rc) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            with open(rc) as f:
+                out = "exited {}\n".format(f.read().strip() or "unknown")
+        except OSError:
+            out = "exited unknown\n"
+    return {"rc": 0, "out": out, "err": "", "started": started, "ended": time.time()}
+
+
+def _supervise(argv, keep, err_path, rc):
+    """The forked copy: its own session, nothing of the agent's open but what CRIU gets;
+    runs argv, writes its exit code (as sh would: 128+N for signal N) to rc, and exits."""
+    code = 1
+    try:
+        os.setsid()
+        os.umask(0o077)
+        null = os.open(os.devnull, os.O_RDWR)
+        err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        for target, fd in ((0, null), (1, null), (2, err)):
+            os.dup2(fd, target)
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        try:
+            child = os.posix_spawnp(argv[0], argv, os.environ)
+        except OSError:
+            exit_code = 127
+        else:
+            for fd in keep:
+                os.close(fd)
+            exit_code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+        with open(rc + ".tmp", "w") as f:
+            f.write(f"{exit_code if exit_code >= 0 else 128 - exit_code}\n")
+        os.replace(rc + ".tmp", rc)
+        code = 0
+    finally:
+        os._exit(code)
+
+
 def op_read(req):
     try:
         with open(req["path"], "rb") as f:
@@ -166,11 +252,31 @@ def _line(sock_file, msg):
     sock_file.write((json.dumps(msg) + "\n").encode())
 
 
+def op_connect(req):
+    """Connect to the socket path now (before the freeze: through a forward, a connection
+    opens an ssh channel) and hold the connection for the send that follows."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(req["sock"])
+    _close_held(req["sock"])
+    _held[req["sock"]] = s
+    return {"connected": True}
+
+
+def _close_held(path):
+    held = _held.pop(path, None)
+    if held is not None:
+        held.close()
+
+
 def op_send(req):
     top, bwlimit = req["dir"], int(req.get("bwlimit") or 0) * 1024
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _held.pop(req["sock"], None)
+    if s is None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(30)
+        s.connect(req["sock"])
     s.settimeout(req.get("stall"))  # no progress this long: the link is gone
-    s.connect(req["sock"])
     t0 = time.monotonic()
     sent, files = 0, {}
     with s, s.makefile("wb", buffering=CHUNK) as w:
@@ -222,7 +328,8 @@ class Receiver:
     .NAME.part (0600), read each back, and only then give them their names."""
 
     def __init__(self, sock_path, top, wait, stall=None):
-        self.path, self.top, self.stall = sock_path, top, stall
+        self.path, self.top, self.stall, self.wait = sock_path, top, stall, wait
+        self.conn = None
         if os.path.lexists(sock_path):
             raise OSError(f"{sock_path} exists")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -251,7 +358,8 @@ class Receiver:
             c, _ = self.listener.accept()
             cred = c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             if struct.unpack("3i", cred)[1] == 0:
-                c.settimeout(self.stall)
+                c.settimeout(self.wait)  # connected before the freeze: the images come later
+                self.conn = c
                 self.cancel()
                 return c
             c.close()
@@ -263,6 +371,7 @@ class Receiver:
         with c, c.makefile("rb", buffering=CHUNK) as r:
             while True:
                 head = json.loads(r.readline() or b'{"eof": true}')
+                c.settimeout(self.stall)
                 if head.get("end") or head.get("eof"):
                     if head.get("eof"):
                         raise OSError("the images stopped short")
@@ -302,6 +411,15 @@ class Receiver:
             c.sendall(b"ok\n")
         return {"files": got, "bytes": nbytes}
 
+    def abort(self):
+        """Stop listening, and drop a connection taken before the images came."""
+        self.cancel()
+        if self.conn is not None:
+            try:
+                self.conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def cancel(self):
         try:
             self.listener.close()
@@ -330,14 +448,16 @@ def op_collect(req):
 
 
 def op_cancel(req):
+    """Drop what waits on the socket path: a receiver (destination), a held connection (source)."""
     rec = _receivers.pop(req["sock"], None)
     if rec is not None:
-        rec.cancel()
+        rec.abort()
+    _close_held(req["sock"])
     return {"cancelled": rec is not None}
 
 
-OPS = {"ping": op_ping, "run": op_run, "read": op_read, "send": op_send, "listen": op_listen,
-       "collect": op_collect, "cancel": op_cancel}  # fmt: skip
+OPS = {"ping": op_ping, "run": op_run, "read": op_read, "connect": op_connect, "send": op_send,
+       "listen": op_listen, "collect": op_collect, "cancel": op_cancel}  # fmt: skip
 
 
 def serve(req):

@@ -269,13 +269,15 @@ class Host:
         private: bool = False,
         sockets: Mapping[str, str] | None = None,
         handed: Mapping[str, str] | None = None,
+        detach: tuple[str, str] | None = None,
     ) -> Result:
         """Run argv (quoted here, nowhere else); never raises for a non-zero exit unless check.
         With private, under umask 077, so that what it writes (CRIU's images hold process
         memory) is 0600. With sockets (agent only), each Unix socket path is connected and
         handed to the command, its fd number replacing the token in argv; with handed, the
         connection a holder on that path hands over (SCM_RIGHTS). Past its timeout a
-        command run by the agent is killed (with its process group)."""
+        command run by the agent is killed (with its process group). With detach (agent only:
+        an images dir and a NAME), argv is CRIU started to run on (criu/background.py)."""
         argv = [str(a) for a in argv]
         line = quote(argv)
         if self.dry_run and mutates:
@@ -284,7 +286,7 @@ class Host:
         limit = timeout or self.policy.command_timeout
         t0 = time.monotonic()
         if mutates:  # never repeated blindly: the first run may have acted
-            result = self._dispatch(argv, line, limit, private, sockets, handed)
+            result = self._dispatch(argv, line, limit, private, sockets, handed, detach)
         else:  # a read is safe to repeat on a fresh connection
             what = f"{self.name}: {_short(line, 60)}"
             for attempt in retrying(self.policy, what, (_Lost,), self.notes):
@@ -352,15 +354,17 @@ class Host:
         private: bool,
         sockets: Mapping[str, str] | None,
         handed: Mapping[str, str] | None,
+        detach: tuple[str, str] | None = None,
     ) -> Result:
         agent = self.agent
         if agent is None:
-            if sockets or handed:
-                raise HostError(f"{self}: handing a socket to a command needs the host's agent")
+            if sockets or handed or detach:
+                what = "detaching a command" if detach else "handing a socket to a command"
+                raise HostError(f"{self}: {what} needs the host's agent")
             return self._execute(argv, f"umask 077; {line}" if private else line, timeout)
         a = self.call(agent, "run", timeout, line, argv=argv, timeout=timeout,
                       umask=0o077 if private else None, sockets=dict(sockets or {}),
-                      handed=dict(handed or {}))  # fmt: skip
+                      handed=dict(handed or {}), detach=list(detach or ()))  # fmt: skip
         if a.get("timed_out"):
             raise HostError(f"{self}: timed out after {timeout:.0f}s (killed): {_short(line)}")
         if "error" in a:

@@ -205,3 +205,74 @@ def test_a_socket_is_handed_to_the_command(agent: Agent, tmp_path: Path) -> None
     assert conn.recv(64) == b"hello from fd"
     conn.close()
     server.close()
+
+
+def test_the_pipe_connects_before_the_send_and_a_cancel_drops_it(
+    agent: Agent, tmp_path: Path
+) -> None:
+    src, dst, sock = tmp_path / "src", tmp_path / "dst", tmp_path / "in.sock"
+    _images(src)
+    agent.call("listen", 5, sock=str(sock), dir=str(dst), wait=30)
+    assert agent.call("connect", 5, sock=str(sock))["connected"] is True
+    # taken before the freeze: nobody else can connect to the listener now, it is gone
+    assert not sock.exists()
+    sent = agent.call("send", 30, sock=str(sock), dir=str(src))
+    got = agent.call("collect", 30, sock=str(sock), timeout=30)
+    assert "error" not in sent and sent["files"] == got["files"], (sent, got)
+    # a second pipe, connected and then cancelled: the receiver ends instead of waiting on
+    other = tmp_path / "in2.sock"
+    agent.call("listen", 5, sock=str(other), dir=str(tmp_path / "dst2"), wait=30)
+    agent.call("connect", 5, sock=str(other))
+    t0 = time.monotonic()
+    assert agent.call("cancel", 5, sock=str(other))["cancelled"] is True
+    assert agent.call("collect", 30, sock=str(other), timeout=30)["error"].startswith(
+        "nothing listens"
+    )
+    assert time.monotonic() - t0 < 10
+    assert not (tmp_path / "dst2" / "pages-1.img").exists()
+
+
+# Stands in for CRIU's --status-fd N: says ready on fd N, lingers, exits 3 (stderr kept).
+_STATUS = (
+    "import os,sys,time; sys.stderr.write('to the err file\\n'); sys.stderr.flush(); "
+    "os.write(int(sys.argv[-1]), b'\\0'); os.close(int(sys.argv[-1])); "
+    "open(sys.argv[1], 'w').write(str(os.getppid())); time.sleep(float(sys.argv[2])); sys.exit(3)"
+)
+
+
+def _parent_comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def test_a_detached_command_says_ready_runs_on_and_leaves_its_exit_code(tmp_path: Path) -> None:
+    proc = subprocess.Popen(ARGV, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    agent = Agent(PipeChannel(proc), "local")  # type: ignore[arg-type]
+    ppid = tmp_path / "ppid"
+    try:
+        r = agent.call("run", 20, argv=["python3", "-c", _STATUS, str(ppid), "1", "--x"],
+                       timeout=10, detach=[str(tmp_path), "job"])  # fmt: skip
+        assert (r["rc"], r["out"]) == (0, "ready\n"), r
+        # its parent is the agent's forked copy (python3), not a shell, and it outlives the agent
+        assert _parent_comm(int(ppid.read_text())).startswith("python")
+        assert not (tmp_path / "job.rc").exists()
+    finally:
+        agent.close()
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "job.rc").exists():
+        assert time.monotonic() < deadline, "no exit code recorded after the agent ended"
+        time.sleep(0.05)
+    assert (tmp_path / "job.rc").read_text() == "3\n"
+    assert (tmp_path / "job.err").read_text() == "to the err file\n"
+    assert (tmp_path / "job.err").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_detached_command_that_ends_before_ready_says_its_exit_code(
+    agent: Agent, tmp_path: Path
+) -> None:
+    r = agent.call("run", 20, argv=["sh", "-c", "echo bad >&2; exit 7", "sh"], timeout=10,
+                   detach=[str(tmp_path), "job"])  # fmt: skip
+    assert r["out"] == "exited 7\n", r
+    assert (tmp_path / "job.err").read_text() == "bad\n"
+    r = agent.call("run", 20, argv=["/nonexistent/criu"], timeout=10,
+                   detach=[str(tmp_path), "gone"])  # fmt: skip
+    assert r["out"] == "exited 127\n", r
