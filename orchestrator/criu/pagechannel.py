@@ -270,14 +270,14 @@ def dump_flags(channel: PageChannel) -> list[str]:
 
 # --- prefault (stream): touch, then free, the memory the destination is about to take -------
 
-# Touch MiB of fresh anonymous memory (at most half of MemAvailable), then exit and free it:
-# the page cache and the restore that follow get pages just backed by the hypervisor.
+# Touch MiB of fresh anonymous memory (at most half of MemFree: no page cache is pushed out),
+# then exit and free it: the page cache and the restore that follow get pages just backed.
 # MADV_POPULATE_WRITE (Linux 5.14) faults it in within the kernel; else one write per page.
 PREFAULT = r"""
 import mmap, sys, time
 t = time.monotonic()
-avail = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemAvailable:"))
-n = min(int(sys.argv[1]), avail // 2048) << 20
+free = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemFree:"))
+n = min(int(sys.argv[1]), free // 2048) << 20
 if n:
     m = mmap.mmap(-1, n)
     try:

@@ -210,7 +210,6 @@ def thieves_during(
         shutil.rmtree(d)
     assert loose == []
     assert any("hold the workload's memory" in n for n in report["notes"]), report["notes"]
-    assert not any("prefault" in n for n in report["notes"]), report["notes"]  # it worked
     # Nothing was changed: the restored copy holds the original marker, no junk, and every
     # page it checks still holds what it wrote (memwriter says CORRUPT otherwise).
     assert held.strip() == "yes"

@@ -122,8 +122,12 @@ def prefaults(p: Pair) -> list[list[str]]:
     return [a for h, a in p.log if h == "b" and pagechannel.PREFAULT in a]
 
 
+def prefaulting(tmp_path: Path, strategy: str = "stream", prefault: bool = True) -> Pair:
+    return pair(tmp_path, strategy, policy=Policy(retries=2, retry_deadline=5, prefault=prefault))
+
+
 def test_stream_prefaults_the_destination_before_its_page_server(tmp_path: Path) -> None:
-    p = pair(tmp_path, "stream")
+    p = prefaulting(tmp_path)
     report = run(p)
     assert report.status == "succeeded", report.error
     [argv] = prefaults(p)
@@ -134,7 +138,7 @@ def test_stream_prefaults_the_destination_before_its_page_server(tmp_path: Path)
 
 
 def test_a_failed_prefault_is_a_note_and_the_migration_goes_on(tmp_path: Path) -> None:
-    p = pair(tmp_path, "stream")
+    p = prefaulting(tmp_path)
     p.dst.on(lambda a: pagechannel.PREFAULT in a, err="MemoryError", code=1)
     report = run(p)
     assert report.status == "succeeded", report.error
@@ -143,7 +147,13 @@ def test_a_failed_prefault_is_a_note_and_the_migration_goes_on(tmp_path: Path) -
 
 @pytest.mark.parametrize(("strategy", "prefault"), [("stream", False), ("stopcopy", True)])
 def test_no_prefault_when_off_or_not_stream(tmp_path: Path, strategy: str, prefault: bool) -> None:
-    p = pair(tmp_path, strategy, policy=Policy(retries=2, retry_deadline=5, prefault=prefault))
+    p = prefaulting(tmp_path, strategy, prefault)
+    assert run(p).status == "succeeded"
+    assert prefaults(p) == []
+
+
+def test_prefault_is_off_by_default(tmp_path: Path) -> None:
+    p = pair(tmp_path, "stream")
     assert run(p).status == "succeeded"
     assert prefaults(p) == []
 
