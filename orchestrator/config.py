@@ -130,6 +130,12 @@ class Policy:
     # The link's ssh ciphers, in order of preference (`ssh -c a,b`: the first both hosts offer
     # wins); measured fastest first (docs/bench/ciphers.md). Empty: ssh's own default.
     ciphers: tuple[str, ...] = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com")
+    # Stream: before the freeze, the destination touches then frees as much memory as it will
+    # take (the page server's page cache and the restored tree: 2 x its RSS, at most half of
+    # its MemFree), so the restore faults in memory just backed, not memory a VM's hypervisor
+    # has taken back (free page reporting: 2 s/GiB here, not 0.4). Costs that time before the
+    # freeze; gained nothing where memory was already warm (docs/bench/stream.md). Opt-in.
+    prefault: bool = False
 
 
 CIPHER_RE = re.compile(r"^[a-z0-9][a-z0-9@._-]{0,63}$")  # as `ssh -Q cipher` lists them

@@ -266,3 +266,34 @@ def lazy_pages(criu: str, images_dir: str, fd: int = FD) -> list[str]:
 def dump_flags(channel: PageChannel) -> list[str]:
     """The dump's flags for the channel: stream pages to it, or serve them lazily on it."""
     return ["--lazy-pages" if channel.lazy else "--page-server", "--ps-socket", str(channel.fd)]
+
+
+# --- prefault (stream): touch, then free, the memory the destination is about to take -------
+
+# Touch MiB of fresh anonymous memory (at most half of MemFree: no page cache is pushed out),
+# then exit and free it: the page cache and the restore that follow get pages just backed.
+# MADV_POPULATE_WRITE (Linux 5.14) faults it in within the kernel; else one write per page.
+PREFAULT = r"""
+import mmap, sys, time
+t = time.monotonic()
+free = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemFree:"))
+n = min(int(sys.argv[1]), free // 2048) << 20
+if n:
+    m = mmap.mmap(-1, n)
+    try:
+        m.madvise(23)
+    except OSError:
+        m[::4096] = bytes(len(range(0, n, 4096)))
+print("prefaulted %d MiB in %.0f ms" % (n >> 20, (time.monotonic() - t) * 1000))
+"""
+
+
+def prefault_mib(rss_kb: int) -> int:
+    """What the destination will take for a tree of rss_kb: its pages in the page server's
+    page cache, then in the restored tree (2 x RSS), in MiB."""
+    return 2 * -(-rss_kb // 1024)
+
+
+def prefault_argv(mib: int) -> list[str]:
+    """Destination (stream, before the freeze): touch then free mib MiB (capped there)."""
+    return ["python3", "-I", "-S", "-c", PREFAULT, str(mib)]

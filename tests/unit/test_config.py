@@ -158,3 +158,13 @@ def test_hostile_and_odd_input_is_one_line(tmp_path: Path, keys: dict[str, str])
     twice["hosts"]["host-c"] = {"address": "198.18.0.1", **keys}
     with pytest.raises(ConfigError, match="host-a and host-c are one machine"):
         load(write(tmp_path, twice)).route("host-a", "host-c")
+
+
+def test_policy_prefault_is_a_bool(tmp_path: Path, keys: dict[str, str]) -> None:
+    assert load(write(tmp_path, good(keys))).policy.prefault is False
+    data = good(keys)
+    data["policy"] = {"prefault": True}
+    assert load(write(tmp_path, data)).policy.prefault is True
+    data["policy"] = {"prefault": "no"}
+    with pytest.raises(ConfigError, match="prefault"):
+        load(write(tmp_path, data))

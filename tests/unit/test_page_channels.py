@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import phases, runner
-from orchestrator.config import HostConfig
-from orchestrator.criu import background
+from orchestrator.config import HostConfig, Policy
+from orchestrator.criu import background, pagechannel
 from orchestrator.transport.ssh import Result
 from tests.unit.fakehost import ID, Pair, criu, fail, inner, pair, script, verbs, words
 
@@ -116,3 +116,48 @@ def test_a_failed_lazy_restore_aborts_the_lazy_dump(tmp_path: Path) -> None:
         "undo lazy-restore", "undo lazy-dump",
     ]  # fmt: skip
     assert "a: criu restore" not in verbs(p.log)
+
+
+def prefaults(p: Pair) -> list[list[str]]:
+    return [a for h, a in p.log if h == "b" and pagechannel.PREFAULT in a]
+
+
+def prefaulting(tmp_path: Path, strategy: str = "stream", prefault: bool = True) -> Pair:
+    return pair(tmp_path, strategy, policy=Policy(retries=2, retry_deadline=5, prefault=prefault))
+
+
+def test_stream_prefaults_the_destination_before_its_page_server(tmp_path: Path) -> None:
+    p = prefaulting(tmp_path)
+    report = run(p)
+    assert report.status == "succeeded", report.error
+    [argv] = prefaults(p)
+    rss_kb = p.ctx.target.rss_kb if p.ctx.target else 0
+    assert rss_kb > 0 and argv[-1] == str(pagechannel.prefault_mib(rss_kb))
+    order = [a for h, a in p.log if h == "b" and "python3" in a]
+    assert order.index(argv) < order.index(helper(p, "b", "serve")[0])  # before the freeze
+
+
+def test_a_failed_prefault_is_a_note_and_the_migration_goes_on(tmp_path: Path) -> None:
+    p = prefaulting(tmp_path)
+    p.dst.on(lambda a: pagechannel.PREFAULT in a, err="MemoryError", code=1)
+    report = run(p)
+    assert report.status == "succeeded", report.error
+    assert any("prefault on b failed: MemoryError" in n for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize(("strategy", "prefault"), [("stream", False), ("stopcopy", True)])
+def test_no_prefault_when_off_or_not_stream(tmp_path: Path, strategy: str, prefault: bool) -> None:
+    p = prefaulting(tmp_path, strategy, prefault)
+    assert run(p).status == "succeeded"
+    assert prefaults(p) == []
+
+
+def test_prefault_is_off_by_default(tmp_path: Path) -> None:
+    p = pair(tmp_path, "stream")
+    assert run(p).status == "succeeded"
+    assert prefaults(p) == []
+
+
+@pytest.mark.parametrize(("rss_kb", "mib"), [(0, 0), (1, 2), (1024, 2), (1025, 4), (2**20, 2048)])
+def test_prefault_is_twice_the_rss_in_whole_mib(rss_kb: int, mib: int) -> None:
+    assert pagechannel.prefault_mib(rss_kb) == mib
