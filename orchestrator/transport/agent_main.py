@@ -17,6 +17,8 @@ before (~0.2 s each). Ops:
   says so on its --status-fd, or "exited RC" (the contract of criu/background.py's sh
   wrapper, without a shell or a new interpreter inside the freeze).
 - read: a small file's bytes (CRIU's stats, a pidfile), no process started.
+- lock / unlock: a workload's migration lock (an flock) held by the agent itself, so released
+  when it ends with its connection (no ssh session of its own per migration).
 - listen / collect / cancel: receive one image dir on a root-only Unix socket (one connection,
   from uid 0) into a dir, before the freeze; collect waits for it to have arrived and says what
   arrived, each file's CRC-32 and size read back from the disk.
@@ -53,6 +55,7 @@ READ_MAX = 64 << 20
 _out_lock = threading.Lock()
 _receivers: dict = {}  # socket path -> Receiver
 _held: dict = {}  # socket path -> the connection op_connect made, for op_send
+_locks: dict = {}  # lock path -> the fd holding its flock
 
 
 def reply(msg):
@@ -216,6 +219,32 @@ def _supervise(argv, keep, err_path, rc):
         code = 0
     finally:
         os._exit(code)
+
+
+def op_lock(req):
+    """Take the exclusive flock on path (its dir made 0700) and hold it for as long as this
+    agent lives (so a controller that dies frees it: its connection closes, the agent ends),
+    writing holder into it; or say who holds it."""
+    path = req["path"]
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # (flock is per open file: this agent's own second take fails too)
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        os.close(fd)
+        return {"busy": True, "holder": holder}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (req["holder"] + "\n").encode(), 0)
+    _locks[path] = fd
+    return {"locked": True}
+
+
+def op_unlock(req):
+    fd = _locks.pop(req["path"], None)
+    if fd is not None:
+        os.close(fd)
+    return {"unlocked": fd is not None}
 
 
 def op_read(req):
@@ -457,7 +486,8 @@ def op_cancel(req):
 
 
 OPS = {"ping": op_ping, "run": op_run, "read": op_read, "connect": op_connect, "send": op_send,
-       "listen": op_listen, "collect": op_collect, "cancel": op_cancel}  # fmt: skip
+       "listen": op_listen, "collect": op_collect, "cancel": op_cancel, "lock": op_lock,
+       "unlock": op_unlock}  # fmt: skip
 
 
 def serve(req):

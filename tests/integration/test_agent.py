@@ -276,3 +276,20 @@ def test_a_detached_command_that_ends_before_ready_says_its_exit_code(
     r = agent.call("run", 20, argv=["/nonexistent/criu"], timeout=10,
                    detach=[str(tmp_path), "gone"])  # fmt: skip
     assert r["out"] == "exited 127\n", r
+
+
+def test_a_lock_is_held_until_unlocked_or_the_agent_ends(agent: Agent, tmp_path: Path) -> None:
+    path = tmp_path / "locks" / "pid-1.lock"
+    assert agent.call("lock", 5, path=str(path), holder="migration A")["locked"] is True
+    assert (path.parent.stat().st_mode & 0o777, path.read_text()) == (0o700, "migration A\n")
+    # another take (another migration through this agent, or another process) is refused
+    busy = agent.call("lock", 5, path=str(path), holder="migration B")
+    assert (busy["busy"], busy["holder"]) == (True, "migration A")
+    probe = ["flock", "-n", str(path), "true"]
+    assert subprocess.run(probe, check=False).returncode == 1
+    assert agent.call("unlock", 5, path=str(path))["unlocked"] is True
+    assert subprocess.run(probe, check=False).returncode == 0
+    # held again, then the agent ends (its controller's connection closed): free at once
+    agent.call("lock", 5, path=str(path), holder="migration C")
+    agent.close()
+    assert subprocess.run(probe, check=False).returncode == 0
