@@ -133,6 +133,11 @@ def _close(src: Host, spec: LinkSpec) -> None:
     src.run(["rm", "-f", "--", f"{spec.socket}.log"])
 
 
+#: Seconds a shared master seen open is taken as open without asking (ssh's ControlPersist,
+#: rsync.open_argv, keeps an idle one 60 s: a migration taking it has ample time to use it).
+FRESH = 10.0
+
+
 @dataclass
 class Master:
     """A master connection from a source to a destination that several migrations share (an
@@ -141,6 +146,7 @@ class Master:
 
     spec: LinkSpec  # its socket: under the source's images dir (0700), named by no migration
     opened: bool = False
+    seen: float = float("-inf")  # when it was last known to be open (time.monotonic())
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -159,12 +165,16 @@ class Master:
         """The master is open (opened now if it was not, or went): MigrationError if it
         cannot be (the source cannot reach the destination over ssh)."""
         with self._lock:
+            now = time.monotonic()
+            if self.opened and now - self.seen < FRESH:
+                return  # a master seen open lives on for ControlPersist (60 s) at least
             if self.opened and src.run(_check_argv(self.spec), mutates=False).ok:
+                self.seen = now
                 return
             assert self.spec.socket
             make_private_dir(src, self.spec.socket.rsplit("/", 1)[0])
             _open(src, self.spec)
-            self.opened = True
+            self.opened, self.seen = True, now
 
     def close(self, src: Host) -> None:
         """Close it (best effort; the owner, once every migration is done)."""

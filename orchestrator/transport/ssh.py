@@ -9,10 +9,11 @@ import logging
 import shlex
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, cast
 
 import paramiko
 from fabric import Config as FabricConfig
@@ -32,6 +33,7 @@ from orchestrator.errors import MigrationError
 from orchestrator.transport.agent import ARGV as AGENT_ARGV
 from orchestrator.transport.agent import Agent, AgentLost, AgentTimeout
 
+_T = TypeVar("_T")
 log = logging.getLogger("migrate.ssh")
 cmd_log = logging.getLogger("migrate.command")  # -v: one line per remote command
 
@@ -468,6 +470,25 @@ class Host:
             raise LockBusy(f"{path} on {self.name} is held by another migration ({who})")
         raise HostError(f"{self}: cannot take lock {path} (exit {status})")
 
+    def once(self, key: Hashable, ask: Callable[[], _T], keep: Callable[[_T], bool]) -> _T:
+        """ask()'s answer, asked once for key by this host and the views share() made of it
+        (the migrations of an evacuation: a check whose answer is the same for every workload),
+        while the others wait for it; an answer keep() refuses is not kept (asked again)."""
+        wire = self._wire
+        with wire.lock:
+            if key in wire.memo:
+                return cast(_T, wire.memo[key])
+            asking = wire.asking.setdefault(key, threading.Lock())
+        with asking:
+            with wire.lock:
+                if key in wire.memo:
+                    return cast(_T, wire.memo[key])
+            got = ask()
+            if keep(got):
+                with wire.lock:
+                    wire.memo[key] = got
+            return got
+
     def close(self) -> None:
         """Close the connection, unless this is a view (share()): its Host closes it."""
         if not self.shared:
@@ -501,6 +522,8 @@ class _Wire:
     agent: Agent | None = None
     unreachable: str | None = None  # set once connecting failed after every retry
     lock: threading.RLock = field(default_factory=threading.RLock)
+    memo: dict[Hashable, object] = field(default_factory=dict)  # Host.once's answers
+    asking: dict[Hashable, threading.Lock] = field(default_factory=dict)
 
 
 WEDGED_GRACE = 5.0  # seconds past a command's timeout before its connection is dropped
