@@ -217,14 +217,17 @@ class Host:
         self._wire.agent = agent
 
     def connect(self) -> None:
-        """Open the connection (retried while the failure may pass); strict host keys. Views
-        of one host that find it closed (or dropped) open it once: the others wait for it."""
+        """Open the connection (retried while the failure may pass); strict host keys. One
+        that has ended (dropped under another command, or a view's) is opened again; views of
+        one host that find it so open it once: the others wait for it."""
         wire = self._wire
-        if wire.conn is not None:
+        if wire.conn is not None and not _ended(wire.conn):
             return
         with wire.lock:
             if wire.conn is not None:
-                return
+                if not _ended(wire.conn):
+                    return
+                self.drop(conn=wire.conn)
             if wire.unreachable:  # do not spend the retry deadline again on every command
                 raise HostError(wire.unreachable)
             conn: Connection | None = None
