@@ -56,6 +56,7 @@ class Survey:
         """Close the survey's connections (evacuate() does, when it is done with them)."""
         if self.shared is not None:
             self.shared.close()
+            self.shared = None
 
 
 def select(config: Config, source: str, only: list[str]) -> dict[str, WorkloadConfig]:
@@ -102,6 +103,8 @@ def survey(
         raise
     items = [Item(n, kb) for n, kb in s.rss_kb.items()]
     s.placement = place(items, bins)
+    if not s.placement.assigned:  # nothing will migrate: nothing to keep the connections for
+        s.close()
     return s
 
 

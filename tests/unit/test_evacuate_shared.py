@@ -95,7 +95,7 @@ def master_on(host: FakeHost) -> linkmod.Master:
     return m
 
 
-def ran(host: FakeHost, *what: str) -> list[str]:
+def ran(host: FakeHost) -> list[str]:
     """Which of the link commands (mkdir, open, check, exit) host ran, in order."""
     out = []
     for _, argv in host.log:
