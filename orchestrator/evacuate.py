@@ -5,12 +5,14 @@ config places there (`host:`) that have not been moved since. Each one is locate
 source (its RSS), the destinations are asked for their free memory (/proc/meminfo
 MemAvailable), and placement (orchestrator.placement) picks a destination for each. Then each
 workload takes the ordinary single-migration path (orchestrator.session) in its own thread,
-with its own host connections, journal and lock. One failing workload never stops the others.
+with its own journal, images, lock and undo. One failing workload never stops the others.
 
-Outside the freeze, the evacuation spares each migration what it can: the hosts' facts are
-asked once per host for all of them (orchestrator.hostcheck.FactsCache), and `--parallel N`
-bounds the migrations in flight up to their confirm: once a workload runs verified on its
-destination, the next one starts while the first one's source is killed and images wiped.
+Outside the freeze, the evacuation spares each migration what it can (orchestrator.session.
+Shared, made by the survey and closed when the evacuation ends): one connection and agent per
+host for the survey and every migration, one ssh link master per source and destination, the
+hosts' facts asked once per host; and `--parallel N` bounds the migrations in flight up to
+their confirm: once a workload runs verified on its destination, the next one starts while the
+first one's source is killed and images wiped.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from orchestrator.placement import Bin, Item, Placement, mem_available_kb, place
 from orchestrator.progress import Event, Sink, listener
 from orchestrator.report import PhaseResult, Report
 from orchestrator.runtimes import for_workload
-from orchestrator.session import open_session
+from orchestrator.session import Shared, open_session
 from orchestrator.transport.ssh import Host, HostError
 
 log = logging.getLogger("migrate")
@@ -47,6 +49,14 @@ class Survey:
     rss_kb: dict[str, int] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)  # could not be located: why
     placement: Placement = field(default_factory=Placement)
+    # The connections the survey used, for the evacuation to go on with (it closes them).
+    shared: Shared | None = field(default=None, repr=False, compare=False)
+
+    def close(self) -> None:
+        """Close the survey's connections (evacuate() does, when it is done with them)."""
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
 
 def select(config: Config, source: str, only: list[str]) -> dict[str, WorkloadConfig]:
@@ -77,55 +87,59 @@ def survey(
     if not dests:
         raise ConfigError(f"no destination: the config has no host besides {source}")
     s = Survey(source, list(dict.fromkeys(dests)), select(config, source, only or []))
-    with ThreadPoolExecutor(max_workers=len(s.destinations)) as pool:
-        rooms = [pool.submit(room, config, d) for d in s.destinations]  # meanwhile, locate
-        for name, found in locate_all(config, source, s.workloads).items():
-            if isinstance(found, int):
-                s.rss_kb[name] = found
-            else:
-                s.missing[name] = found
-        bins = [b for b in (f.result() for f in rooms) if b is not None]
+    s.shared = Shared(config)
+    try:
+        with ThreadPoolExecutor(max_workers=len(s.destinations)) as pool:
+            rooms = [pool.submit(room, config, d, s.shared.host(d)) for d in s.destinations]
+            src = s.shared.host(source)  # meanwhile, locate
+            for name, found in locate_all(src, s.workloads).items():
+                if isinstance(found, int):
+                    s.rss_kb[name] = found
+                else:
+                    s.missing[name] = found
+            bins = [b for b in (f.result() for f in rooms) if b is not None]
+    except BaseException:
+        s.close()
+        raise
     items = [Item(n, kb) for n, kb in s.rss_kb.items()]
     s.placement = place(items, bins)
+    if not s.placement.assigned:  # nothing will migrate: nothing to keep the connections for
+        s.close()
     return s
 
 
-# Connections to the source that locate its workloads at once (each runs a few round trips).
+# Workloads located at once on the source (each takes a few round trips; the host's agent
+# runs overlapping requests).
 SURVEY_CONNECTIONS = 4
 
 
-def locate_all(config: Config, source: str, workloads: dict[str, WorkloadConfig]
-               ) -> dict[str, int | str]:  # fmt: skip
-    """Each workload's RSS (kB) on source, or why it cannot be found there; a few connections
-    at once, each locating every n-th workload (in name order in the result)."""
+def locate_all(src: Host, workloads: dict[str, WorkloadConfig]) -> dict[str, int | str]:
+    """Each workload's RSS (kB) on src, or why it cannot be found there; a few at once, each
+    thread locating every n-th workload (in name order in the result)."""
     names = list(workloads)
     n = max(1, min(SURVEY_CONNECTIONS, len(names)))
-    hosts = [Host(config.host(source), config.policy) for _ in range(n)]
 
     def part(i: int) -> dict[str, int | str]:
         out: dict[str, int | str] = {}
         for name in names[i::n]:
             try:
-                out[name] = for_workload(workloads[name]).locate(hosts[i]).rss_kb
+                out[name] = for_workload(workloads[name]).locate(src).rss_kb
             except (MigrationError, HostError) as e:
                 out[name] = str(e)
         return out
 
     found: dict[str, int | str] = {}
-    try:
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            for got in pool.map(part, range(n)):
-                found |= got
-    finally:
-        for h in hosts:
-            h.close()
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        for got in pool.map(part, range(n)):
+            found |= got
     return {name: found[name] for name in names}
 
 
-def room(config: Config, name: str) -> Bin | None:
-    """A destination's room: MemAvailable, its capacity, and the RSS of what already runs there."""
+def room(config: Config, name: str, shared: Host | None = None) -> Bin | None:
+    """A destination's room: MemAvailable, its capacity, and the RSS of what already runs
+    there (over `shared`, left open, if given; else a connection of its own)."""
     hc = config.host(name)
-    host = Host(hc, config.policy)
+    host = shared or Host(hc, config.policy)
     try:
         meminfo = host.run(["cat", "/proc/meminfo"], mutates=False)
         if not meminfo.ok:
@@ -143,7 +157,8 @@ def room(config: Config, name: str) -> Bin | None:
         log.warning("%s: unreachable, not a destination: %s", name, e)
         return None
     finally:
-        host.close()
+        if shared is None:
+            host.close()
 
 
 @dataclass(frozen=True)
@@ -170,15 +185,34 @@ def evacuate(
 ) -> list[Report]:
     """Migrate each placed workload (at most opts.parallel at once before their confirm); one
     report per workload, in name order. Workloads that could not be located or placed are
-    reported as failed. `facts` (made here if not given): the hosts' facts, asked once."""
+    reported as failed. The migrations share the survey's connections (s.shared, else their
+    own Shared) and close them at the end; `facts`: the hosts' facts, asked once (the
+    Shared's, if not given)."""
+    shared = s.shared or Shared(config)
+    s.shared = None  # closed here, whatever happens
+    try:
+        return _evacuate(config, s, opts, shared, sink, stop, facts)
+    finally:
+        shared.close()
+
+
+def _evacuate(
+    config: Config,
+    s: Survey,
+    opts: Options,
+    shared: Shared,
+    sink: Sink | None,
+    stop: threading.Event | None,
+    facts: FactsCache | None,
+) -> list[Report]:
     reports: dict[str, Report] = {}
     for name, why in s.missing.items():
         reports[name] = failed(s, name, why)
     for name, why in s.placement.unplaced.items():
         reports[name] = failed(s, name, f"not placed: {why}")
     stop = stop or threading.Event()
-    facts = facts or FactsCache()
     parallel = max(1, opts.parallel)
+    shared.share_among(parallel, facts)
     slots = threading.Semaphore(parallel)  # migrations in flight, until their confirm begins
 
     def one(name: str, dest: str) -> Report:
@@ -190,7 +224,7 @@ def evacuate(
                     session = open_session(
                         config, name, s.source, dest, strategy=opts.strategy,
                         dry_run=opts.dry_run, keep_images=opts.keep_images,
-                        workload_config=s.workloads[name], facts=facts,
+                        workload_config=s.workloads[name], shared=shared,
                     )  # fmt: skip
                     inner = listener(session.ctx, sink) if sink else None
                     report = session.run(slot.wrap(inner))

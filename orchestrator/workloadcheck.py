@@ -356,7 +356,13 @@ _CPU_CHECK = (
 
 def cpu_refusal(src: Host, dst: Host) -> str | None:
     """`criu cpuinfo dump` on src, `criu cpuinfo check` of it on dst: why dst's CPU cannot run
-    what src's ran (None: it can). Each side works in a private temp dir it removes."""
+    what src's ran (None: it can, and an evacuation's other migrations take that answer).
+    Each side works in a private temp dir it removes."""
+    key = ("cpu_refusal", src.config.criu, dst.name, dst.config.criu)
+    return src.once(key, lambda: _cpu_refusal(src, dst), keep=lambda why: why is None)
+
+
+def _cpu_refusal(src: Host, dst: Host) -> str | None:
     r = src.run(["sh", "-c", _CPU_DUMP, "sh", src.config.criu], mutates=False)
     if not r.ok or not r.stdout.strip():
         return f"cannot read the CPU of {src.name} (criu cpuinfo dump): {r.error_line()}"

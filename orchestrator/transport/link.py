@@ -1,14 +1,21 @@
 """The source's ssh link to the destination, as one object: open before the freeze, probe,
 forward a page port through it, push images and paths over it (rsync, retried while the link
-is what failed), close. Commands run on the source; the link counts what it moved."""
+is what failed), close. Commands run on the source; the link counts what it moved.
+
+The migrations of one evacuation share a master per source and destination (Master): probed
+and opened once, checked before each migration takes it, closed when the evacuation ends. Each
+migration's forwards (the page channel's, the image pipe's) still name its own sockets, in its
+own images dir."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from orchestrator.errors import MigrationError
+from orchestrator.layout import SOCKET_MAX, make_private_dir
 from orchestrator.transport import rsync
 from orchestrator.transport.rsync import LinkSpec
 from orchestrator.transport.ssh import Host, Result, retrying
@@ -21,24 +28,28 @@ class Link:
     notes: list[str] = field(default_factory=list)  # retries, for the report
     bytes_sent: int = 0  # by rsync, in all
     seconds: float = 0.0  # spent in rsync
+    master: Master | None = None  # shared with other migrations (then spec.socket is its)
 
     @property
     def log(self) -> str | None:
         return f"{self.spec.socket}.log" if self.spec.socket else None
 
     def open(self) -> None:
-        """Open the master connection (no-op without a control socket)."""
+        """Open the master connection (no-op without a control socket); a shared one is
+        checked, and opened again if it went."""
+        if self.master is not None:
+            self.master.take(self.src)
+            return
         if not self.spec.socket or not self.log:
             return
-        r = self.src.run(rsync.open_argv(self.spec, self.log))
-        if not r.ok:
-            raise MigrationError(
-                f"{self.src.name} cannot open its ssh link to {self.spec.destination.name}: "
-                f"{r.error_line()}"
-            )
+        _open(self.src, self.spec)
 
     def probe(self) -> None:
-        """The source reaches the destination the way rsync will (read-only)."""
+        """The source reaches the destination the way rsync will (read-only); a shared
+        master's opening is its probe (the same ssh handshake, once for all migrations)."""
+        if self.master is not None:
+            self.master.take(self.src)
+            return
         r = self.src.run(rsync.probe_argv(self.spec), mutates=False)
         if not r.ok:
             raise MigrationError(
@@ -81,10 +92,10 @@ class Link:
         return rsync.bytes_sent(self._rsync(rsync.paths_argv(self.spec, paths), what))
 
     def close(self) -> None:
-        """Close the master connection and remove its log (best effort)."""
-        if self.spec.socket and self.log:
-            self.src.run(rsync.close_argv(self.spec))
-            self.src.run(["rm", "-f", "--", self.log])
+        """Close the master connection and remove its log (best effort); a shared one stays
+        for the other migrations (its owner closes it)."""
+        if self.master is None and self.spec.socket and self.log:
+            _close(self.src, self.spec)
 
     def _rsync(self, argv: list[str], what: str) -> str:
         """Run one rsync on the source, retried while the link is what failed (rsync resumes:
@@ -101,3 +112,73 @@ class Link:
         finally:
             self.seconds += time.monotonic() - t0
         raise AssertionError("unreachable: retrying re-raises the last error")
+
+
+def _open(src: Host, spec: LinkSpec) -> None:
+    assert spec.socket
+    r = src.run(rsync.open_argv(spec, f"{spec.socket}.log"))
+    if not r.ok:
+        raise MigrationError(
+            f"{src.name} cannot open its ssh link to {spec.destination.name}: {r.error_line()}"
+        )
+
+
+def _check_argv(spec: LinkSpec) -> list[str]:
+    """Run on the source: is the master connection there? (read-only)"""
+    return [*rsync.ssh_command(spec), "-O", "check", spec.destination.address]
+
+
+def _close(src: Host, spec: LinkSpec) -> None:
+    src.run(rsync.close_argv(spec))
+    src.run(["rm", "-f", "--", f"{spec.socket}.log"])
+
+
+#: Seconds a shared master seen open is taken as open without asking (ssh's ControlPersist,
+#: rsync.open_argv, keeps an idle one 60 s: a migration taking it has ample time to use it).
+FRESH = 10.0
+
+
+@dataclass
+class Master:
+    """A master connection from a source to a destination that several migrations share (an
+    evacuation's): opened by the first to probe, checked (`ssh -O check`) before each takes it
+    and opened again if it went (ControlPersist ends an idle one), closed by close()."""
+
+    spec: LinkSpec  # its socket: under the source's images dir (0700), named by no migration
+    opened: bool = False
+    seen: float = float("-inf")  # when it was last known to be open (time.monotonic())
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def for_pair(cls, spec: LinkSpec, tag: str) -> Master | None:
+        """A shared master for spec's hosts, its socket named by tag; None if the socket path
+        would be too long (each migration then opens its own link, as alone)."""
+        images = f"{spec.source.workdir.rstrip('/')}/images"
+        socket = f"{images}/ssh-{tag}"
+        return cls(replace(spec, socket=socket)) if len(socket) <= SOCKET_MAX else None
+
+    def link(self, src: Host) -> Link:
+        """A migration's link over this master (src: that migration's view of the source)."""
+        return Link(self.spec, src, master=self)
+
+    def take(self, src: Host) -> None:
+        """The master is open (opened now if it was not, or went): MigrationError if it
+        cannot be (the source cannot reach the destination over ssh)."""
+        with self._lock:
+            now = time.monotonic()
+            if self.opened and now - self.seen < FRESH:
+                return  # a master seen open lives on for ControlPersist (60 s) at least
+            if self.opened and src.run(_check_argv(self.spec), mutates=False).ok:
+                self.seen = now
+                return
+            assert self.spec.socket
+            make_private_dir(src, self.spec.socket.rsplit("/", 1)[0])
+            _open(src, self.spec)
+            self.opened, self.seen = True, now
+
+    def close(self, src: Host) -> None:
+        """Close it (best effort; the owner, once every migration is done)."""
+        with self._lock:
+            if self.opened:
+                self.opened = False
+                _close(src, self.spec)

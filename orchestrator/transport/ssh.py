@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import shlex
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, cast
 
 import paramiko
 from fabric import Config as FabricConfig
@@ -31,6 +33,7 @@ from orchestrator.errors import MigrationError
 from orchestrator.transport.agent import ARGV as AGENT_ARGV
 from orchestrator.transport.agent import Agent, AgentLost, AgentTimeout
 
+_T = TypeVar("_T")
 log = logging.getLogger("migrate.ssh")
 cmd_log = logging.getLogger("migrate.command")  # -v: one line per remote command
 
@@ -175,9 +178,9 @@ class Host:
     dry_run: bool = False
     planned: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # retries and the like, for the report
-    _conn: Connection | None = None
-    _agent: Agent | None = None
-    _unreachable: str | None = None  # set once connecting failed after every retry
+    #: A view made by share(): close() leaves the connection to the Host it was made from.
+    shared: bool = False
+    _wire: _Wire = field(default_factory=lambda: _Wire(), repr=False)
     _recording: threading.local = field(default_factory=threading.local, repr=False)
 
     @property
@@ -187,23 +190,61 @@ class Host:
     def __str__(self) -> str:
         return f"{self.name} ({self.config.address})"
 
+    def share(self, dry_run: bool = False, planned: list[str] | None = None) -> Host:
+        """A view of this host for one migration of several (an evacuation's, in threads): the
+        same connection and agent, its own dry run, planned commands and notes. Its close()
+        leaves the connection open; this Host's close() closes it."""
+        return dataclasses.replace(self, dry_run=dry_run,
+                                   planned=planned if planned is not None else [], notes=[],
+                                   shared=True, _wire=self._wire,
+                                   _recording=threading.local())  # fmt: skip
+
+    # The connection and agent live in the wire (shared by views); these name them.
+    @property
+    def _conn(self) -> Connection | None:
+        return self._wire.conn
+
+    @_conn.setter
+    def _conn(self, conn: Connection | None) -> None:
+        self._wire.conn = conn
+
+    @property
+    def _agent(self) -> Agent | None:
+        return self._wire.agent
+
+    @_agent.setter
+    def _agent(self, agent: Agent | None) -> None:
+        self._wire.agent = agent
+
     def connect(self) -> None:
-        """Open the connection (retried while the failure may pass); strict host keys."""
-        if self._conn is not None:
+        """Open the connection (retried while the failure may pass); strict host keys. One
+        that has ended (dropped under another command, or a view's) is opened again; views of
+        one host that find it so open it once: the others wait for it."""
+        wire = self._wire
+        if wire.conn is not None and not _ended(wire.conn):
             return
-        if self._unreachable:  # do not spend the retry deadline again on every command
-            raise HostError(self._unreachable)
-        try:
-            for attempt in retrying(self.policy, f"connect to {self}", (_Transient,), self.notes):
-                with attempt:
-                    self._conn = self._open()
-        except _Transient as e:
-            self._unreachable = str(e)
-            raise
-        if self.policy.agent and self._conn is not None and self._conn.transport is not None:
-            self._agent = Agent.start(
-                self._conn.transport, self.name, self.policy.connect_timeout, quote(AGENT_ARGV)
-            )
+        with wire.lock:
+            if wire.conn is not None:
+                if not _ended(wire.conn):
+                    return
+                self.drop(conn=wire.conn)
+            if wire.unreachable:  # do not spend the retry deadline again on every command
+                raise HostError(wire.unreachable)
+            conn: Connection | None = None
+            try:
+                for attempt in retrying(self.policy, f"connect to {self}", (_Transient,),
+                                        self.notes):  # fmt: skip
+                    with attempt:
+                        conn = self._open()
+            except _Transient as e:
+                wire.unreachable = str(e)
+                raise
+            assert conn is not None
+            if self.policy.agent and conn.transport is not None:
+                wire.agent = Agent.start(
+                    conn.transport, self.name, self.policy.connect_timeout, quote(AGENT_ARGV)
+                )
+            wire.conn = conn  # last: a view that sees it connected sees the agent too
 
     @property
     def agent(self) -> Agent | None:
@@ -211,7 +252,8 @@ class Host:
         if not self.policy.agent:
             return None
         self.connect()
-        return self._agent if self._agent is not None and self._agent.alive else None
+        agent = self._wire.agent
+        return agent if agent is not None and agent.alive else None
 
     def _open(self) -> Connection:
         cfg = self.config
@@ -340,10 +382,10 @@ class Host:
         try:
             return agent.call(op, wait + WEDGED_GRACE, **args)
         except AgentTimeout:
-            self.close()
+            self.drop(agent=agent)
             raise HostError(f"{self}: timed out after {wait:.0f}s: {_short(what)}") from None
         except AgentLost as e:
-            self.close()
+            self.drop(agent=agent)
             raise _Lost(f"{self}: connection lost running {_short(what)}: {e}") from None
 
     def _dispatch(
@@ -376,25 +418,26 @@ class Host:
     def _execute(self, argv: list[str], line: str, timeout: float) -> Result:
         """Run one quoted line over the persistent connection."""
         self.connect()
-        assert self._conn is not None
+        conn = self._conn
+        assert conn is not None
         # Past its timeout, a command on a peer that vanished silently can still block (the
         # channel waits on TCP): then its socket is dropped, which ends every wait on it.
         dropped = threading.Event()
-        watchdog = threading.Timer(timeout + WEDGED_GRACE, _drop, (self._conn, dropped))
+        watchdog = threading.Timer(timeout + WEDGED_GRACE, _drop, (conn, dropped))
         watchdog.daemon = True
         watchdog.start()
         try:
-            r = self._conn.run(line, hide=True, warn=True, timeout=timeout)
+            r = conn.run(line, hide=True, warn=True, timeout=timeout)
             if dropped.is_set():
                 raise CommandTimedOut(r, int(timeout))
-            if r.exited == -1 and _ended(self._conn):  # no exit status: the connection went
+            if r.exited == -1 and _ended(conn):  # no exit status: the connection went
                 raise EOFError("it closed before the command's exit status came")
         except CommandTimedOut:
             # The connection may be wedged (a peer that vanished): start afresh next time.
-            self.close()
+            self.drop(conn=conn)
             raise HostError(f"{self}: timed out after {timeout:.0f}s: {_short(line)}") from None
         except (OSError, EOFError, paramiko.SSHException) as e:
-            self.close()
+            self.drop(conn=conn)
             raise _Lost(f"{self}: connection lost running {_short(line)}: {e}") from None
         finally:
             watchdog.cancel()
@@ -408,20 +451,22 @@ class Host:
         controller never leaves a stale lock behind. Raises LockBusy naming the holder.
         """
         self.connect()
-        assert self._conn is not None
-        transport = self._conn.transport
-        if transport is None or not transport.is_active():  # dropped: start afresh
-            self.close()
+        conn = self._conn
+        assert conn is not None
+        if conn.transport is None or not conn.transport.is_active():  # dropped: start afresh
+            self.drop(conn=conn)
             self.connect()
-            transport = self._conn.transport if self._conn else None
+            conn = self._conn
+            assert conn is not None
         try:
+            transport = conn.transport
             assert transport is not None
             channel = transport.open_session()
             channel.settimeout(self.policy.command_timeout)
             channel.exec_command(quote(["sh", "-c", _LOCK, "sh", path, holder]))
             reply = channel.makefile("r").readline().strip()
         except (OSError, EOFError, paramiko.SSHException) as e:
-            self.close()
+            self.drop(conn=conn)
             raise _Lost(f"{self}: connection lost taking lock {path}: {e}") from None
         if reply == "locked":
             return RemoteLock(channel, path, self, holder)
@@ -432,15 +477,60 @@ class Host:
             raise LockBusy(f"{path} on {self.name} is held by another migration ({who})")
         raise HostError(f"{self}: cannot take lock {path} (exit {status})")
 
+    def once(self, key: Hashable, ask: Callable[[], _T], keep: Callable[[_T], bool]) -> _T:
+        """ask()'s answer, asked once for key by this host and the views share() made of it
+        (the migrations of an evacuation: a check whose answer is the same for every workload),
+        while the others wait for it; an answer keep() refuses is not kept (asked again)."""
+        wire = self._wire
+        with wire.lock:
+            if key in wire.memo:
+                return cast(_T, wire.memo[key])
+            asking = wire.asking.setdefault(key, threading.Lock())
+        with asking:
+            with wire.lock:
+                if key in wire.memo:
+                    return cast(_T, wire.memo[key])
+            got = ask()
+            if keep(got):
+                with wire.lock:
+                    wire.memo[key] = got
+            return got
+
     def close(self) -> None:
-        if self._agent is not None:
-            self._agent.close()
-            self._agent = None
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
+        """Close the connection, unless this is a view (share()): its Host closes it."""
+        if not self.shared:
+            self.drop()
+
+    def drop(self, conn: Connection | None = None, agent: Agent | None = None) -> None:
+        """Close the connection and agent (broken, wedged, or done with): the next command
+        connects afresh. With conn or agent, only if they are still the ones in use (another
+        view may have connected again since)."""
+        wire = self._wire
+        with wire.lock:
+            if (conn is not None and wire.conn is not conn) or (
+                agent is not None and wire.agent is not agent
+            ):
+                return
+            old_agent, old_conn = wire.agent, wire.conn
+            wire.agent = wire.conn = None
+        try:
+            if old_agent is not None:
+                old_agent.close()
+        finally:
+            if old_conn is not None:
+                old_conn.close()
+
+
+@dataclass
+class _Wire:
+    """A host's connection and agent: one Host's, shared with the views share() made of it."""
+
+    conn: Connection | None = None
+    agent: Agent | None = None
+    unreachable: str | None = None  # set once connecting failed after every retry
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    memo: dict[Hashable, object] = field(default_factory=dict)  # Host.once's answers
+    asking: dict[Hashable, threading.Lock] = field(default_factory=dict)
 
 
 WEDGED_GRACE = 5.0  # seconds past a command's timeout before its connection is dropped

@@ -193,3 +193,60 @@ def test_one_failure_stops_nothing_else(
     failed = [s.labels["workload"] for s in families["migrate_outcome"].samples
               if s.labels["outcome"] == "rolled_back" and s.value == 1]  # fmt: skip
     assert failed == [n for n, (_, st) in outcome.items() if st == "rolled_back"]
+
+
+def accepted(lab: labmod.Lab, host: str) -> list[str]:
+    """Where each ssh connection host's sshd has accepted so far came from (its log)."""
+    lines = lab.host(host).sshd_log.read_text(errors="replace").splitlines()
+    return [ln.split(" from ", 1)[1].split()[0] for ln in lines if "Accepted publickey" in ln]
+
+
+# A criu whose first restore fails (as labkit.BROKEN_CRIU's do); the others are the real one.
+ONCE_BROKEN_CRIU = BROKEN_CRIU.replace(
+    'if [ "$1" = restore ] || [ "$1" = swrk ]; then',
+    'if { [ "$1" = restore ] || [ "$1" = swrk ]; } && mkdir "$0.failed" 2>/dev/null; then',
+)
+
+
+def test_an_evacuation_shares_one_connection_per_host_and_one_failure_rolls_back_alone(
+    lab: labmod.Lab, cleanup: list[Path], tmp_path: Path
+) -> None:
+    """Four workloads to host-b, two at a time, over one connection to each host (survey and
+    migrations) and one ssh link from host-a to host-b; host-b's first restore fails: that
+    migration rolls back on its own while the three others move."""
+    holders = start_holders(lab, cleanup, "evshare", 4)
+    criu = tmp_path / "criu-fails-once"
+    criu.write_text(ONCE_BROKEN_CRIU)
+    criu.chmod(0o755)
+    cfg = evac_config(lab, tmp_path / "m.yaml", holders, **{"host-b": {"criu": str(criu)}})
+    seen = {h: len(accepted(lab, h)) for h in ("host-a", "host-b")}
+    r = migrate("evacuate", "host-a", "--to", "host-b", "--parallel", "2", "--json",
+                config=cfg)  # fmt: skip
+    assert r.returncode == 3, r.stdout + r.stderr  # the rest rolled back
+    reports = {w["workload"]: w for w in json.loads(r.stdout)["workloads"]}
+    status = {n: w["status"] for n, w in reports.items()}
+    assert sorted(status.values()) == ["rolled_back"] + ["succeeded"] * 3, r.stdout
+    assert criu.with_name(criu.name + ".failed").is_dir()  # the injected failure was the cause
+    for h in holders:
+        where = "host-b" if status[h.name] == "succeeded" else "host-a"
+        assert running_pids(lab, where, h.count_file), (h.name, where)
+        other = "host-a" if where == "host-b" else "host-b"
+        wait_for(lambda h=h, o=other: not counter_pids(lab, o, h.count_file), what="gone")
+        now = h.count()
+        wait_for(lambda h=h, now=now: h.count() > now + 3, what=f"{h.name} to count on")
+    new = {h: accepted(lab, h)[n:] for h, n in seen.items()}
+    controller = new["host-a"]
+    assert len(controller) == 1, new  # the survey and all four migrations: one connection
+    a_addr = lab.host("host-a").address
+    assert sorted(new["host-b"]) == sorted([*controller, a_addr]), new  # + one link from host-a
+    # Nothing left: no image dir, no link master on host-a.
+    for host in ("host-a", "host-b"):
+        assert not [p for p in (lab.host(host).workdir / "images").glob("*")
+                    if any(w["id"] in p.name for w in reports.values())], host  # fmt: skip
+    masters = [ln for ln in on(lab, "host-a", "ps -ww -e -o args=").splitlines()
+               if "ControlMaster=yes" in ln and "ssh-evac-" in ln]  # fmt: skip
+    assert not masters, masters
+    for h in holders:  # leave host-b clean for the next test
+        pids = counter_pids(lab, "host-b", h.count_file)
+        if pids:
+            on(lab, "host-b", 'kill -KILL "$@"', *map(str, pids))

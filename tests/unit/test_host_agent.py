@@ -35,7 +35,16 @@ class StubAgent:
         self.closed = True
 
 
+class StubTransport:
+    saved_exception = None
+
+    def is_active(self) -> bool:
+        return True
+
+
 class StubConnection:
+    transport = StubTransport()  # alive: connect() keeps it
+
     def close(self) -> None:
         pass
 
