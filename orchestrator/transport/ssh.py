@@ -92,47 +92,65 @@ _LOCK = (
 )
 
 
+UNLOCK_WAIT = 10  # seconds
+
+
 class LockBusy(HostError):
     """Another migration holds the workload's lock."""
 
 
 @dataclass
 class RemoteLock:
-    """A lock held by a remote `flock ... cat` on one channel of a host's connection: it is
-    held exactly as long as that channel lives."""
+    """A workload's lock on a host: an flock held by the host's agent (while it lives), or,
+    without one, by a remote `flock ... cat` on one channel of the connection (while that
+    channel lives). Either way it ends with the controller's connection."""
 
-    channel: paramiko.Channel
+    channel: paramiko.Channel | None
     path: str
     host: Host | None = None
     holder: str = ""
+    agent: Agent | None = None
 
     def held(self) -> bool:
-        """Whether the channel holding the lock is still open (a dropped connection, even one
-        the host has since reconnected, has lost it)."""
+        """Whether what holds the lock still lives (a dropped connection, even one the host
+        has since reconnected, has lost it)."""
+        if self.agent is not None:
+            return self.agent.alive
         ch = self.channel
+        if ch is None:
+            return False
         transport = ch.get_transport() if hasattr(ch, "get_transport") else None
         alive = transport is not None and transport.is_active()
         return alive and not ch.closed and not ch.exit_status_ready()
 
     def ensure(self) -> bool:
-        """Hold the lock: True if it had been lost and is taken again on a fresh channel;
-        LockBusy (another migration took it) or HostError if it cannot be."""
+        """Hold the lock: True if it had been lost and is taken again; LockBusy (another
+        migration took it) or HostError if it cannot be."""
         if self.held() or self.host is None:
             return False
-        self.channel.close()
+        self.release()
         deadline = time.monotonic() + STALE_LOCK_WAIT
         while True:
             try:
-                self.channel = self.host.lock(self.path, self.holder).channel
+                again = self.host.lock(self.path, self.holder)
+                self.channel, self.agent = again.channel, again.agent
                 return True
             except LockBusy as e:
-                # Our own old holder may take a moment to see its channel gone and let go.
+                # Our own old holder may take a moment to see its connection gone and let go.
                 if self.holder not in str(e) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
 
     def release(self) -> None:
-        self.channel.close()
+        if self.agent is not None:
+            if self.agent.alive:
+                try:
+                    self.agent.call("unlock", UNLOCK_WAIT, path=self.path)
+                except (AgentLost, AgentTimeout):
+                    pass  # gone with its agent
+            return
+        if self.channel is not None:
+            self.channel.close()
 
 
 def quote(argv: Sequence[str]) -> str:
@@ -446,10 +464,21 @@ class Host:
     def lock(self, path: str, holder: str) -> RemoteLock:
         """Hold an exclusive flock on path for as long as this connection lives.
 
-        The lock is held by a remote `flock ... cat` on its own channel: when the controller
-        dies its connection closes, cat sees EOF, and the lock is free again, so a dead
-        controller never leaves a stale lock behind. Raises LockBusy naming the holder.
+        The host's agent holds it (no session of its own); without an agent, a remote
+        `flock ... cat` on its own channel. When the controller dies its connection closes,
+        the agent ends (or cat sees EOF), and the lock is free again, so a dead controller never
+        leaves a stale lock behind. Raises LockBusy naming the holder.
         """
+        agent = self.agent
+        if agent is not None:
+            a = self.call(agent, "lock", self.policy.command_timeout, f"lock {path}", path=path,
+                          holder=holder)  # fmt: skip
+            if a.get("busy"):
+                who = a.get("holder") or "unknown"
+                raise LockBusy(f"{path} on {self.name} is held by another migration ({who})")
+            if "error" in a:
+                raise HostError(f"{self}: cannot take lock {path}: {a['error']}")
+            return RemoteLock(None, path, self, holder, agent=agent)
         self.connect()
         conn = self._conn
         assert conn is not None
