@@ -214,8 +214,11 @@ def test_the_pipe_connects_before_the_send_and_a_cancel_drops_it(
     _images(src)
     agent.call("listen", 5, sock=str(sock), dir=str(dst), wait=30)
     assert agent.call("connect", 5, sock=str(sock))["connected"] is True
-    # taken before the freeze: nobody else can connect to the listener now, it is gone
-    assert not sock.exists()
+    # taken before the freeze: once the receiver has accepted it, the listener is gone
+    deadline = time.monotonic() + 10
+    while sock.exists():
+        assert time.monotonic() < deadline, "the receiver did not take the connection"
+        time.sleep(0.01)
     sent = agent.call("send", 30, sock=str(sock), dir=str(src))
     got = agent.call("collect", 30, sock=str(sock), timeout=30)
     assert "error" not in sent and sent["files"] == got["files"], (sent, got)
