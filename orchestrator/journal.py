@@ -27,7 +27,7 @@ log = logging.getLogger("migrate")
 class Stage(IntEnum):
     """How far a migration got on the hosts; what recovery must consider."""
 
-    PLANNED = 0  # pre-flight: nothing changed anywhere
+    PLANNED = 0  # pre-flight: nothing changed anywhere (but its probe opens the ssh link)
     PREPARED = 1  # image dirs, the ssh link, page channels, warm copies exist
     PRECOPY = 2  # pre-copy rounds: the workload still runs on the source
     FROZEN = 3  # a dump began: the source may be stopped

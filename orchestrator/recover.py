@@ -261,6 +261,7 @@ def apply(ctx: Context, decision: Decision, seen: Seen, report: Report) -> str:
     """Carry the decision out; the status it ends with."""
     plan, action = ctx.plan, decision.action
     if action is Action.NOTHING:
+        _safe(ctx.link.close)  # pre-flight's probe may have opened the link's master
         if seen.source == RUNNING:
             report.notes.append(f"the workload runs on {plan.source.name}, as before")
             return "rolled_back"

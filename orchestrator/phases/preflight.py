@@ -66,7 +66,7 @@ class Preflight(Phase):
         refusals = ctx.runtime.preflight(ctx.src, ctx.dst, target)
         if refusals:
             raise MigrationError(refusals[0], details=refusals)
-        ctx.link.probe()
+        ctx.link.probe(open_master=not ctx.plan.dry_run)  # prepare's link, opened here
 
 
 def _v(v: tuple[int, int, int]) -> str:

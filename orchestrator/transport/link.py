@@ -29,6 +29,7 @@ class Link:
     bytes_sent: int = 0  # by rsync, in all
     seconds: float = 0.0  # spent in rsync
     master: Master | None = None  # shared with other migrations (then spec.socket is its)
+    opened: bool = False  # this migration's own master is open (by the probe or open())
 
     @property
     def log(self) -> str | None:
@@ -40,15 +41,27 @@ class Link:
         if self.master is not None:
             self.master.take(self.src)
             return
-        if not self.spec.socket or not self.log:
+        if self.opened or not self.spec.socket or not self.log:
             return
         _open(self.src, self.spec)
+        self.opened = True
 
-    def probe(self) -> None:
-        """The source reaches the destination the way rsync will (read-only); a shared
-        master's opening is its probe (the same ssh handshake, once for all migrations)."""
+    def probe(self, open_master: bool = False) -> None:
+        """The source reaches the destination the way rsync will. With open_master (not in
+        a dry run), the probe is the opening of the master connection that open() would make
+        later: one ssh handshake instead of two; a failed opening leaves nothing behind. Else
+        read-only. A shared master's opening is its probe (once for all migrations)."""
         if self.master is not None:
             self.master.take(self.src)
+            return
+        if open_master and self.spec.socket and self.log:
+            make_private_dir(self.src, self.spec.socket.rsplit("/", 1)[0])
+            try:
+                _open(self.src, self.spec)
+            except MigrationError:
+                self.src.run(["rm", "-f", "--", self.log])
+                raise
+            self.opened = True
             return
         r = self.src.run(rsync.probe_argv(self.spec), mutates=False)
         if not r.ok:
@@ -96,6 +109,7 @@ class Link:
         for the other migrations (its owner closes it)."""
         if self.master is None and self.spec.socket and self.log:
             _close(self.src, self.spec)
+            self.opened = False
 
     def _rsync(self, argv: list[str], what: str) -> str:
         """Run one rsync on the source, retried while the link is what failed (rsync resumes:

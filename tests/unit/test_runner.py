@@ -38,8 +38,11 @@ def test_success_runs_phases_in_order_and_kills_source_last(tmp_path: Path) -> N
     assert report.status == "succeeded" and report.exit_code == 0
     assert [x.name for x in report.phases] == STOPCOPY
     order = verbs(p.log)
-    # before the freeze: private image dirs on both hosts, the source's ssh link to b
-    assert order[:3] == [f"a: mkdir /wa/images/{ID}", f"b: mkdir /wb/images/{ID}", "a: ssh master"]
+    # before the freeze: the source's ssh link to b (pre-flight's probe opens it), private
+    # image dirs on both hosts
+    assert order[:4] == ["a: mkdir /wa/images", "a: ssh master", f"a: mkdir /wa/images/{ID}",
+                         f"b: mkdir /wb/images/{ID}"]  # fmt: skip
+    assert not [argv for _, argv in p.log if argv[:1] == ["ssh"] and argv[-1:] == ["true"]]
     assert [o for o in order if "criu" in o or "rsync" in o or "kill" in o] == [
         "a: criu dump",
         f"a: rsync 198.18.0.2:/wb/images/{ID}/",
@@ -104,6 +107,21 @@ def test_preflight_refusal_changes_nothing(tmp_path: Path) -> None:
     assert verbs(p.log) == []
 
 
+def test_unreachable_destination_fails_preflight_and_leaves_no_link(tmp_path: Path) -> None:
+    """The probe is the opening of the link's master: when the source cannot reach the
+    destination, pre-flight fails, nothing of prepare ran, and the master's log is removed."""
+    p = pair(tmp_path)
+    p.src.on(lambda argv: "ControlMaster=yes" in argv, err="ssh: connect: No route to host",
+             code=1)  # fmt: skip
+    report = run(p)
+    assert report.status == "failed" and report.exit_code == 1
+    assert report.error == "a cannot open its ssh link to b: ssh: connect: No route to host"
+    assert [x.name for x in report.phases] == ["preflight"]
+    assert verbs(p.log) == ["a: mkdir /wa/images", "a: ssh master"]
+    assert p.log[-2:] == [("a", ["rm", "-f", "--", f"/wa/images/ssh-{ID}.log"]),
+                          ("a", ["unlock", "/wa/locks/pid-100.lock"])]  # fmt: skip
+
+
 @pytest.mark.parametrize("where", ["criu dump", "rsync"])
 def test_failure_before_restore_resumes_source(tmp_path: Path, where: str) -> None:
     p = pair(tmp_path)
@@ -121,6 +139,8 @@ def test_dry_run_records_and_changes_nothing(tmp_path: Path) -> None:
     assert report.status == "succeeded"
     assert verbs(p.log) == []
     assert any(c.startswith("a$ criu dump") for c in p.src.planned)
+    probe = [argv for h, argv in p.log if argv[:1] == ["ssh"] and argv[-1:] == ["true"]]
+    assert len(probe) == 1 and "ControlMaster=yes" not in probe[0]  # read-only: no master
 
 
 def test_a_bug_in_a_phase_still_rolls_back(tmp_path: Path) -> None:
