@@ -119,3 +119,27 @@ def test_long_cut_rolls_back(
     assert "host-b" in out.error and ("rsync" in out.error or "transfer" in out.error), (
         f"the error does not name the transfer to host-b: {out.error}"
     )
+
+
+def test_cut_before_the_run_fails_in_preflight(
+    lab: labmod.Lab,
+    fault_case: Callable[..., FaultCase],
+    links: Callable[..., None],
+) -> None:
+    """The link is down before the run: pre-flight's probe (the opening of the ssh master the
+    migration would use) fails, one line names host-b's ssh link, nothing was frozen, and no
+    master, log or image dir is left on either host."""
+    fc = fault_case("link a-b dropped before the run", "fault-net-before")
+    wl, before = fc.wl, fc.before
+    links("host-a", "host-b", "drop")
+    out = fc.migrate()
+    fc.ended(out)
+
+    assert out.rc == 1, out
+    assert out.status == "failed"
+    assert phases(out) == [("preflight", "failed")], phases(out)
+    assert out.error.startswith("host-a cannot open its ssh link to host-b:"), out.error
+    assert "\n" not in out.error
+    c = assert_one_copy(lab, wl, "host-a", before)
+    assert c.where() == {"host-a": [wl.root_pid]}
+    assert leftovers(lab, out.id) == []
