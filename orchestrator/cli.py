@@ -184,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"migrate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except MigrationError as e:  # e.g. a host that cannot be reached before anything began
+        render.failure(e, getattr(args, "json", False))
+        return 1
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -210,7 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
         )
     except Busy as e:
-        print(f"migrate: error: {e}", file=sys.stderr)
+        render.failure(e, args.json)
         return 1
     plan, ctx = session.plan, session.ctx
     if not args.json:

@@ -20,6 +20,14 @@ from orchestrator.report import PhaseResult, Report
 from orchestrator.workloadcheck import CheckResult as WorkloadCheck
 
 
+def failure(e: Exception, as_json: bool = False) -> None:
+    """A command that could not begin (a host that cannot be reached, a workload with an
+    unfinished migration): one line on stderr; with --json also an object saying so."""
+    if as_json:
+        print(json.dumps({"status": "failed", "error": str(e)}, indent=2))
+    print(f"migrate: error: {e}", file=sys.stderr)
+
+
 def _mib(kb: int | None) -> str:
     return "-" if kb is None else f"{kb / 1024:.0f}"
 
@@ -261,7 +269,7 @@ def leftovers(verdicts: list[Verdict], applied: bool, failed: list[str], as_json
     if not applied and garbage:
         print(f"{len(garbage)} leftover(s) to remove: run `migrate gc --apply`")
     elif not verdicts:
-        print("no leftovers")
+        print("no leftovers" + (" on the hosts that answered" if failed else ""))
 
 
 def run_header(plan: Plan, src: str, dst: str, notes: list[str]) -> None:

@@ -209,7 +209,10 @@ def settle_auto(
              for s in strategies.TABLE.values()):  # fmt: skip
         src_f = [DIRTY_TRACKING] if _has_feature(src, DIRTY_TRACKING) else []
     # Each host's agent is python3 running there (transport/agent.py).
-    python = ("python3",) if src.agent is not None and dst.agent is not None else ()
+    try:
+        python = ("python3",) if src.agent is not None and dst.agent is not None else ()
+    except HostError as e:  # nothing will move: pre-flight fails on it, in the report
+        return "stopcopy", f"auto: undecided ({e})"
     name, why = strategies.choose(policy, src_f, dst_f, runtime.capabilities, python)
     if strategies.get(name).pages is not Pages.FILES:
         traits = _holds(policy, src, runtime)  # what only stop-copy's own images can carry
