@@ -27,15 +27,15 @@ from orchestrator.transport.ssh import Host, HostError
 CAP_SYS_RESOURCE = 24
 FILE_LOCKS = ("POSIX", "FLOCK", "OFDLCK")
 
-# Per task of the tree: ids, user namespace, each fd (its target, mount id, locks on it); then
-# the reader's own capabilities and user namespace, and the root's mounts, TCP sockets and
-# (in a user namespace of its own with a network of its own) its veths.
+# Per task of the tree: ids, session, user namespace, each fd (its target, mount id, locks on
+# it); then the reader's own capabilities and user namespace, and the root's mounts, TCP
+# sockets and (in a user namespace of its own with a network of its own) its veths.
 _SCRIPT = r"""
 root=$1
 for p in "$@"; do
   [ -d "/proc/$p" ] || continue
   echo "task $p"
-  grep -E '^(Uid|Gid):' "/proc/$p/status"
+  grep -E '^(Uid|Gid|NSsid):' "/proc/$p/status"
   echo "userns $(readlink "/proc/$p/ns/user")"
   for f in "/proc/$p/fd/"*; do
     l=$(readlink "$f") || continue
@@ -75,6 +75,7 @@ class Task:
     gids: tuple[int, ...]
     userns: str
     fds: tuple[Fd, ...]
+    sid: int | None = None  # its session id in its own pid namespace (0: the leader is outside)
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,12 @@ def parse_facts(text: str) -> TreeFacts:
     fds: list[Fd] = []
     ids: dict[str, tuple[int, ...]] = {}
     head: dict[str, str] = {}
-    pid, userns, section = 0, "", ""
+    pid, userns, section, sid = 0, "", "", None
     blocks: dict[str, list[str]] = {"mountinfo": [], "tcp": [], "veth": []}
 
     def close_task() -> None:
         if pid:
-            tasks.append(Task(pid, ids.get("Uid", ()), ids.get("Gid", ()), userns, tuple(fds)))
+            tasks.append(Task(pid, ids.get("Uid", ()), ids.get("Gid", ()), userns, tuple(fds), sid))
 
     for line in text.splitlines():
         if line.startswith("[") and line.endswith("]"):
@@ -112,9 +113,11 @@ def parse_facts(text: str) -> TreeFacts:
         word, rest = (line.split(None, 1) + ["", ""])[:2]
         if word == "task":
             close_task()
-            pid, fds, ids, userns = int(rest), [], {}, ""
+            pid, fds, ids, userns, sid = int(rest), [], {}, "", None
         elif word in ("Uid:", "Gid:"):
             ids[word[:-1]] = tuple(int(x) for x in rest.split())
+        elif word == "NSsid:" and rest.split():
+            sid = int(rest.split()[-1])  # the innermost: as the task itself sees it
         elif word == "userns":
             userns = rest
         elif word == "fd":
@@ -166,6 +169,7 @@ def judge(
 ) -> Verdict:
     """The verdict on facts (pure). dst_addresses: the destination's (None: not asked)."""
     v = Verdict()
+    v.refusals.extend(_session_outside(facts))
     v.refusals.extend(_other_users(facts))
     if facts.own_mntns:  # CRIU dumps its mounts: each open file must be on one of them
         v.refusals.extend(_files_outside(facts))
@@ -192,6 +196,19 @@ def judge(
         if dst_addresses is not None:
             v.refusals.extend(_listeners(facts, dst_addresses))
     return v
+
+
+def _session_outside(facts: TreeFacts) -> list[str]:
+    """A task whose session leader is outside its pid namespace (its session id there is 0,
+    e.g. started with `&` from a shell outside): CRIU fails at dump ("A session leader of N
+    is outside of its pid namespace")."""
+    t = next((t for t in facts.tasks if t.sid == 0), None)
+    if t is None:
+        return []
+    return [
+        f"pid {t.pid}'s session leader is outside its pid namespace: CRIU cannot dump it; "
+        "start the workload in a session of its own (setsid)"
+    ]
 
 
 def _other_users(facts: TreeFacts) -> list[str]:

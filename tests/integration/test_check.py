@@ -45,9 +45,12 @@ def started(lab: labmod.Lab) -> Iterator[list[int]]:
         on(lab, "host-a", 'pkill -KILL -P "$1"; kill -KILL "$1"', str(pid), check=False)
 
 
-def plain(lab: labmod.Lab, script: str, marker: str) -> int:
-    """A plain tree on host-a: `sh -c SCRIPT MARKER`; its root pid."""
-    on(lab, "host-a", 'setsid sh -c "$1" "$2" </dev/null >/dev/null 2>&1 &', script, marker)
+def plain(lab: labmod.Lab, script: str, marker: str, session: bool = True) -> int:
+    """A plain tree on host-a: `sh -c SCRIPT MARKER`, in a session of its own (else in the
+    session of the shell that starts it, whose leader is outside host-a's pid namespace);
+    its root pid."""
+    launch = 'sh -c "$1" "$2" </dev/null >/dev/null 2>&1 &'
+    on(lab, "host-a", f"setsid {launch}" if session else launch, script, marker)
 
     def root() -> int:
         for line in on(lab, "host-a", "ps -ww -e -o pid=,args=").splitlines():
@@ -145,6 +148,11 @@ EOF
 """
 
 
+def session_outside(lab: labmod.Lab, tmp: Path) -> tuple[int, str]:
+    # started with `&` from a shell outside host-a's pid namespace, without setsid
+    return plain(lab, LOOP, "wl-session", session=False), "session leader is outside"
+
+
 def cpu_mismatch(lab: labmod.Lab, tmp: Path) -> tuple[int, str]:
     return plain(lab, LOOP, "wl-cpu"), "criu cpuinfo check"
 
@@ -160,7 +168,7 @@ Case = Callable[[labmod.Lab, Path], tuple[int, str]]
 CASES: dict[str, Case] = {
     "other-user": other_user, "stdio-outside": stdio_outside, "nsfs-mounts": nsfs_mounts,
     "userns-veth": userns_veth, "tcp-outside": tcp_outside, "cpu-mismatch": cpu_mismatch,
-    "listener-address": listener_address,
+    "listener-address": listener_address, "session-outside": session_outside,
 }  # fmt: skip
 
 

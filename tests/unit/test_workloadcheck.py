@@ -176,3 +176,19 @@ def test_a_pair_within_the_tree_on_the_hosts_address_cannot_follow() -> None:
     v = wc.judge(replace(facts, tcp=tcp))
     assert "198.18.0.1:44646 -> 198.18.0.1:7002" in v.outside
     assert any("198.18.0.1:7002 -> 198.18.0.1:44646 cannot follow" in r for r in v.refusals)
+
+
+def test_a_session_leader_outside_its_pid_namespace_is_refused() -> None:
+    """Recorded on the lab: `sh -c 'sleep 600 & wait' &` from a shell outside host-a's pid
+    namespace (session id 0 as the tree sees it: CRIU fails at dump), and `unshare --pid
+    --fork setsid sleep` (its own session: NSsid's innermost field, 1, is what CRIU sees)."""
+    outside = wc.parse_facts((FIXTURES / "session-outside.txt").read_text())
+    assert [t.sid for t in outside.tasks] == [0, 0]
+    (why,) = wc.judge(outside).refusals
+    assert why.startswith(f"pid {outside.tasks[0].pid}'s session leader is outside")
+    assert "setsid" in why
+    own = wc.parse_facts((FIXTURES / "own-session-pidns.txt").read_text())
+    assert [t.sid for t in own.tasks] == [1]
+    assert not any("session leader" in r for r in wc.judge(own).refusals)
+    # Outputs read before NSsid was asked for: no session id, no refusal.
+    assert {t.sid for t in wc.parse_facts(PLAIN).tasks} == {None}
