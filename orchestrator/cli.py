@@ -239,7 +239,7 @@ def cmd_evacuate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--parallel must be at least 1, not {args.parallel}")
     if args.metrics_file:
         metrics.check_path(args.metrics_file)
-    s = evacuate.survey(config, args.source, args.to, args.only)
+    s = evacuate.survey(config, args.source, args.to, args.only, lock=not args.dry_run)
     if not args.json:
         render.placement(s)
     if not s.workloads:

@@ -18,7 +18,10 @@ first one's source is killed and images wiped.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -34,7 +37,7 @@ from orchestrator.progress import Event, Sink, listener
 from orchestrator.report import PhaseResult, Report
 from orchestrator.runtimes import for_workload
 from orchestrator.session import Shared, open_session
-from orchestrator.transport.ssh import Host, HostError
+from orchestrator.transport.ssh import Host, HostError, LockBusy, RemoteLock
 
 log = logging.getLogger("migrate")
 
@@ -51,12 +54,27 @@ class Survey:
     placement: Placement = field(default_factory=Placement)
     # The connections the survey used, for the evacuation to go on with (it closes them).
     shared: Shared | None = field(default=None, repr=False, compare=False)
+    # The source's evacuation lock (survey(..., lock=True)): held until close().
+    lock: RemoteLock | None = field(default=None, repr=False, compare=False)
 
     def close(self) -> None:
-        """Close the survey's connections (evacuate() does, when it is done with them)."""
+        """Close the survey's connections (evacuate() does, when it is done with them), which
+        frees the evacuation lock too."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         if self.shared is not None:
             self.shared.close()
             self.shared = None
+
+
+class EvacuationBusy(MigrationError):
+    """Another evacuation of the same host runs (its controller holds the host's lock)."""
+
+
+def evacuation_lock(workdir: str) -> str:
+    """The source's lock for evacuating it: one evacuation of a host at a time."""
+    return f"{workdir.rstrip('/')}/locks/evacuate.lock"
 
 
 def select(config: Config, source: str, only: list[str]) -> dict[str, WorkloadConfig]:
@@ -75,10 +93,18 @@ def select(config: Config, source: str, only: list[str]) -> dict[str, WorkloadCo
 
 
 def survey(
-    config: Config, source: str, destinations: list[str], only: list[str] | None = None
+    config: Config,
+    source: str,
+    destinations: list[str],
+    only: list[str] | None = None,
+    lock: bool = False,
 ) -> Survey:
-    """Locate the source's workloads, read the destinations' room, and place (read-only)."""
-    config.host(source)
+    """Locate the source's workloads, read the destinations' room, and place (read-only).
+    With lock, first take the source's evacuation lock (held by its agent until the survey's
+    connections close: a controller that dies frees it), or raise EvacuationBusy naming the
+    evacuation that holds it: two evacuations of one host would fight over its workloads and
+    overfill destinations each placed on alone."""
+    src_cfg = config.host(source)
     dests = destinations or [h for h in config.hosts if h != source]
     for d in dests:
         config.host(d)
@@ -89,6 +115,8 @@ def survey(
     s = Survey(source, list(dict.fromkeys(dests)), select(config, source, only or []))
     s.shared = Shared(config)
     try:
+        if lock:
+            s.lock = _take_lock(s.shared.host(source), src_cfg.workdir)
         with ThreadPoolExecutor(max_workers=len(s.destinations)) as pool:
             rooms = [pool.submit(room, config, d, s.shared.host(d)) for d in s.destinations]
             src = s.shared.host(source)  # meanwhile, locate
@@ -106,6 +134,18 @@ def survey(
     if not s.placement.assigned:  # nothing will migrate: nothing to keep the connections for
         s.close()
     return s
+
+
+def _take_lock(src: Host, workdir: str) -> RemoteLock:
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    holder = f"evacuation by {socket.gethostname()} pid {os.getpid()} since {since}"
+    try:
+        return src.lock(evacuation_lock(workdir), holder)
+    except LockBusy as e:
+        raise EvacuationBusy(
+            f"{src.name} is being evacuated already ({e.holder}): wait for it to end (its "
+            "lock frees itself if that controller dies)"
+        ) from None
 
 
 # Workloads located at once on the source (each takes a few round trips; the host's agent
@@ -189,10 +229,11 @@ def evacuate(
     own Shared) and close them at the end; `facts`: the hosts' facts, asked once (the
     Shared's, if not given)."""
     shared = s.shared or Shared(config)
-    s.shared = None  # closed here, whatever happens
+    s.shared = None  # closed here, whatever happens (the evacuation lock with it)
     try:
         return _evacuate(config, s, opts, shared, sink, stop, facts)
     finally:
+        s.close()
         shared.close()
 
 

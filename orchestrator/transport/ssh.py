@@ -96,7 +96,11 @@ UNLOCK_WAIT = 10  # seconds
 
 
 class LockBusy(HostError):
-    """Another migration holds the workload's lock."""
+    """Another migration holds the workload's lock (`holder`: what it wrote into it)."""
+
+    def __init__(self, message: str, holder: str = "unknown") -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 @dataclass
@@ -475,7 +479,7 @@ class Host:
                           holder=holder)  # fmt: skip
             if a.get("busy"):
                 who = a.get("holder") or "unknown"
-                raise LockBusy(f"{path} on {self.name} is held by another migration ({who})")
+                raise LockBusy(f"{path} on {self.name} is held by another migration ({who})", who)
             if "error" in a:
                 raise HostError(f"{self}: cannot take lock {path}: {a['error']}")
             return RemoteLock(None, path, self, holder, agent=agent)
@@ -503,7 +507,7 @@ class Host:
         channel.close()
         if status == LOCK_BUSY:
             who = self.run(["cat", "--", path], mutates=False).stdout.strip() or "unknown"
-            raise LockBusy(f"{path} on {self.name} is held by another migration ({who})")
+            raise LockBusy(f"{path} on {self.name} is held by another migration ({who})", who)
         raise HostError(f"{self}: cannot take lock {path} (exit {status})")
 
     def once(self, key: Hashable, ask: Callable[[], _T], keep: Callable[[_T], bool]) -> _T:

@@ -111,6 +111,41 @@ def test_shared_connection_dropped_mid_evacuation_all_go_on(
     clean_host_b(lab, holders)
 
 
+def test_a_second_evacuation_of_the_host_is_refused(
+    lab: labmod.Lab, cleanup: list[Path], case: Case, tmp_path: Path
+) -> None:
+    """A second operator (or a timer) evacuates host-a while an evacuation of it is held at
+    verify: refused at once in one line naming the first, nothing of its own begun; the first
+    finishes untouched; once it ended (or its controller died), host-a can be evacuated again."""
+    case.fault = "evacuate host-a twice at once: the second is refused"
+    holders, cfg, proc, held = held_at_verify(lab, cleanup, tmp_path, "evtwice")
+    try:
+        r = migrate("evacuate", "host-a", "--to", "host-b", config=cfg, timeout=120)
+        rj = migrate("evacuate", "host-a", "--to", "host-b", "--json", config=cfg, timeout=120)
+    finally:
+        (tmp_path / "gate").touch()
+    out, err = proc.communicate(timeout=180)
+    case.outcome = f"second: exit {r.returncode}; first: exit {proc.returncode}"
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(errors) == 1, r.stdout + r.stderr
+    assert errors[0].startswith("migrate: error: host-a is being evacuated already (evacuation"), (
+        errors[0]
+    )
+    assert f"pid {proc.pid}" in errors[0], errors[0]
+    assert rj.returncode == 1 and json.loads(rj.stdout)["status"] == "failed", rj.stdout
+    assert sorted(journals(tmp_path / "state")) == sorted(held), "the second began something"
+    assert proc.returncode == 0, out + err
+    assert [w["status"] for w in json.loads(out)["workloads"]] == ["succeeded"] * 3, out
+    # The lock went with the first evacuation: host-a can be evacuated again (nothing left).
+    again = migrate("evacuate", "host-a", "--to", "host-b", config=cfg, timeout=120)
+    assert again.returncode == 0 and "no workload is placed there" in again.stdout, (
+        again.stdout + again.stderr
+    )
+    for h in holders:
+        assert running_pids(lab, "host-b", h.count_file), h.name
+    clean_host_b(lab, holders)
+
+
 def clean_host_b(lab: labmod.Lab, holders: list) -> None:
     """Kill the holders' copies on host-b (for the next case)."""
     for h in holders:

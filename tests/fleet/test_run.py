@@ -53,32 +53,40 @@ def test_run_through_the_engine(
 ) -> None:
     wl = start(lab, "host-a", "fleet-run", container=True)
     cleanup.append(wl.count_file)
+    # The first run is held at verify (its health check waits for the gate) while a second
+    # controller asks for the same workload: the engine must refuse it while the first runs.
+    gate = tmp_path / "gate"
+    gated = {"gated": {"pid": wl.root_pid,
+                       "health": f'while [ ! -e "{gate}" ]; do sleep 0.05; done'}}  # fmt: skip
     cfg = fleet_config(lab, tmp_path / "m.yaml", engine=engine, state_dir=tmp_path / "state",
-                       task_queue="run")  # fmt: skip
+                       task_queue="run", workloads=gated)  # fmt: skip
     workers(cfg)
     before = wl.count()
     first = subprocess.Popen(
-        cli("run", wl.spec, "host-a", "host-b", "--strategy", "stopcopy", "--json",
+        cli("run", "gated", "host-a", "host-b", "--strategy", "stopcopy", "--json",
             "--temporal", "--config", str(cfg)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         jdir = tmp_path / "state" / "journal"
-        wait_for(lambda: any('"prepare"' in p.read_text() for p in jdir.glob("*.jsonl")),
-                 timeout=60, what="the first run to begin prepare")  # fmt: skip
+        wait_for(lambda: any('"verify"' in p.read_text() for p in jdir.glob("*.jsonl")),
+                 timeout=60, what="the first run to be held at verify")  # fmt: skip
         # A second run of the same workload, from another controller: refused by the engine.
         other = fleet_config(lab, tmp_path / "other.yaml", engine=engine,
-                             state_dir=tmp_path / "other", task_queue="run")  # fmt: skip
-        second = migrate("run", wl.spec, "host-a", "host-c", "--json", "--temporal",
+                             state_dir=tmp_path / "other", task_queue="run",
+                             workloads=gated)  # fmt: skip
+        second = migrate("run", "gated", "host-a", "host-c", "--json", "--temporal",
                          config=other)  # fmt: skip
+        gate.touch()
         out, err = first.communicate(timeout=180)
     finally:
+        gate.touch()
         if first.poll() is None:
             first.kill()
             first.wait()
     assert second.returncode == 1 and second.stdout == "", second.stdout + second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
-    assert f"refused by the engine: migrate/{wl.spec.replace(':', '-')}" in second.stderr
+    assert "refused by the engine: migrate/gated" in second.stderr, second.stderr
     assert not (tmp_path / "other").exists()  # nothing began there
     assert first.returncode == 0, out + err
     report = json.loads(out)
