@@ -54,9 +54,12 @@ class Preflight(Phase):
             ctx.lock = ctx.src.lock(ctx.plan.lock_path(target.root_pid), holder)
         need_kb = int(target.rss_kb * IMAGE_OVERHEAD) + IMAGE_SLACK_KB
         if checks[1].free_kb < need_kb:
+            where = ctx.dst.config.workdir
+            # (df of the workdir, else of its nearest existing parent: 0 on /proc, /sys, ...)
+            hint = "" if checks[1].free_kb else " (none at all: can the workdir be made there?)"
             raise MigrationError(
-                f"not enough space on {ctx.dst.name} in {ctx.dst.config.workdir}: "
-                f"{checks[1].free_kb // 1024} MiB free, images need ~{need_kb // 1024} MiB"
+                f"not enough space on {ctx.dst.name} in {where}: {checks[1].free_kb // 1024} "
+                f"MiB free, images need ~{need_kb // 1024} MiB{hint}"
             )
         policy, inspects = ctx.plan.policy, ctx.runtime.inspects_tree
         verdict = workloadcheck.survey(ctx.src, ctx.dst, target, policy, ctx.strategy.pages,

@@ -136,8 +136,9 @@ def healthy_host(host: FakeHost, restored: list[bool]) -> None:
 
 
 def facts_output(host: FakeHost, argv: list[str]) -> str:
-    """What facts.SCRIPT prints on a healthy host: CRIU 4.2.1 passing its check, rsync, room,
-    big pipes, every feature and program asked for but those in host.lacking."""
+    """What facts.SCRIPT prints on a healthy host: CRIU 4.2.1 passing its check, rsync, room
+    (none if "df" is in host.lacking: a workdir under /proc), big pipes, every feature and
+    program asked for but those in host.lacking."""
     n = int(argv[6])
     features, commands = argv[7 : 7 + n], argv[7 + n :]
 
@@ -150,7 +151,8 @@ def facts_output(host: FakeHost, argv: list[str]) -> str:
     return (section("criu-version", "Version: 4.2.1")
             + section("criu-check", "Looks good.", 1 if "criu check" in host.lacking else 0)
             + section("rsync", "rsync  version 3.2.7  protocol version 31")
-            + section("df", "/dev/x 1000 10 99999999 1% /")
+            + section("df", "proc 0 0 0 - /proc" if "df" in host.lacking
+                      else "/dev/x 1000 10 99999999 1% /")
             + section("pipe-max-size", str(8 << 20)) + section("features", rcs(features))
             + section("commands", rcs(commands)) + f"\n{facts.DONE}\n")  # fmt: skip
 

@@ -107,6 +107,18 @@ def test_preflight_refusal_changes_nothing(tmp_path: Path) -> None:
     assert verbs(p.log) == []
 
 
+def test_a_destination_workdir_with_no_room_at_all_says_so(tmp_path: Path) -> None:
+    """df of a workdir that cannot be made (its nearest parent is /proc) says 0 free: the
+    refusal asks whether the workdir can be made there, and nothing was changed."""
+    p = pair(tmp_path)
+    p.dst.lacking.add("df")
+    report = run(p)
+    assert report.status == "failed" and report.exit_code == 1
+    assert (report.error or "").startswith("not enough space on b in /wb: 0 MiB free")
+    assert (report.error or "").endswith("(none at all: can the workdir be made there?)")
+    assert verbs(p.log) == []
+
+
 def test_unreachable_destination_fails_preflight_and_leaves_no_link(tmp_path: Path) -> None:
     """The probe is the opening of the link's master: when the source cannot reach the
     destination, pre-flight fails, nothing of prepare ran, and the master's log is removed."""
