@@ -20,6 +20,7 @@ from typing import Any
 
 from orchestrator.config import ConfigError
 from orchestrator.errors import JournalError
+from orchestrator.procparse import parse_locks
 
 log = logging.getLogger("migrate")
 
@@ -154,6 +155,7 @@ class Summary:
     strategy: str
     status: str | None  # None: unfinished (the controller died, or it still runs)
     last_phase: str | None
+    running: bool = False  # unfinished, and a live process holds its journal (its controller)
     stage: Stage = Stage.PLANNED
     keep_images: bool = False
     workload_config: dict[str, Any] = field(default_factory=dict)
@@ -261,7 +263,33 @@ def summarize(path: Path) -> Summary | None:
             s.facts.update({k: facts[k] for k in FACT_KEYS if facts.get(k) is not None})
         elif e["event"] == "end":
             s.status = str(e.get("status"))
+    if s.status is None:
+        s.running = _held(path)
     return s
+
+
+def _held(path: Path) -> bool:
+    """Whether a live process holds path's flock (Journal.hold), read from /proc/locks: taking
+    the lock to find out would make a recover starting at that instant see it live."""
+    try:
+        st = path.stat()
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            locks = parse_locks(f.read())
+    except OSError:
+        return False
+    dev = (os.major(st.st_dev), os.minor(st.st_dev))
+    return any(
+        lk.kind == "FLOCK" and lk.inode == st.st_ino and _dev(lk.device) == dev for lk in locks
+    )
+
+
+def _dev(text: str) -> tuple[int, int] | None:
+    """/proc/locks' MAJ:MIN (hex) as numbers."""
+    major, _, minor = text.partition(":")
+    try:
+        return int(major, 16), int(minor, 16)
+    except ValueError:
+        return None
 
 
 def summaries(state_dir: Path) -> list[Summary]:

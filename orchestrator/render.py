@@ -184,7 +184,7 @@ def summary_dict(j: Summary) -> dict[str, Any]:
     return {
         "id": j.id, "started": j.started, "workload": j.workload, "source": j.source,
         "destination": j.destination, "strategy": j.strategy, "status": j.status,
-        "last_phase": j.last_phase, "journal": str(j.path),
+        "last_phase": j.last_phase, "running": j.running, "journal": str(j.path),
     }  # fmt: skip
 
 
@@ -227,9 +227,15 @@ def history(rows: list[Summary], as_json: bool = False) -> None:
     print(f"{'id':<24} {'started (UTC)':<20} {'workload':<20} {'route':<20} status")
     for j in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(j.started))
-        status = j.status or f"UNFINISHED (in {j.last_phase}; migrate recover {j.id})"
+        status = j.status or _unfinished(j)
         print(f"{j.id:<24} {when:<20} {j.workload:<20} {j.source + ' -> ' + j.destination:<20} "
               f"{status}")  # fmt: skip
+
+
+def _unfinished(j: Summary) -> str:
+    if j.running:  # its controller lives (it holds the journal): nothing to recover
+        return f"RUNNING (in {j.last_phase})"
+    return f"UNFINISHED (in {j.last_phase}; migrate recover {j.id})"
 
 
 def show(j: Summary, as_json: bool = False) -> None:
@@ -238,7 +244,8 @@ def show(j: Summary, as_json: bool = False) -> None:
         print(json.dumps(summary_dict(j) | {"events": j.events}, indent=2))
         return
     print(f"{j.id}: {j.workload} {j.source} -> {j.destination}, {j.strategy}, "
-          f"{j.status or 'UNFINISHED'} (stage {j.stage.name.lower()})")  # fmt: skip
+          f"{j.status or ('RUNNING' if j.running else 'UNFINISHED')} "
+          f"(stage {j.stage.name.lower()})")  # fmt: skip
     t0 = j.started
     for ev in j.events:
         rest = {

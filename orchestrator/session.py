@@ -163,11 +163,15 @@ def open_session(
                 workload_config = moved
     if not dry_run:
         busy = [j for j in history if j.status is None and j.workload == workload_config.name]
+        if busy and busy[-1].running:
+            raise Busy(
+                f"workload {workload_config.name} is being migrated now: migration "
+                f"{busy[-1].id} (in {busy[-1].last_phase}), whose controller runs: wait for it"
+            )
         if busy:
             raise Busy(
                 f"workload {workload_config.name} has an unfinished migration "
-                f"{busy[-1].id} (its controller died, or it still runs): "
-                f"run `migrate recover {busy[-1].id}` first"
+                f"{busy[-1].id} (its controller died): run `migrate recover {busy[-1].id}` first"
             )
     planned: list[str] = []
     plan = Plan(new_id(), workload_config, src_cfg, dst_cfg, strategy, config.policy,

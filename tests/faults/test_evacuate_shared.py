@@ -122,8 +122,15 @@ def test_a_second_evacuation_of_the_host_is_refused(
     try:
         r = migrate("evacuate", "host-a", "--to", "host-b", config=cfg, timeout=120)
         rj = migrate("evacuate", "host-a", "--to", "host-b", "--json", config=cfg, timeout=120)
+        # One of its workloads on its own: told to wait (not to recover a live migration);
+        # history says the three are running.
+        one = migrate("run", holders[0].name, "host-a", "host-b", config=cfg, timeout=120)
+        hist = json.loads(migrate("history", "--json", config=cfg).stdout)
     finally:
         (tmp_path / "gate").touch()
+    assert one.returncode == 1 and len(one.stderr.strip().splitlines()) == 1, one.stderr
+    assert f"workload {holders[0].name} is being migrated now" in one.stderr, one.stderr
+    assert sorted(h["id"] for h in hist if h["running"]) == sorted(held), hist
     out, err = proc.communicate(timeout=180)
     case.outcome = f"second: exit {r.returncode}; first: exit {proc.returncode}"
     errors = [ln for ln in r.stderr.splitlines() if ln.strip()]

@@ -340,3 +340,26 @@ def test_a_lock_lost_before_confirm_never_undoes_the_verified_destination(
     assert any(n.startswith("NOT CONFIRMED") and f"migrate recover {ID}" in n for n in report.notes)
     s = summarize(p.journal.path)
     assert s is not None and s.status is None  # open: recover decides
+
+
+def test_history_tells_a_running_migration_from_one_whose_controller_died(
+    tmp_path: Path,
+) -> None:
+    """An unfinished journal is `running` while a live process holds its flock (read from
+    /proc/locks, without taking the lock), and no longer once it lets go; a second run of the
+    workload is told to wait, not to recover."""
+    j = Journal(tmp_path, ID)
+    j.write("start", id=ID, workload="w", source="a", destination="b", strategy="stopcopy")
+    j.write("phase", name="verify", state="begin")
+    j.hold()
+    try:
+        running = summarize(j.path)
+        assert running is not None and running.status is None and running.running
+        j2 = Journal(tmp_path, ID)  # a recover now: refused, the controller lives
+        with pytest.raises(JournalError, match="is live"):
+            j2.hold()
+        assert summarize(j.path).running  # type: ignore[union-attr]  # asking took nothing
+    finally:
+        j.release()
+    dead = summarize(j.path)
+    assert dead is not None and dead.status is None and not dead.running
