@@ -22,6 +22,8 @@ from orchestrator.layout import ID_RE
 from orchestrator.transport.ssh import Host
 
 _ID = re.compile(r"([0-9]{8}T[0-9]{6}-[0-9a-f]{6})")
+# An evacuation's shared ssh master (session.Shared names them): its socket, log or process.
+_EVAC_MASTER = re.compile(r"/images/(ssh-evac-[0-9a-f]{6}-[0-9]+)(?![0-9A-Za-z-])")
 SURVEY = r"""wd=$1
 echo @@images; ls -A -- "$wd/images" 2>/dev/null
 echo @@locks
@@ -93,10 +95,16 @@ def classify(
 ) -> list[Verdict]:
     """Garbage or not, and why (pure). ended: ids whose journal here ended; open_: ids whose
     journal is unfinished (live, or for `recover`)."""
+    leftovers = list(leftovers)
+    masters = {m.group(1) for x in leftovers if x.kind in ("socket", "process")
+               for m in [_EVAC_MASTER.search(x.what)] if m}  # fmt: skip
     out = []
     for x in leftovers:
+        m = _EVAC_MASTER.search(x.what) if x.kind == "log" else None
         if x.kind == "lock":
             out.append(Verdict(x, True, "a lock file nobody holds"))
+        elif m and m.group(1) not in masters:
+            out.append(Verdict(x, True, "an evacuation's ssh master log, its master gone"))
         elif x.migration is None or not ID_RE.match(x.migration):
             out.append(Verdict(x, False, "names no migration: left alone"))
         elif x.migration in open_:

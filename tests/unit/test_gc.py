@@ -44,3 +44,22 @@ def test_only_what_no_migration_owns_is_garbage() -> None:
     with_unknown = gc.classify(gc.parse("a", "/wa", OUTPUT), {ENDED}, {OPEN}, unknown_ok=True)
     assert any(v.garbage and v.leftover.migration == FOREIGN for v in with_unknown)
     assert not any(v.garbage and v.leftover.migration == OPEN for v in with_unknown)
+
+
+def test_an_evacuations_master_log_is_garbage_once_its_master_is_gone() -> None:
+    """An evacuation's shared ssh master (named by no migration) leaves its log when its
+    controller died: garbage once neither its socket nor its process is there; kept while the
+    master lives (its evacuation may still run)."""
+    out = """@@images
+ssh-evac-aaaaaa-0
+ssh-evac-aaaaaa-0.log
+ssh-evac-bbbbbb-1.log
+ssh-evac-cccccc-2.log
+@@locks
+@@procs
+  400 ssh: /wa/images/ssh-evac-cccccc-2 [mux]
+"""
+    verdicts = gc.classify(gc.parse("a", "/wa", out), ended=set(), open_=set())
+    garbage = [v.leftover.what for v in verdicts if v.garbage]
+    assert garbage == ["/wa/images/ssh-evac-bbbbbb-1.log"]
+    assert all("left alone" in v.why for v in verdicts if not v.garbage)
