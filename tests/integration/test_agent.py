@@ -236,10 +236,12 @@ def test_the_pipe_connects_before_the_send_and_a_cancel_drops_it(
 
 
 # Stands in for CRIU's --status-fd N: says ready on fd N, lingers, exits 3 (stderr kept).
+# (the ppid file is written before the status byte: once "ready" is answered it is there)
 _STATUS = (
     "import os,sys,time; sys.stderr.write('to the err file\\n'); sys.stderr.flush(); "
+    "f = open(sys.argv[1], 'w'); f.write(str(os.getppid())); f.close(); "
     "os.write(int(sys.argv[-1]), b'\\0'); os.close(int(sys.argv[-1])); "
-    "open(sys.argv[1], 'w').write(str(os.getppid())); time.sleep(float(sys.argv[2])); sys.exit(3)"
+    "time.sleep(float(sys.argv[2])); sys.exit(3)"
 )
 
 
