@@ -61,6 +61,24 @@ def resume_source(ctx: Context) -> None:
     ctx.runtime.resume(ctx.src, target, ctx.src_images.final)
 
 
+def hold_source(ctx: Context) -> None:
+    """Once the lazy dump is ready (its images written: the signal is in none of them), leave
+    a SIGSTOP pending on every task of the source tree. CRIU resumes the tasks when a lazy
+    dump fails (cr_dump_finish: TASK_ALIVE), even after the destination has resumed them
+    there, e.g. when the lazy-pages daemon dies mid-transfer: the pending SIGSTOP stops them
+    the moment CRIU lets go, so two copies never run. A rollback before the destination
+    resumed SIGCONTs them (abort_lazy_dump)."""
+    target = ctx.target
+    if target is None or ctx.plan.dry_run:
+        return
+    agent = ctx.src.agent
+    if agent is not None:  # in the agent's own process: nothing starts inside the freeze
+        ctx.src.call(agent, "stop_tree", ctx.plan.policy.command_timeout, "stop the tree",
+                     root=target.root_pid)  # fmt: skip
+    else:
+        procs.signal(ctx.src, "STOP", procs.tree_of(ctx.src, target.root_pid))
+
+
 def abort_lazy_dump(ctx: Context) -> None:
     """Before the destination resumed: make the lazy dump fail, which lets the source run on
     with its connections (never resume(): a lazy dump's images lack the pages)."""

@@ -42,6 +42,7 @@ class LazyDump(Dump):
     def act(self, ctx: Context) -> None:
         assert ctx.page_channel is not None
         super().act(ctx)
+        actions.hold_source(ctx)  # whatever CRIU does at its end, the source stays stopped
 
     def undo(self, ctx: Context) -> None:
         """Before the destination resumed: make the lazy dump fail, which lets the source run

@@ -247,6 +247,37 @@ def op_unlock(req):
     return {"unlocked": fd is not None}
 
 
+def _children(pid):
+    """pid's children, from /proc/PID/task/*/children (every thread's)."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def op_stop_tree(req):
+    """SIGSTOP a process tree (root and every descendant), in this process: no program
+    starts (post-copy sends it inside the freeze)."""
+    todo, stopped = [int(req["root"])], []
+    while todo:
+        pid = todo.pop()
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except OSError:
+            continue
+        stopped.append(pid)
+        todo += _children(pid)
+    return {"stopped": stopped}
+
+
 def op_read(req):
     try:
         with open(req["path"], "rb") as f:
@@ -488,7 +519,7 @@ def op_cancel(req):
 
 OPS = {"ping": op_ping, "run": op_run, "read": op_read, "connect": op_connect, "send": op_send,
        "listen": op_listen, "collect": op_collect, "cancel": op_cancel, "lock": op_lock,
-       "unlock": op_unlock}  # fmt: skip
+       "unlock": op_unlock, "stop_tree": op_stop_tree}  # fmt: skip
 
 
 def serve(req):

@@ -31,6 +31,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -271,6 +272,11 @@ def test_postcopy_breaks_while_pages_are_pulled(
                    config=fc.config, state_dir=fc.state)  # fmt: skip
     run.wait("pull-pages")
     migration = journal_files(fc.state)[0].stem
+    # CRIU resumes the source if its lazy dump fails, even now: a SIGSTOP left pending on the
+    # source tree since the dump was ready stops it the moment CRIU lets go.
+    pending = on(lab, "host-a", "sed -n 's/^ShdPnd:[[:space:]]*//p' /proc/$1/status",
+                 str(wl.root_pid)).strip()  # fmt: skip
+    assert int(pending, 16) & 1 << (signal.SIGSTOP - 1), f"no SIGSTOP pending: {pending}"
     if fault == "link cut":
         links("host-a", "host-b", "drop")
     else:

@@ -6,6 +6,7 @@ its checks, and the peers it refuses."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -298,3 +299,43 @@ def test_a_lock_is_held_until_unlocked_or_the_agent_ends(agent: Agent, tmp_path:
     agent.call("lock", 5, path=str(path), holder="migration C")
     agent.close()
     assert subprocess.run(probe, check=False).returncode == 0
+
+
+def test_stop_tree_stops_the_root_and_every_descendant(agent: Agent) -> None:
+    """Post-copy's hold on the source: a SIGSTOP to a tree (a child of a child included), sent
+    by the agent itself; nothing else is touched."""
+    tree = subprocess.Popen(
+        ["sh", "-c", "sh -c 'sleep 60 & wait' & sleep 60 & wait"], start_new_session=True
+    )  # its own group: pgrep -g finds the tree
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+
+        def pids() -> list[int]:
+            out = subprocess.run(["pgrep", "-g", str(tree.pid)], capture_output=True, text=True)
+            return sorted(int(p) for p in out.stdout.split())
+
+        wait = time.monotonic() + 10
+        while len(pids()) < 4:  # sh, sh, sleep, sleep
+            assert time.monotonic() < wait, pids()
+            time.sleep(0.05)
+        stopped = agent.call("stop_tree", 5, root=tree.pid)["stopped"]
+        assert sorted(stopped) == pids()
+
+        def state(pid: int) -> str:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+        wait = time.monotonic() + 10
+        while any(state(p) != "T" for p in stopped):
+            assert time.monotonic() < wait, {p: state(p) for p in stopped}
+            time.sleep(0.05)
+        assert state(other.pid) != "T"
+    finally:
+        for p in [tree.pid, *subprocess.run(["pgrep", "-g", str(tree.pid)], capture_output=True,
+                                             text=True).stdout.split()]:  # fmt: skip
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except OSError:
+                pass
+        other.kill()
+        tree.wait()
+        other.wait()
