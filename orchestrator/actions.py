@@ -73,8 +73,15 @@ def hold_source(ctx: Context) -> None:
         return
     agent = ctx.src.agent
     if agent is not None:  # in the agent's own process: nothing starts inside the freeze
-        ctx.src.call(agent, "stop_tree", ctx.plan.policy.command_timeout, "stop the tree",
-                     root=target.root_pid)  # fmt: skip
+        r = ctx.src.call(agent, "stop_tree", ctx.plan.policy.command_timeout, "stop the tree",
+                         root=target.root_pid)  # fmt: skip
+        if "error" in r or target.root_pid not in r.get("stopped", []):
+            # Not held: stop here, before the destination resumes (the dump's undo lets the
+            # source run on), rather than pass the point of no return unguarded.
+            raise MigrationError(
+                f"cannot hold the source tree on {ctx.src.name} stopped after its lazy dump: "
+                f"{r.get('error') or 'its root was not stopped'}"
+            )
     else:
         procs.signal(ctx.src, "STOP", procs.tree_of(ctx.src, target.root_pid))
 
