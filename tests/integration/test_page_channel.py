@@ -53,9 +53,12 @@ with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb") as mem:
 """
 
 # A root-owned listener on the host's loopback that gives its bytes to whoever connects
-# first, then exits (freeing its port): the attacker must catch it (a control).
+# first, then exits (freeing its port): the attacker must catch it, then bind its port (a
+# control). SO_REUSEADDR: it closes first, and without it on both sides its connection's
+# TIME_WAIT keeps the port from the attacker (EADDRINUSE; failed CI once).
 _CONTROL = (
-    "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1); "
+    "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+    "s.bind(('127.0.0.1', 0)); s.listen(1); "
     "c, _ = s.accept(); c.sendall(b'CONTROL' + b'LEAK'); c.close(); s.close()"
 )
 
@@ -198,7 +201,8 @@ def thieves_during(
             measured.append(
                 f"{host}: {log['iterations']} polls, saw unix {log['unix_seen']} (connected: "
                 f"{log['unix_connected']}), "
-                f"tcp {log['tcp_seen']}, files denied {len(log['files_denied'])}, "
+                f"tcp {log['tcp_listeners']} (connected: {log['tcp_connected']}), "
+                f"files denied {len(log['files_denied'])}, "
                 f"dirs denied {len(log['dirs_denied'])}"
             )
         # At rest: root-only files in root-only dirs, and the report says where they are.

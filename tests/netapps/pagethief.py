@@ -23,9 +23,11 @@ import time
 out, stop, dirs = sys.argv[1], sys.argv[2], sys.argv[3:]
 JUNK = b"OVERWRITTEN-BY-NOBODY-" * 2000
 lock = threading.Lock()
+owners: dict[tuple[str, int], int] = {}
 captured = bytearray()
 log: dict[str, list] = {
-    "tcp_seen": [], "tcp_connected": [], "tcp_refused": [], "bound": [], "bind_failed": [],
+    "tcp_seen": [], "tcp_connected": [], "tcp_refused": [], "tcp_listeners": [], "bound": [],
+    "bind_failed": [],
     "unix_seen": [], "unix_connected": [], "unix_refused": [], "files_read": [],
     "files_denied": [], "dirs_denied": [],
 }  # fmt: skip
@@ -64,6 +66,7 @@ def drain(s: socket.socket) -> None:
 
 
 def listening_tcp() -> set[tuple[str, int]]:
+    """(family:address, port) of every TCP listener; the owner's uid goes to owners."""
     found = set()
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -77,6 +80,7 @@ def listening_tcp() -> set[tuple[str, int]]:
             addr, port = parts[1].split(":")
             family = "6" if name.endswith("6") else "4"
             found.add((family + ":" + addr, int(port, 16)))
+            owners[(family + ":" + addr, int(port, 16))] = int(parts[7])
     return found
 
 
@@ -97,6 +101,7 @@ def listening_unix() -> set[str]:
 def connect_tcp(key: tuple[str, int]) -> None:
     family, port = key
     note("tcp_seen", port)
+    note("tcp_listeners", [family, port, owners.get(key)])  # which listener (when one surprises)
     host = "::1" if family.startswith("6") else "127.0.0.1"
     try:
         s = socket.create_connection((host, port), timeout=1)
@@ -127,8 +132,10 @@ def connect_unix(path: str) -> None:
 
 
 def squat(port: int) -> None:
-    """Bind a port that was freed; keep what anyone sends there."""
+    """Bind a port that was freed; keep what anyone sends there. SO_REUSEADDR, as any attacker
+    would: then a connection the old owner closed (TIME_WAIT) does not keep the port from it."""
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind(("127.0.0.1", port))
         s.listen(8)
@@ -194,8 +201,9 @@ def main() -> None:
     old = os.umask(0o022)
     with open(out + ".bin", "wb") as f:
         f.write(data)
-    with open(out + ".json", "w") as f:
+    with open(out + ".json.tmp", "w") as f:  # then renamed: OUT.json appears whole
         json.dump(summary, f)
+    os.rename(out + ".json.tmp", out + ".json")
     os.umask(old)
     os._exit(0)
 
