@@ -33,6 +33,11 @@ log: dict[str, list] = {
 }  # fmt: skip
 
 
+def stopped() -> bool:
+    """STOP exists, or its directory is gone (a failed test removed it: end, do not linger)."""
+    return os.path.exists(stop) or not os.path.isdir(os.path.dirname(stop))
+
+
 def keep(data: bytes) -> None:
     with lock:
         captured.extend(data)
@@ -144,7 +149,7 @@ def squat(port: int) -> None:
         return
     note("bound", port)
     s.settimeout(0.5)
-    while not os.path.exists(stop):
+    while not stopped():
         try:
             c, _ = s.accept()
         except TimeoutError:
@@ -176,7 +181,7 @@ def main() -> None:
     iterations = 0
     open(out + ".ready", "w").close()
     deadline = time.monotonic() + 900
-    while not os.path.exists(stop) and time.monotonic() < deadline:
+    while not stopped() and time.monotonic() < deadline:
         iterations += 1
         tcp = listening_tcp()
         for key in tcp - tcp_before - tried_tcp:
