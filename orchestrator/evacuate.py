@@ -116,7 +116,9 @@ def survey(
     s.shared = Shared(config)
     try:
         if lock:
-            s.lock = _take_lock(s.shared.host(source), src_cfg.workdir)
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            holder = f"evacuation by {socket.gethostname()} pid {os.getpid()} since {since}"
+            s.lock = take_lock(s.shared.host(source), src_cfg.workdir, holder)
         with ThreadPoolExecutor(max_workers=len(s.destinations)) as pool:
             rooms = [pool.submit(room, config, d, s.shared.host(d)) for d in s.destinations]
             src = s.shared.host(source)  # meanwhile, locate
@@ -136,9 +138,9 @@ def survey(
     return s
 
 
-def _take_lock(src: Host, workdir: str) -> RemoteLock:
-    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    holder = f"evacuation by {socket.gethostname()} pid {os.getpid()} since {since}"
+def take_lock(src: Host, workdir: str, holder: str) -> RemoteLock:
+    """The source's evacuation lock, held for holder (local: the survey; fleet: the workflow's
+    hold activity, so each mode refuses the other too), or EvacuationBusy naming its holder."""
     try:
         return src.lock(evacuation_lock(workdir), holder)
     except LockBusy as e:

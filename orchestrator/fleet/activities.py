@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -41,20 +42,25 @@ from orchestrator.config import (
     load,
 )
 from orchestrator.errors import MigrationError
-from orchestrator.evacuate import room, select
+from orchestrator.evacuate import EvacuationBusy, room, select, take_lock
 from orchestrator.fleet.types import (
     ANCHOR,
+    BUSY,
+    HELD,
+    HOLD,
     MIGRATE,
     REFUSED,
     SURVEY,
+    HoldInput,
     MigrateInput,
     SurveyInput,
+    evacuate_id,
 )
 from orchestrator.recover import recover
 from orchestrator.report import Report
 from orchestrator.runtimes import for_workload
 from orchestrator.session import Busy, Session, open_session
-from orchestrator.transport.ssh import Host, HostError
+from orchestrator.transport.ssh import Host, HostError, LockBusy
 
 log = logging.getLogger("migrate")
 
@@ -154,6 +160,49 @@ class Activities:
             "bins": [asdict(b) for b in bins],
         }
 
+    # -- the evacuation lock ---------------------------------------------------------------------
+
+    @activity.defn(name=HOLD, no_thread_cancel_exception=True)
+    def hold(self, inp: HoldInput) -> None:
+        """Hold the source's evacuation lock (the one a local `migrate evacuate` takes) until
+        the evacuation workflow cancels this, heartbeating; tell the workflow once it is held
+        (signal HELD, with the holder). A host being evacuated already is BUSY (no retry); a
+        host that cannot be reached, or a lock lost and not taken back, is retried."""
+        info = activity.info()
+        signal = self._signaller(info, HELD)
+        if signal is None:
+            raise ApplicationError("no engine client to tell the workflow", non_retryable=True)
+        config = self._config()
+        try:
+            host_cfg = config.host(inp.source)
+        except ConfigError as e:
+            raise refused(str(e)) from None
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        holder = (f"fleet evacuation {evacuate_id(inp.source)} by worker {self.identity} "
+                  f"since {since}")  # fmt: skip
+        src = Host(host_cfg, config.policy)
+        try:
+            try:
+                lock = take_lock(src, host_cfg.workdir, holder)
+                signal(holder)
+                while not activity.is_cancelled() and not activity.is_worker_shutdown():
+                    activity.heartbeat()
+                    lock.ensure()  # lost with its connection: taken back, or BUSY
+                    activity.wait_for_cancelled_sync(TICK)
+                lock.release()
+                if not activity.is_cancelled():  # this worker stops: another takes it over
+                    raise ApplicationError(f"worker {self.identity} stopped holding the lock")
+            except EvacuationBusy as e:
+                raise ApplicationError(str(e), type=BUSY, non_retryable=True) from None
+            except LockBusy as e:
+                why = f"{inp.source}'s evacuation lock, lost with its connection, is held by "
+                why += e.holder
+                raise ApplicationError(why, type=BUSY, non_retryable=True) from None
+            except (HostError, MigrationError) as e:
+                raise ApplicationError(f"the evacuation lock of {inp.source}: {e}") from None
+        finally:
+            src.close()
+
     # -- one migration --------------------------------------------------------------------------
 
     # no_thread_cancel_exception: the SDK would otherwise raise CancelledError at any point of
@@ -199,19 +248,23 @@ class Activities:
         return report.to_dict()
 
     def _anchor(self, info: activity.Info) -> Callable[[list[dict[str, Any]]], None] | None:
-        """A function that hands the workflow this attempt's journal, and returns only once
-        the engine has it (a signal is persisted in the workflow's history before its RPC
-        returns)."""
+        """A function that hands the workflow this attempt's journal (see _signaller)."""
+        return self._signaller(info, ANCHOR)
+
+    def _signaller(self, info: activity.Info, name: str) -> Callable[[Any], None] | None:
+        """A function that sends the activity's workflow signal `name` with one argument, and
+        returns only once the engine has it (a signal is persisted in the workflow's history
+        before its RPC returns); None without an engine client."""
         client, loop = self.client, self.loop
         if client is None or loop is None or not info.workflow_id:
             return None
         handle = client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
 
-        def anchor(events: list[dict[str, Any]]) -> None:
-            fut = asyncio.run_coroutine_threadsafe(handle.signal(ANCHOR, events), loop)
+        def send(arg: Any) -> None:
+            fut = asyncio.run_coroutine_threadsafe(handle.signal(name, arg), loop)
             fut.result(timeout=30)
 
-        return anchor
+        return send
 
     def _anchored(self, info: activity.Info) -> list[list[dict[str, Any]]]:
         """The journals earlier attempts anchored, oldest first, read from the workflow's

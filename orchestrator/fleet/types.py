@@ -13,6 +13,7 @@ from orchestrator.report import PhaseResult, Report, Round
 #: Activity names (workflows refer to activities by name: the sandbox never imports them).
 SURVEY = "migrate.survey"
 MIGRATE = "migrate.migrate"
+HOLD = "migrate.hold"  # an evacuation's hold on the source's evacuation lock
 #: Workflow names.
 MIGRATE_WORKFLOW = "migrate"
 EVACUATE_WORKFLOW = "evacuate"
@@ -20,10 +21,14 @@ EVACUATE_WORKFLOW = "evacuate"
 #: query (that journal, for a later attempt).
 ANCHOR = "anchor"
 JOURNAL = "journal"
-#: The evacuation workflow's query: its placement so far and the workloads done.
+#: The evacuation workflow's query (its placement so far and the workloads done) and signal
+#: (from its hold activity: the source's evacuation lock is held, by whom).
 PROGRESS = "progress"
+HELD = "held"
 #: ApplicationError types a retry cannot fix (bad config, busy workload, refused).
 REFUSED = "Refused"
+#: The host is being evacuated already (a local `migrate evacuate` holds its lock): exit 1.
+BUSY = "Busy"
 
 
 def migrate_id(workload: str) -> str:
@@ -32,6 +37,11 @@ def migrate_id(workload: str) -> str:
 
 def evacuate_id(host: str) -> str:
     return f"evacuate/{host}"
+
+
+def hold_queue(task_queue: str) -> str:
+    """The task queue of evacuations' holds (every worker of task_queue polls it too)."""
+    return f"{task_queue}.holds"
 
 
 @dataclass
@@ -76,6 +86,11 @@ class SurveyInput:
     source: str
     to: list[str] = field(default_factory=list)
     only: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HoldInput:
+    source: str
 
 
 def failed_report(workload: str, source: str, why: str, dest: str = "-") -> dict[str, Any]:

@@ -1,13 +1,14 @@
 """`migrate worker --temporal ADDR`: run migrations and evacuations for the fleet.
 
 Start one on each controller (any number); they share the task queue. A worker runs the
-workflows and the activities (survey, migrate); migrations run in threads (`--max-migrations`
-at once), each the ordinary session path with its own ssh connections, journal and lock.
-SIGTERM/SIGINT stop taking new work and let the migrations running here end (past DRAIN the
-engine is told they are cancelled; they still run to their end: a migration is never cut
-short from the SDK, see activities.migrate). A worker
-that dies instead (SIGKILL, its machine gone) is noticed after the heartbeat timeout, and
-another worker settles its migrations from the journal in their last heartbeat.
+workflows and the activities (survey, migrate; an evacuation's hold on its source's lock, on a
+queue of its own); migrations run in threads (`--max-migrations` at once), each the ordinary
+session path with its own ssh connections, journal and lock. SIGTERM/SIGINT stop taking new
+work and let the migrations running here end (past DRAIN the engine is told they are
+cancelled; they still run to their end: a migration is never cut short from the SDK, see
+activities.migrate). A worker that dies instead (SIGKILL, its machine gone) is noticed after
+the heartbeat timeout, and another worker settles its migrations from the journal in their
+last heartbeat.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from temporalio.worker import Worker
 
 from orchestrator.fleet.activities import Activities, identity
 from orchestrator.fleet.engine import Engine, connect
+from orchestrator.fleet.types import hold_queue
 from orchestrator.fleet.workflows import EvacuateWorkflow, MigrateWorkflow
 
 #: How long a stopping worker lets its running migrations finish.
 DRAIN = timedelta(minutes=10)
+#: Evacuations a worker can hold their sources' locks for at once (idle threads).
+HOLDS = 32
 
 
 async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> None:
@@ -36,7 +40,11 @@ async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    with ThreadPoolExecutor(max_workers=max_migrations + 1) as pool:
+    throttle = timedelta(milliseconds=100)
+    with (
+        ThreadPoolExecutor(max_workers=max_migrations + 1) as pool,
+        ThreadPoolExecutor(max_workers=HOLDS) as holding,
+    ):
         worker = Worker(
             client,
             task_queue=engine.task_queue,
@@ -47,9 +55,22 @@ async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> N
             identity=acts.identity,
             # Deliver each heartbeat (a phase change, with the journal) within 0.1 s: what a
             # retry knows of a dead attempt is what its last delivered heartbeat said.
-            max_heartbeat_throttle_interval=timedelta(milliseconds=100),
-            default_heartbeat_throttle_interval=timedelta(milliseconds=100),
+            max_heartbeat_throttle_interval=throttle,
+            default_heartbeat_throttle_interval=throttle,
             graceful_shutdown_timeout=DRAIN,
+        )
+        # Evacuations' holds on their sources' locks: on their own queue and threads (idle,
+        # each waiting for its workflow to end), so they never take a migration's or a
+        # survey's slot (holds filling every slot would stall their own evacuations).
+        holds = Worker(
+            client,
+            task_queue=hold_queue(engine.task_queue),
+            activities=[acts.hold],
+            activity_executor=holding,
+            max_concurrent_activities=HOLDS,
+            identity=acts.identity,
+            max_heartbeat_throttle_interval=throttle,
+            default_heartbeat_throttle_interval=throttle,
         )
         print(
             f"migrate worker {identity()}: engine {engine.address}, namespace "
@@ -57,6 +78,6 @@ async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> N
             file=sys.stderr,
             flush=True,
         )
-        async with worker:
+        async with worker, holds:  # on stop, the holds end first: another worker retakes them
             await stop.wait()
         print(f"migrate worker {identity()}: stopped", file=sys.stderr, flush=True)

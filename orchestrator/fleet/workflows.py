@@ -4,12 +4,16 @@ The ids are the fleet's mutual exclusion: the engine refuses a second running wo
 the same id, so a second evacuation of a host, or a second migration of one workload, from any
 controller, is refused before anything touches a host. An evacuation surveys (activity),
 places (pure, here), then starts one child `migrate/<workload>` per placed workload, at most
-`parallel` at once; a child that fails or is refused fails only its own workload.
+`parallel` at once; a child that fails or is refused fails only its own workload. Before it
+surveys, an evacuation holds the source's evacuation lock for its whole length (the hold
+activity), the lock a local `migrate evacuate` takes: so neither mode evacuates a host the
+other is evacuating.
 """
 
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -22,6 +26,8 @@ with workflow.unsafe.imports_passed_through():
     from orchestrator.fleet.types import (
         ANCHOR,
         EVACUATE_WORKFLOW,
+        HELD,
+        HOLD,
         JOURNAL,
         MIGRATE,
         MIGRATE_WORKFLOW,
@@ -29,11 +35,13 @@ with workflow.unsafe.imports_passed_through():
         REFUSED,
         SURVEY,
         EvacuateInput,
+        HoldInput,
         MigrateInput,
         SurveyInput,
         Timing,
         evacuate_id,
         failed_report,
+        hold_queue,
         migrate_id,
     )
     from orchestrator.placement import Bin, Item, place
@@ -41,6 +49,8 @@ with workflow.unsafe.imports_passed_through():
 #: A migration may take long (pre-copy of a big workload, a slow link); the heartbeat, not
 #: this, is what notices a dead worker.
 MIGRATION_TIMEOUT = timedelta(hours=6)
+#: The longest an evacuation holds its source's lock (its heartbeat notices a dead worker).
+HOLD_TIMEOUT = timedelta(days=2)
 
 
 def _retry(timing: Timing) -> RetryPolicy:
@@ -51,6 +61,13 @@ def _retry(timing: Timing) -> RetryPolicy:
         maximum_attempts=timing.max_attempts,
         non_retryable_error_types=[REFUSED],
     )
+
+
+def _type(err: BaseException | None) -> str | None:
+    """The innermost ApplicationError's type of an activity/child failure."""
+    while isinstance(err, ActivityError | ChildWorkflowError) and err.cause is not None:
+        err = err.cause
+    return err.type if isinstance(err, ApplicationError) else None
 
 
 def _why(err: BaseException) -> str:
@@ -105,11 +122,48 @@ class EvacuateWorkflow:
         self.assigned: dict[str, str] = {}
         self.done: dict[str, str] = {}
         self.stage = "survey"
+        self.holder: str | None = None  # who holds the source's evacuation lock for us
+
+    @workflow.signal(name=HELD)
+    def held(self, holder: str) -> None:
+        self.holder = holder
 
     @workflow.run
     async def run(self, inp: EvacuateInput) -> dict[str, Any]:
         if inp.scheduled:
             return await self._as_child(inp)
+        if inp.dry_run:  # read-only: no lock (as in local mode)
+            return await self._evacuate(inp)
+        self.stage = "lock"
+        hold = workflow.start_activity(
+            HOLD,
+            HoldInput(inp.source),
+            task_queue=hold_queue(workflow.info().task_queue),
+            start_to_close_timeout=HOLD_TIMEOUT,
+            heartbeat_timeout=timedelta(seconds=inp.timing.heartbeat_timeout),
+            retry_policy=_retry(inp.timing),
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+        await workflow.wait_condition(lambda: self.holder is not None or hold.done())
+        if self.holder is None:  # busy (a local evacuation), or no worker could take it
+            try:
+                await hold
+                why = "the evacuation lock's hold ended before it held the lock"
+            except ActivityError as e:
+                why = _why(e)
+            return {"source": inp.source, "destinations": inp.to, "status": "failed",
+                    "error": why, "refused": False, "placement": {},
+                    "workloads": []}  # fmt: skip
+        try:
+            return await self._evacuate(inp)
+        finally:
+            if not hold.done():
+                hold.cancel()
+                with suppress(ActivityError, asyncio.CancelledError):
+                    await hold
+
+    async def _evacuate(self, inp: EvacuateInput) -> dict[str, Any]:
+        self.stage = "survey"
         try:
             s: dict[str, Any] = await workflow.execute_activity(
                 SURVEY,
@@ -120,8 +174,7 @@ class EvacuateWorkflow:
                 result_type=dict,
             )
         except ActivityError as e:  # bad names (refused), or no worker could survey
-            cause = e.cause
-            refused = isinstance(cause, ApplicationError) and cause.type == REFUSED
+            refused = _type(e) == REFUSED
             return {"source": inp.source, "destinations": inp.to, "status": "failed",
                     "error": _why(e), "refused": refused, "placement": {},
                     "workloads": []}  # fmt: skip
