@@ -69,7 +69,12 @@ class Survey:
 
 
 class EvacuationBusy(MigrationError):
-    """Another evacuation of the same host runs (its controller holds the host's lock)."""
+    """Another evacuation of the same host runs (its controller holds the host's lock, and
+    wrote `holder` into it)."""
+
+    def __init__(self, message: str, holder: str = "") -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 def evacuation_lock(workdir: str) -> str:
@@ -146,7 +151,8 @@ def take_lock(src: Host, workdir: str, holder: str) -> RemoteLock:
     except LockBusy as e:
         raise EvacuationBusy(
             f"{src.name} is being evacuated already ({e.holder}): wait for it to end (its "
-            "lock frees itself if that controller dies)"
+            "lock frees itself if that controller dies)",
+            e.holder,
         ) from None
 
 

@@ -193,11 +193,10 @@ class Activities:
                 if not activity.is_cancelled():  # this worker stops: another takes it over
                     raise ApplicationError(f"worker {self.identity} stopped holding the lock")
             except EvacuationBusy as e:
-                raise ApplicationError(str(e), type=BUSY, non_retryable=True) from None
+                raise _busy(inp.source, e.holder, str(e)) from None
             except LockBusy as e:
                 why = f"{inp.source}'s evacuation lock, lost with its connection, is held by "
-                why += e.holder
-                raise ApplicationError(why, type=BUSY, non_retryable=True) from None
+                raise _busy(inp.source, e.holder, why + e.holder) from None
             except (HostError, MigrationError) as e:
                 raise ApplicationError(f"the evacuation lock of {inp.source}: {e}") from None
         finally:
@@ -344,6 +343,13 @@ class Activities:
                 f"recover {summary.id} waits: {'; '.join(report.notes) or report.error}"
             )
         return report
+
+
+def _busy(source: str, holder: str, why: str) -> ApplicationError:
+    """The evacuation lock is held: BUSY (no retry), unless by this very workflow's earlier
+    hold, whose worker died and whose connection is about to go (then retry: it frees)."""
+    mine = holder.startswith(f"fleet evacuation {evacuate_id(source)} ")
+    return ApplicationError(why, type=None if mine else BUSY, non_retryable=not mine)
 
 
 def journal_events(record: Any) -> list[dict[str, Any]]:

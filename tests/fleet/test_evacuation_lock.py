@@ -6,6 +6,7 @@ line naming the first and begins nothing; the first finishes untouched and frees
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -134,3 +135,57 @@ def test_two_evacuations_on_one_small_worker_both_finish(
     for out, _err in outs:
         assert [w["status"] for w in json.loads(out)["workloads"]] == ["succeeded"], out
     clean_host_b(lab, list(holders.values()))
+
+
+def test_the_hold_moves_to_another_worker_when_its_worker_dies(
+    lab: labmod.Lab, cleanup: list[Path], tmp_path: Path, engine: Engine, workers
+) -> None:
+    """The worker holding an evacuation's lock is SIGKILLed while the evacuation is held at
+    verify: its connection, and so the lock, go with it; after the heartbeat timeout the other
+    worker takes the lock back (not refused by the dead hold's name on it), so a local
+    evacuation is still refused, naming that worker; the evacuation ends and frees it."""
+    gate = tmp_path / "gate"
+    h = Holder(lab, "host-a", "lockkill", mib=8)
+    cleanup.append(h.count_file)
+    wls = gated({h.name: {"pid": h.pid, "host": "host-a"}}, gate)
+    fleet = fleet_config(lab, tmp_path / "fleet.yaml", engine=engine,
+                         state_dir=tmp_path / "fleet", task_queue="evaclock-d",
+                         workloads=wls)  # fmt: skip
+    pool = {w.pid: w for w in (workers(fleet), workers(fleet))}
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(yaml.safe_dump({**yaml.safe_load(fleet.read_text()), "workloads": {},
+                                     "state_dir": str(tmp_path / "local")}))  # fmt: skip
+    lockfile = lab.host("host-a").workdir / "locks" / "evacuate.lock"
+
+    def holder_pid() -> int | None:
+        m = re.search(r"by worker \S+:(\d+) ", lockfile.read_text() if lockfile.exists() else "")
+        return int(m.group(1)) if m else None
+
+    proc = subprocess.Popen(cli("evacuate", "host-a", "--to", "host-b", "--json", "--temporal",
+                                "--config", str(fleet)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: (j := journals(tmp_path / "fleet")) and all(at(ev, "verify")
+                                                                    for ev in j.values()),
+                 timeout=120, what="the migration at verify")  # fmt: skip
+        dead = holder_pid()
+        assert dead in pool, (lockfile.read_text(), sorted(pool))
+        pool[dead].proc.kill()
+        pool[dead].proc.wait()
+        (alive,) = [pid for pid in pool if pid != dead]
+        wait_for(lambda: holder_pid() == alive, timeout=60, what="the other worker to hold it")
+        r = migrate("evacuate", "host-a", "--to", "host-b", config=empty, timeout=120)
+    finally:
+        gate.touch()
+        out, err = proc.communicate(timeout=180)
+    error = one_error(r)
+    assert "being evacuated already (fleet evacuation evacuate/host-a by worker" in error, error
+    assert f":{alive} since" in error, error
+    assert proc.returncode == 0, out + err
+    assert [w["status"] for w in json.loads(out)["workloads"]] == ["succeeded"], out
+    again = migrate("evacuate", "host-a", "--to", "host-b", config=empty, timeout=120)
+    assert again.returncode == 0 and "no workload is placed there" in again.stdout, (
+        again.stdout + again.stderr
+    )
+    wait_for(lambda: len(running_pids(lab, "host-b", h.count_file)) == 1, what="one copy")
+    clean_host_b(lab, [h])

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import journal
-from orchestrator.fleet.activities import _candidates, _materialize
+from orchestrator.fleet.activities import _busy, _candidates, _materialize
+from orchestrator.fleet.types import BUSY
 
 
 def events(mid: str, t: float, phases: list[str], end: str | None = None) -> list[dict[str, Any]]:
@@ -55,3 +56,14 @@ def test_materialize_never_shortens_or_reopens_a_local_journal(tmp_path: Path) -
     assert journal.find(tmp_path, "x").status == "rolled_back"  # ended here: never reopened
     _materialize(tmp_path, events("../y", 10, ["preflight"]))  # not a plain id: ignored
     assert sorted(p.name for p in (tmp_path / "journal").iterdir()) == ["x.jsonl"]
+
+
+def test_a_held_evacuation_lock_is_busy_unless_its_holder_is_this_workflows_dead_hold() -> None:
+    """A retried hold finds the lock still held by its own earlier attempt (its worker died,
+    its agent not yet gone): retry, that frees; held by anyone else: BUSY, no retry."""
+    own = _busy("host-a", "fleet evacuation evacuate/host-a by worker vm:12 since T", "held")
+    assert own.type is None and not own.non_retryable
+    for other in ("evacuation by vm pid 7 since T",
+                  "fleet evacuation evacuate/host-ab by worker vm:12 since T"):  # fmt: skip
+        busy = _busy("host-a", other, "held")
+        assert busy.type == BUSY and busy.non_retryable, other
