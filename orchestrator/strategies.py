@@ -60,6 +60,12 @@ class Strategy:
     def lazy(self) -> bool:
         return self.pages is Pages.LAZY
 
+    @property
+    def pages_on_source(self) -> bool:
+        """Whether the source writes the pages to its disk (as files, or in pre-copy rounds):
+        its workdir needs room for them, not only for the small images."""
+        return self.pages is Pages.FILES or self.rounds
+
 
 _COPY = ("image-pipe", "dump", "transfer", "restore", "verify")
 _LAZY = ("image-pipe", "lazy-dump", "transfer", "lazy-restore", "pull-pages", "verify")

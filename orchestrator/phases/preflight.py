@@ -53,13 +53,19 @@ class Preflight(Phase):
             holder = f"migration {ctx.plan.id} by {socket.gethostname()} pid {os.getpid()}"
             ctx.lock = ctx.src.lock(ctx.plan.lock_path(target.root_pid), holder)
         need_kb = int(target.rss_kb * IMAGE_OVERHEAD) + IMAGE_SLACK_KB
-        if checks[1].free_kb < need_kb:
-            where = ctx.dst.config.workdir
+        files = ctx.strategy.pages_on_source  # else the source writes only the small images
+        for host, free_kb, need in ((ctx.dst, checks[1].free_kb, need_kb),
+                                    (ctx.src, checks[0].free_kb,
+                                     need_kb if files else IMAGE_SLACK_KB)):  # fmt: skip
+            if free_kb >= need:
+                continue
             # (df of the workdir, else of its nearest existing parent: 0 on /proc, /sys, ...)
-            hint = "" if checks[1].free_kb else " (none at all: can the workdir be made there?)"
+            hint = "" if free_kb else " (none at all: can the workdir be made there?)"
+            if host is ctx.src and files and free_kb >= IMAGE_SLACK_KB:
+                hint = " (--strategy stream or postcopy write no pages there)"
             raise MigrationError(
-                f"not enough space on {ctx.dst.name} in {where}: {checks[1].free_kb // 1024} "
-                f"MiB free, images need ~{need_kb // 1024} MiB{hint}"
+                f"not enough space on {host.name} in {host.config.workdir}: {free_kb // 1024} "
+                f"MiB free, images need ~{need // 1024} MiB{hint}"
             )
         policy, inspects = ctx.plan.policy, ctx.runtime.inspects_tree
         verdict = workloadcheck.survey(ctx.src, ctx.dst, target, policy, ctx.strategy.pages,

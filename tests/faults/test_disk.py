@@ -105,3 +105,34 @@ def test_disk_fills_during_transfer(
     assert "space" in out.error.lower() and "host-b" in out.error, (
         f"the error does not say host-b's disk is full: {out.error}"
     )
+
+
+@pytest.mark.parametrize("strategy", ["stopcopy", "stream"])
+def test_a_small_source_disk_refuses_only_what_writes_pages_there(
+    lab: labmod.Lab,
+    small_disk: Callable[[str, str], Path],  # before fault_case: unmounted after its run ends
+    fault_case: Callable[..., FaultCase],
+    strategy: str,
+) -> None:
+    """The source's workdir has room for the small images, not the pages: stop-copy (which
+    writes them there before the transfer) is refused in pre-flight, naming the source and
+    what would fit, before any freeze; stream (pages straight to the destination) moves."""
+    disk = small_disk("host-a", "20m")
+    fc = fault_case(
+        f"src disk 20 MiB, images ~{MIB} MiB, {strategy}", f"fault-srcdisk-{strategy}", mib=MIB,
+        hosts={"host-a": {"workdir": str(disk)}}, strategy=strategy,
+    )  # fmt: skip
+    out = fc.migrate("host-b")
+    fc.ended(out)
+    if strategy == "stream":
+        assert out.rc == 0 and out.status == "succeeded", out
+        assert_one_copy(lab, fc.wl, "host-b", fc.before)
+        return
+    assert out.rc == 1 and out.status == "failed", out
+    assert phases(out) == [("preflight", "failed")]
+    assert out.error.startswith(f"not enough space on host-a in {disk}: "), out.error
+    assert out.error.endswith("(--strategy stream or postcopy write no pages there)"), out.error
+    assert any("nothing was changed" in n for n in out.notes), out.notes
+    c = assert_one_copy(lab, fc.wl, "host-a", fc.before)
+    assert c.where() == {"host-a": [fc.wl.root_pid]}
+    assert leftovers(lab, out.id, {"host-a": str(disk)}) == []

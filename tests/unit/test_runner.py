@@ -119,6 +119,17 @@ def test_a_destination_workdir_with_no_room_at_all_says_so(tmp_path: Path) -> No
     assert verbs(p.log) == []
 
 
+def test_a_source_workdir_with_no_room_refuses_before_anything(tmp_path: Path) -> None:
+    """The source writes images too (all of them with stop-copy): no room there is refused in
+    pre-flight, naming the source; nothing was changed."""
+    p = pair(tmp_path)
+    p.src.lacking.add("df")
+    report = run(p)
+    assert report.status == "failed" and report.exit_code == 1
+    assert (report.error or "").startswith("not enough space on a in /wa: 0 MiB free")
+    assert verbs(p.log) == []
+
+
 def test_unreachable_destination_fails_preflight_and_leaves_no_link(tmp_path: Path) -> None:
     """The probe is the opening of the link's master: when the source cannot reach the
     destination, pre-flight fails, nothing of prepare ran, and the master's log is removed."""
