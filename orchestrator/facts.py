@@ -18,13 +18,16 @@ Three parts, kept apart so that the parsing is tested from recorded outputs
 
 Sections (in this order): `criu-version` (`criu --version`), `criu-check` (`criu check`),
 `rsync` (`rsync --version`, first line), `df` (`df -Pk` of the workdir, or of its nearest
-existing parent, last line), `pipe-max-size` (`/proc/sys/fs/pipe-max-size`), `features` (one
+existing parent, last line), `workdir` (`NAME UID GID MODE` of the workdir's `images` and
+`locks` and of the workdir and each ancestor, named by depth 0, 1, ..., those that exist),
+`pipe-max-size` (`/proc/sys/fs/pipe-max-size`), `features` (one
 line `NAME RC` per `criu check --feature NAME`), `commands` (one line `NAME RC` per
 `command -v NAME`).
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +55,13 @@ begin rsync; out=$(rsync --version 2>&1); rc=$?; printf '%s\n' "$out" | head -n 
 begin df; d=$workdir
 while [ ! -e "$d" ]; do d=$(dirname -- "$d"); done
 out=$(df -Pk -- "$d" 2>&1); rc=$?; printf '%s\n' "$out" | tail -n 1; end df $rc
+begin workdir; d=$workdir
+for s in images locks; do [ -e "$d/$s" ] && stat -L -c "$s %u %g %a" -- "$d/$s"; done
+i=0
+while :; do
+  [ -e "$d" ] && stat -L -c "$i %u %g %a" -- "$d"; [ "$d" = / ] && break
+  d=$(dirname -- "$d"); i=$((i + 1))
+done 2>&1; end workdir 0
 begin pipe-max-size; cat /proc/sys/fs/pipe-max-size 2>&1; end pipe-max-size $?
 begin features; i=0
 while [ "$i" -lt "$n" ]; do
@@ -91,6 +101,10 @@ class HostFacts:
     pipe_max: int = 0
     commands: tuple[str, ...] = ()
     error: str = ""
+    workdir: str = ""
+    #: (name, uid, gid, mode) of what exists of the workdir: `images`, `locks`, and the
+    #: workdir and its ancestors by depth ("0" the workdir); empty when unknown.
+    workdir_modes: tuple[tuple[str, int, int, int], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -108,7 +122,40 @@ class HostFacts:
             out.append(f"{self.host}: `criu check` failed: {self.criu_error}")
         if not self.rsync:
             out.append(f"{self.host}: rsync is not installed")
+        unsafe = self.unsafe_workdir()
+        if unsafe:
+            out.append(
+                f"{self.host}: workdir {self.workdir}: {unsafe}: another user could read or swap "
+                "the images (process memory) there; make it root's and writable by root alone"
+            )
         return out
+
+    def unsafe_workdir(self) -> str | None:
+        """What lets a user other than root into the workdir (None: nothing known to): a part
+        owned by another user, or writable by another user: the workdir, its `images` and
+        `locks`, or (when the workdir is yet to be made) the nearest part that exists, even if
+        sticky (e.g. /tmp: another user could make the workdir first); an ancestor above it,
+        unless sticky (/tmp holding a workdir made by root)."""
+        depths = [int(n) for n, *_ in self.workdir_modes if n.isdigit()]
+        nearest = str(min(depths)) if depths else None
+        for name, uid, gid, mode in self.workdir_modes:
+            path = self._part(name)
+            if uid != 0:
+                return f"{path} is owned by uid {uid}, not root"
+            others = mode & 0o002 or (mode & 0o020 and gid != 0)
+            if others and (not mode & 0o1000 or name in ("images", "locks", nearest)):
+                who = "all" if mode & 0o002 else f"group {gid}"
+                return f"{path} is writable by {who} (mode {mode:o})"
+        return None
+
+    def _part(self, name: str) -> str:
+        """The path of a `workdir_modes` name."""
+        if not name.isdigit():
+            return posixpath.join(self.workdir, name)
+        path = self.workdir
+        for _ in range(int(name)):
+            path = posixpath.dirname(path.rstrip("/") or "/")
+        return path
 
     def lacks_features(self, wanted: Sequence[str]) -> list[str]:
         """Of the CRIU features wanted, those this host does not have (in the order asked)."""
@@ -180,7 +227,24 @@ def _named(sec: _Section | None) -> tuple[str, ...]:
     return tuple(out)
 
 
-def parse(host_name: str, stdout: str, exit_code: int, stderr: str = "") -> HostFacts:
+def _modes(sec: _Section | None) -> tuple[tuple[str, int, int, int], ...]:
+    """`NAME UID GID MODE` lines (mode in octal); other lines (a stat error) are left out."""
+    if sec is None or sec.rc is None:
+        return ()
+    out = []
+    for line in sec.lines:
+        parts = line.split()
+        if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit():
+            try:
+                out.append((parts[0], int(parts[1]), int(parts[2]), int(parts[3], 8)))
+            except ValueError:
+                continue
+    return tuple(out)
+
+
+def parse(
+    host_name: str, stdout: str, exit_code: int, stderr: str = "", workdir: str = ""
+) -> HostFacts:
     """The facts in `argv`'s output (pure). An incomplete output (no final marker, or a
     non-zero exit) still yields what it holds, with `error` saying so (quoting the last line
     of `stderr`, if any, else of `stdout`)."""
@@ -226,6 +290,8 @@ def parse(host_name: str, stdout: str, exit_code: int, stderr: str = "") -> Host
         pipe_max=pipe_max,
         commands=_named(secs.get("commands")),
         error=error,
+        workdir=workdir,
+        workdir_modes=_modes(secs.get("workdir")),
     )
 
 
@@ -237,4 +303,4 @@ def gather(host: Host, features: Sequence[str] = (), commands: Sequence[str] = (
         r = host.run(argv(host.config.criu, host.config.workdir, features, commands), mutates=False)
     except HostError as e:
         return HostFacts(host.name, error=str(e))
-    return parse(host.name, r.stdout, r.exit_code, r.stderr)
+    return parse(host.name, r.stdout, r.exit_code, r.stderr, host.config.workdir)

@@ -33,7 +33,9 @@ def as_json(value: Any) -> Any:
 def test_parse_recorded(path: Path) -> None:
     case = load(path)
     assert set(case["expected"]) == FIELDS, "a case states every field"
-    got = facts.parse(case["host"], case["stdout"], case["exit_code"], case.get("stderr", ""))
+    workdir = case.get("args", {}).get("workdir", "")
+    got = facts.parse(case["host"], case["stdout"], case["exit_code"], case.get("stderr", ""),
+                      workdir)  # fmt: skip
     assert as_json(dataclasses.asdict(got)) == case["expected"], case["description"]
 
 
@@ -151,3 +153,45 @@ def test_gather_maps_host_errors() -> None:
 def test_the_script_prints_the_markers_the_parser_reads() -> None:
     for marker in (f"{facts.BEGIN} %s", f"{facts.END} %s %s", facts.DONE):
         assert marker in facts.SCRIPT
+
+
+def _wd(workdir: str, *modes: tuple[str, int, int, int]) -> facts.HostFacts:
+    return facts.HostFacts("h", workdir=workdir, workdir_modes=modes)
+
+
+@pytest.mark.parametrize(
+    ("workdir", "modes", "says"),
+    [
+        # made by root under root's dirs, or under a sticky /tmp: fine
+        ("/var/lib/migrate", [("0", 0, 0, 0o700), ("1", 0, 0, 0o755), ("2", 0, 0, 0o755),
+                              ("3", 0, 0, 0o755)], None),
+        ("/var/lib/migrate", [("images", 0, 0, 0o700), ("locks", 0, 0, 0o700),
+                              ("0", 0, 0, 0o755), ("1", 0, 0, 0o775)], None),  # group root
+        ("/tmp/mig", [("0", 0, 0, 0o700), ("1", 0, 0, 0o1777), ("2", 0, 0, 0o755)], None),
+        ("/srv/a/b", [("2", 0, 0, 0o755), ("3", 0, 0, 0o755)], None),  # to be made in /srv
+        ("/", [], None),  # unknown (an older host's answer): nothing said
+        # another user's, or writable by one
+        ("/tmp/mig", [("0", 65534, 65534, 0o700), ("1", 0, 0, 0o1777)],
+         "/tmp/mig is owned by uid 65534, not root"),
+        ("/home/u/mig", [("0", 0, 0, 0o700), ("1", 1000, 1000, 0o755)],
+         "/home/u is owned by uid 1000, not root"),
+        ("/tmp/mig", [("1", 0, 0, 0o1777), ("2", 0, 0, 0o755)],
+         "/tmp is writable by all (mode 1777)"),  # to be made in /tmp: another could first
+        ("/srv/mig", [("0", 0, 0, 0o777), ("1", 0, 0, 0o755)],
+         "/srv/mig is writable by all (mode 777)"),
+        ("/srv/mig", [("images", 0, 0, 0o1777), ("0", 0, 0, 0o700)],
+         "/srv/mig/images is writable by all (mode 1777)"),
+        ("/srv/mig", [("locks", 0, 100, 0o770), ("0", 0, 0, 0o700)],
+         "/srv/mig/locks is writable by group 100 (mode 770)"),
+        ("/srv/x/mig", [("0", 0, 0, 0o700), ("1", 0, 0, 0o777), ("2", 0, 0, 0o755)],
+         "/srv/x is writable by all (mode 777)"),  # not sticky: mig can be swapped
+    ],
+)  # fmt: skip
+def test_unsafe_workdir(workdir: str, modes: list, says: str | None) -> None:
+    f = _wd(workdir, *modes)
+    assert f.unsafe_workdir() == says
+    problems = f.problems()
+    if says:
+        assert problems[-1].startswith(f"h: workdir {workdir}: {says}: another user"), problems
+    else:
+        assert not any("workdir" in p for p in problems), problems

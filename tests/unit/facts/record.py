@@ -38,7 +38,7 @@ def main() -> None:
     env = dict(os.environ, PATH=a.path) if a.path else None
     argv = facts.argv(a.criu, a.workdir, a.feature, a.command)
     r = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-    parsed = facts.parse("host-a", r.stdout, r.returncode, r.stderr)
+    parsed = facts.parse("host-a", r.stdout, r.returncode, r.stderr, a.workdir)
     case = {
         "description": a.description,
         "source": f"real: recorded on {platform.node()}, Linux {platform.release()}",
