@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from orchestrator.session import Busy, open_session
 from orchestrator.transport.ssh import Host
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell says it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -187,6 +189,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MigrationError as e:  # e.g. a host that cannot be reached before anything began
         render.failure(e, getattr(args, "json", False))
         return 1
+    except KeyboardInterrupt:  # outside a migration's run (which rolls back itself)
+        print(f"migrate: error: {args.command} interrupted before it finished; run it "
+              "again (`migrate history` lists any migration left unfinished)",
+              file=sys.stderr)  # fmt: skip
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    """Exit 130 now: threads still waiting on a host (a connect that hangs) would otherwise
+    hold the exit until their timeouts. Locks and connections end with the process."""
+    if threading.active_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
 
 
 def _config(args: argparse.Namespace) -> Config:

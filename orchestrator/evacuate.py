@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.config import Config, ConfigError, WorkloadConfig
 from orchestrator.errors import MigrationError
-from orchestrator.hostcheck import FactsCache
+from orchestrator.hostcheck import FactsCache, asking
 from orchestrator.location import whereabouts, workloads_on
 from orchestrator.phases.confirm import Confirm
 from orchestrator.placement import Bin, Item, Placement, mem_available_kb, place
@@ -124,7 +124,7 @@ def survey(
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             holder = f"evacuation by {socket.gethostname()} pid {os.getpid()} since {since}"
             s.lock = take_lock(s.shared.host(source), src_cfg.workdir, holder)
-        with ThreadPoolExecutor(max_workers=len(s.destinations)) as pool:
+        with asking(len(s.destinations)) as pool:
             rooms = [pool.submit(room, config, d, s.shared.host(d)) for d in s.destinations]
             src = s.shared.host(source)  # meanwhile, locate
             for name, found in locate_all(src, s.workloads).items():
@@ -177,7 +177,7 @@ def locate_all(src: Host, workloads: dict[str, WorkloadConfig]) -> dict[str, int
         return out
 
     found: dict[str, int | str] = {}
-    with ThreadPoolExecutor(max_workers=n) as pool:
+    with asking(n) as pool:
         for got in pool.map(part, range(n)):
             found |= got
     return {name: found[name] for name in names}

@@ -5,7 +5,9 @@ of hosts."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from orchestrator.facts import HostFacts, gather
 from orchestrator.strategies import FEATURES, TABLE, Needs
@@ -14,6 +16,20 @@ from orchestrator.transport.ssh import Host
 # Images are a little larger than the tree's resident memory; plus room for the small images.
 IMAGE_OVERHEAD = 1.1
 IMAGE_SLACK_KB = 16 * 1024
+
+
+@contextmanager
+def asking(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """Threads for read-only questions to hosts. On the way out they are waited for, but not
+    after an interrupt (Ctrl-C): a connect that hangs would hold it until its timeout (the
+    CLI then exits at once; nothing they do changes a host)."""
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        yield pool
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 # Every program any strategy wants on a host: what a cached host's facts are asked about.
@@ -38,8 +54,8 @@ class FactsCache:
 
     def get(self, host: Host) -> HostFacts:
         with self._lock:
-            asking = self._asking.setdefault(host.name, threading.Lock())
-        with asking:
+            turn = self._asking.setdefault(host.name, threading.Lock())
+        with turn:
             with self._lock:
                 known = self._facts.get(host.name)
             if known is not None:
@@ -61,12 +77,12 @@ def check_hosts(
     """Each host's facts (one connection each, all at once; from `cache` if given); the first
     host is the source, the others asked for the programs `needs` wants on the destination."""
     if cache is not None:
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(hosts)))) as pool:
+        with asking(min(8, len(hosts))) as pool:
             return list(pool.map(cache.get, hosts))
     asked = FEATURES if features else ()
     src_cmds = needs.src_commands if needs else ()
     dst_cmds = needs.dst_commands if needs else ()
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(hosts)))) as pool:
+    with asking(min(8, len(hosts))) as pool:
         return list(
             pool.map(lambda h: gather(h, asked, src_cmds if h is hosts[0] else dst_cmds), hosts)
         )
