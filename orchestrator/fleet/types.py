@@ -39,9 +39,10 @@ def evacuate_id(host: str) -> str:
     return f"evacuate/{host}"
 
 
-def hold_queue(task_queue: str) -> str:
-    """The task queue of evacuations' holds (every worker of task_queue polls it too)."""
-    return f"{task_queue}.holds"
+def side_queue(task_queue: str) -> str:
+    """The task queue of evacuations' surveys and holds (every worker of task_queue polls it
+    too): they never take one of the `--max-migrations` slots."""
+    return f"{task_queue}.side"
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """`migrate worker --temporal ADDR`: run migrations and evacuations for the fleet.
 
 Start one on each controller (any number); they share the task queue. A worker runs the
-workflows and the activities (survey, migrate; an evacuation's hold on its source's lock, on a
-queue of its own); migrations run in threads (`--max-migrations` at once), each the ordinary
-session path with its own ssh connections, journal and lock. SIGTERM/SIGINT stop taking new
+workflows and the activities: migrations in threads (`--max-migrations` at once), each the
+ordinary session path with its own ssh connections, journal and lock; and, on a queue of their
+own, evacuations' surveys and holds on their sources' locks. SIGTERM/SIGINT stop taking new
 work and let the migrations running here end (past DRAIN the engine is told they are
 cancelled; they still run to their end: a migration is never cut short from the SDK, see
 activities.migrate). A worker that dies instead (SIGKILL, its machine gone) is noticed after
@@ -24,13 +24,13 @@ from temporalio.worker import Worker
 
 from orchestrator.fleet.activities import Activities, identity
 from orchestrator.fleet.engine import Engine, connect
-from orchestrator.fleet.types import hold_queue
+from orchestrator.fleet.types import side_queue
 from orchestrator.fleet.workflows import EvacuateWorkflow, MigrateWorkflow
 
 #: How long a stopping worker lets its running migrations finish.
 DRAIN = timedelta(minutes=10)
-#: Evacuations a worker can hold their sources' locks for at once (idle threads).
-HOLDS = 32
+#: Evacuations' surveys and holds a worker runs at once (threads, the holds' idle).
+SIDE = 32
 
 
 async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> None:
@@ -42,16 +42,16 @@ async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> N
         loop.add_signal_handler(sig, stop.set)
     throttle = timedelta(milliseconds=100)
     with (
-        ThreadPoolExecutor(max_workers=max_migrations + 1) as pool,
-        ThreadPoolExecutor(max_workers=HOLDS) as holding,
+        ThreadPoolExecutor(max_workers=max_migrations) as pool,
+        ThreadPoolExecutor(max_workers=SIDE) as side_pool,
     ):
         worker = Worker(
             client,
             task_queue=engine.task_queue,
             workflows=[EvacuateWorkflow, MigrateWorkflow],
-            activities=[acts.survey, acts.migrate],
+            activities=[acts.migrate],
             activity_executor=pool,
-            max_concurrent_activities=max_migrations + 1,  # + a survey
+            max_concurrent_activities=max_migrations,
             identity=acts.identity,
             # Deliver each heartbeat (a phase change, with the journal) within 0.1 s: what a
             # retry knows of a dead attempt is what its last delivered heartbeat said.
@@ -59,15 +59,15 @@ async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> N
             default_heartbeat_throttle_interval=throttle,
             graceful_shutdown_timeout=DRAIN,
         )
-        # Evacuations' holds on their sources' locks: on their own queue and threads (idle,
-        # each waiting for its workflow to end), so they never take a migration's or a
-        # survey's slot (holds filling every slot would stall their own evacuations).
-        holds = Worker(
+        # Evacuations' surveys and holds on their sources' locks: on their own queue and
+        # threads, so they never take a migration's slot (holds, waiting for their workflows
+        # to end, filling every slot would stall their own evacuations for good).
+        side = Worker(
             client,
-            task_queue=hold_queue(engine.task_queue),
-            activities=[acts.hold],
-            activity_executor=holding,
-            max_concurrent_activities=HOLDS,
+            task_queue=side_queue(engine.task_queue),
+            activities=[acts.survey, acts.hold],
+            activity_executor=side_pool,
+            max_concurrent_activities=SIDE,
             identity=acts.identity,
             max_heartbeat_throttle_interval=throttle,
             default_heartbeat_throttle_interval=throttle,
@@ -78,6 +78,6 @@ async def serve(engine: Engine, config_path: Path, max_migrations: int = 4) -> N
             file=sys.stderr,
             flush=True,
         )
-        async with worker, holds:  # on stop, the holds end first: another worker retakes them
+        async with worker, side:  # on stop, the holds end first: another worker retakes them
             await stop.wait()
         print(f"migrate worker {identity()}: stopped", file=sys.stderr, flush=True)

@@ -41,8 +41,8 @@ with workflow.unsafe.imports_passed_through():
         Timing,
         evacuate_id,
         failed_report,
-        hold_queue,
         migrate_id,
+        side_queue,
     )
     from orchestrator.placement import Bin, Item, place
 
@@ -138,7 +138,7 @@ class EvacuateWorkflow:
         hold = workflow.start_activity(
             HOLD,
             HoldInput(inp.source),
-            task_queue=hold_queue(workflow.info().task_queue),
+            task_queue=side_queue(workflow.info().task_queue),
             start_to_close_timeout=HOLD_TIMEOUT,
             heartbeat_timeout=timedelta(seconds=inp.timing.heartbeat_timeout),
             retry_policy=_retry(inp.timing),
@@ -168,6 +168,7 @@ class EvacuateWorkflow:
             s: dict[str, Any] = await workflow.execute_activity(
                 SURVEY,
                 SurveyInput(inp.source, inp.to, inp.only),
+                task_queue=side_queue(workflow.info().task_queue),
                 start_to_close_timeout=timedelta(minutes=10),
                 heartbeat_timeout=timedelta(seconds=max(inp.timing.heartbeat_timeout, 30)),
                 retry_policy=_retry(inp.timing),

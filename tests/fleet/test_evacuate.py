@@ -38,7 +38,7 @@ def test_evacuate_six_with_two_workers_and_a_refused_twin(
     placed[sick.name] = {"pid": sick.pid, "host": "host-a", "health": "false"}
     cfg = fleet_config(lab, tmp_path / "m.yaml", engine=engine, state_dir=tmp_path / "state",
                        task_queue="evacuate", workloads=placed)  # fmt: skip
-    # Two slots each (one migration + a survey): three at once needs both workers.
+    # One migration each at a time (surveys run aside): three need both workers.
     workers(cfg, "--max-migrations", "1")
     workers(cfg, "--max-migrations", "1")
     before = {h.name: h.count() for h in holders}
