@@ -144,13 +144,19 @@ def test_a_second_evacuation_of_the_host_is_refused(
     assert proc.returncode == 0, out + err
     assert [w["status"] for w in json.loads(out)["workloads"]] == ["succeeded"] * 3, out
     # The lock went with the first evacuation: host-a can be evacuated again (nothing left).
+    assert_free_to_evacuate(cfg)
+    for h in holders:
+        assert running_pids(lab, "host-b", h.count_file), h.name
+    clean_host_b(lab, holders)
+
+
+def assert_free_to_evacuate(cfg: Path) -> None:
+    """host-a's evacuation lock is free: an evacuation of it runs (and, with none of cfg's
+    workloads left there, finds nothing to move)."""
     again = migrate("evacuate", "host-a", "--to", "host-b", config=cfg, timeout=120)
     assert again.returncode == 0 and "no workload is placed there" in again.stdout, (
         again.stdout + again.stderr
     )
-    for h in holders:
-        assert running_pids(lab, "host-b", h.count_file), h.name
-    clean_host_b(lab, holders)
 
 
 def clean_host_b(lab: labmod.Lab, holders: list) -> None:
